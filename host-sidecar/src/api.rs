@@ -1,0 +1,345 @@
+//! The HTTP API (axum). Decisions answer 200 with a decision body, allowed or not; 4xx is a bad
+//! request that changed nothing; 5xx is reserved for "the sidecar is broken", which the filter
+//! treats like "unreachable". Routes are listed in docs/API.md.
+
+use crate::engine::{AccountPatch, Engine, NewAccount, NewKey};
+use crate::error::ApiError;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+use tollgate_protocol::{CommitRequest, GrantRequest, ReleaseRequest, SpendRequest};
+
+type St = State<Arc<Engine>>;
+type Body = Result<Bytes, BytesRejection>;
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    let limit = engine.cfg.server.max_body_bytes;
+    Router::new()
+        .route("/v1/authorize", post(authorize))
+        .route("/v1/commit", post(commit))
+        .route("/v1/release", post(release))
+        .route("/v1/consume", post(consume))
+        .route("/v1/check", post(check))
+        .route("/v1/accounts/{id}/usage", get(account_usage))
+        .route("/v1/accounts/{id}/balance", get(account_balance))
+        .route("/v1/accounts/{id}/ledger", get(account_ledger))
+        .route("/v1/accounts/{id}/keys/{key}/usage", get(key_usage))
+        .route("/admin/accounts", post(create_account))
+        .route("/admin/accounts/{id}", get(get_account).patch(patch_account))
+        .route("/admin/accounts/{id}/keys", post(create_key).get(list_keys))
+        .route("/admin/accounts/{id}/grants", post(grant))
+        .route("/admin/keys/{id}/disable", post(disable_key))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(engine)
+}
+
+fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) => ApiError::Invalid("body: too large or unreadable".into()),
+        other => ApiError::Invalid(format!("body: {}", other.body_text())),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))
+}
+
+fn require_admin(e: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
+    let expected = e.cfg.server.admin_token.as_deref().ok_or(ApiError::Unauthorized)?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// Turns a result into a response, counting errors. `replayed` adds `x-tollgate-replayed: true`.
+fn respond<T: Serialize>(e: &Engine, r: Result<(T, bool), ApiError>, created: bool) -> Response {
+    match r {
+        Ok((body, replayed)) => {
+            let status = if created && !replayed { StatusCode::CREATED } else { StatusCode::OK };
+            let mut resp = (status, Json(body)).into_response();
+            if replayed {
+                resp.headers_mut()
+                    .insert("x-tollgate-replayed", HeaderValue::from_static("true"));
+            }
+            resp
+        }
+        Err(err) => {
+            if err.status().is_server_error() {
+                e.metrics.internal_errors.inc();
+                tracing::error!(error = %err, "request failed");
+            } else {
+                e.metrics.bad_requests.inc();
+            }
+            err.into_response()
+        }
+    }
+}
+
+fn fresh<T>(r: Result<T, ApiError>) -> Result<(T, bool), ApiError> {
+    r.map(|v| (v, false))
+}
+
+async fn authorize(State(e): St, body: Body) -> Response {
+    let r = async { e.authorize(parse::<SpendRequest>(body)?).await }.await;
+    respond(&e, r, false)
+}
+
+async fn consume(State(e): St, body: Body) -> Response {
+    let r = async { e.consume(parse::<SpendRequest>(body)?).await }.await;
+    respond(&e, r, false)
+}
+
+async fn check(State(e): St, body: Body) -> Response {
+    let r = async { e.check(parse::<SpendRequest>(body)?).await }.await;
+    respond(&e, fresh(r), false)
+}
+
+async fn commit(State(e): St, body: Body) -> Response {
+    let r = async { e.commit(parse::<CommitRequest>(body)?).await }.await;
+    respond(&e, r, false)
+}
+
+async fn release(State(e): St, body: Body) -> Response {
+    let r = async { e.release(&parse::<ReleaseRequest>(body)?.hold_id).await }.await;
+    respond(&e, r, false)
+}
+
+#[derive(Serialize)]
+struct UsageBody {
+    account: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    limits: Vec<crate::engine::UsageLine>,
+}
+
+async fn account_usage(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let limits = e.usage(&id, None).await?;
+        Ok(UsageBody { account: id, key_id: None, limits })
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn key_usage(State(e): St, headers: HeaderMap, Path((id, key)): Path<(String, String)>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let limits = e.usage(&id, Some(&key)).await?;
+        Ok(UsageBody { account: id, key_id: Some(key), limits })
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+#[derive(Serialize)]
+struct BalanceBody {
+    account: String,
+    /// Spendable now (Redis).
+    balance: u64,
+    /// Grants as synced to the ledger.
+    grants: Vec<crate::ledger::GrantRow>,
+}
+
+async fn account_balance(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let balance = e.balance(&id).await?;
+        let grants = e.ledger.grants_of(&id).await?;
+        Ok(BalanceBody { account: id, balance, grants })
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "page_size")]
+    limit: i64,
+}
+
+fn page_size() -> i64 {
+    100
+}
+
+#[derive(Serialize)]
+struct LedgerPage {
+    entries: Vec<crate::ledger::LedgerEntry>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<i64>,
+}
+
+async fn account_ledger(
+    State(e): St,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let Query(page) = page.map_err(|err| ApiError::Invalid(format!("query: {}", err.body_text())))?;
+        if !(1..=1000).contains(&page.limit) || page.after < 0 {
+            return Err(ApiError::Invalid("limit: must be 1..=1000 (and after >= 0)".into()));
+        }
+        e.get_account(&id).await?;
+        let entries = e.ledger.history(&id, page.after, page.limit).await?;
+        let next = (entries.len() as i64 == page.limit).then(|| entries.last().map(|x| x.seq)).flatten();
+        Ok(LedgerPage { entries, next })
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+#[derive(Serialize)]
+struct AccountBody {
+    id: String,
+    plan: String,
+    timezone: String,
+    billing_anchor_day: i16,
+    limits: Vec<crate::config::LimitSpec>,
+    disabled: bool,
+}
+
+impl From<crate::ledger::AccountRow> for AccountBody {
+    fn from(a: crate::ledger::AccountRow) -> Self {
+        Self {
+            id: a.id,
+            plan: a.plan,
+            timezone: a.timezone,
+            billing_anchor_day: a.billing_anchor_day,
+            limits: a.limits,
+            disabled: a.disabled,
+        }
+    }
+}
+
+async fn create_account(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        Ok(AccountBody::from(e.create_account(parse::<NewAccount>(body)?).await?))
+    }
+    .await;
+    respond(&e, fresh(r), true)
+}
+
+async fn get_account(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        Ok(AccountBody::from(e.get_account(&id).await?))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn patch_account(State(e): St, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        Ok(AccountBody::from(e.patch_account(&id, parse::<AccountPatch>(body)?).await?))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+#[derive(Serialize)]
+struct KeyBody {
+    key_id: String,
+    account: String,
+    masked: String,
+    name: String,
+    limits: Vec<crate::config::LimitSpec>,
+    disabled: bool,
+    /// Only in the answer that created the key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<String>,
+}
+
+impl KeyBody {
+    fn new(k: crate::ledger::KeyRow, api_key: Option<String>) -> Self {
+        Self {
+            key_id: k.id,
+            account: k.account_id,
+            masked: k.masked,
+            name: k.name,
+            limits: k.limits,
+            disabled: k.disabled,
+            api_key,
+        }
+    }
+}
+
+async fn create_key(State(e): St, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let (row, plain) = e.create_key(&id, parse::<NewKey>(body)?).await?;
+        Ok(KeyBody::new(row, Some(plain)))
+    }
+    .await;
+    respond(&e, fresh(r), true)
+}
+
+async fn list_keys(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        e.get_account(&id).await?;
+        let keys = e.ledger.keys_of(&id).await?;
+        Ok(keys.into_iter().map(|k| KeyBody::new(k, None)).collect::<Vec<_>>())
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn disable_key(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        e.set_key_disabled(&id, true).await?;
+        Ok(serde_json::json!({ "key_id": id, "disabled": true }))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn grant(State(e): St, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        e.grant(&id, parse::<GrantRequest>(body)?).await
+    }
+    .await;
+    respond(&e, r, true)
+}
+
+async fn readyz(State(e): St) -> Response {
+    let mut conn = e.store.conn();
+    let redis_ok = redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok();
+    let pg_ok = sqlx::query("SELECT 1").execute(e.ledger.pool()).await.is_ok();
+    let status = if redis_ok && pg_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let word = |ok: bool| if ok { "ok" } else { "down" };
+    (status, Json(serde_json::json!({ "redis": word(redis_ok), "postgres": word(pg_ok) }))).into_response()
+}
+
+async fn metrics(State(e): St) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        e.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,448 @@
+//! The operator's configuration: one TOML file read top to bottom (see `host-sidecar/tollgate.toml`
+//! and docs/CONFIGURATION.md), plus environment variables for URLs and secrets.
+//!
+//! Everything is validated at start; an error names the field, e.g.
+//! `plans.free.limits[1].meter: "tokns" is not a declared meter`.
+
+use crate::windows::{Window, WindowSettings};
+use chrono::Weekday;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tollgate_protocol::{validate_id, MAX_AMOUNT};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid configuration: {field}: {problem}")]
+    Field { field: String, problem: String },
+}
+
+fn field_err(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub redis: RedisConfig,
+    #[serde(default)]
+    pub postgres: PostgresConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    #[serde(default)]
+    pub windows: WindowsConfig,
+    /// The units of usage this installation counts. `credits` is always available: a limit on it
+    /// caps the credit a request may spend per window.
+    pub meters: Vec<String>,
+    #[serde(default)]
+    pub plans: BTreeMap<String, Plan>,
+    /// Route name -> price. A route not listed uses `default`; with no `default`, it is refused.
+    #[serde(default)]
+    pub prices: BTreeMap<String, RoutePrice>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    /// Virtual shards: each has its own Redis hash tag and outbox stream. Fixed once data exists.
+    pub shards: u32,
+    pub hold_ttl_secs: u64,
+    pub idempotency_ttl_secs: u64,
+    /// After a cold load, how far back idempotency keys are re-checked against PostgreSQL.
+    pub recheck_window_secs: u64,
+    pub account_cache_ttl_ms: u64,
+    pub max_body_bytes: usize,
+    pub sweep_interval_ms: u64,
+    /// Bearer token for the admin API; `TOLLGATE_ADMIN_TOKEN` overrides. Required.
+    pub admin_token: Option<String>,
+    /// Mixed into API key hashes; `TOLLGATE_KEY_PEPPER` overrides.
+    pub key_pepper: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8700".into(),
+            shards: 16,
+            hold_ttl_secs: 300,
+            idempotency_ttl_secs: 86_400,
+            recheck_window_secs: 600,
+            account_cache_ttl_ms: 1_000,
+            max_body_bytes: 64 * 1024,
+            sweep_interval_ms: 1_000,
+            admin_token: None,
+            key_pepper: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `TOLLGATE_REDIS_URL` overrides.
+    pub url: String,
+    /// Prefix of every key; lets several installations (or test runs) share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "tg".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// `TOLLGATE_DATABASE_URL` overrides.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/tollgate".into(),
+            max_connections: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// Most outbox events written to PostgreSQL in one transaction.
+    pub batch: usize,
+    /// How often each shard's outbox is polled when idle.
+    pub interval_ms: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            batch: 2_000,
+            interval_ms: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowsConfig {
+    /// Local time at which day, week and month windows start, e.g. "00:05".
+    pub day_starts_at: String,
+    pub week_starts_on: String,
+}
+
+impl Default for WindowsConfig {
+    fn default() -> Self {
+        Self {
+            day_starts_at: "00:00".into(),
+            week_starts_on: "monday".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    #[serde(default)]
+    pub limits: Vec<LimitSpec>,
+    /// Credits included per billing period (granted by the billing side; recorded here).
+    #[serde(default)]
+    pub included_credits: u64,
+}
+
+/// One limit: at most `max` of `meter` per `window`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    pub meter: String,
+    pub window: Window,
+    pub max: u64,
+}
+
+/// A price: credits per unit (`requests = 2`) or per `per` units (`{ credits = 150, per = 1000 }`).
+/// Fractions round up, per meter, per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Price {
+    PerUnit(u64),
+    Ratio { credits: u64, per: u64 },
+}
+
+impl Price {
+    pub fn credits_for(self, amount: u64) -> u64 {
+        let (c, p) = match self {
+            Price::PerUnit(c) => (c, 1),
+            Price::Ratio { credits, per } => (credits, per.max(1)),
+        };
+        let total = (amount as u128 * c as u128).div_ceil(p as u128);
+        u64::try_from(total).unwrap_or(u64::MAX)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RoutePrice {
+    /// Model-specific prices; a meter not priced for the model uses the route's price.
+    #[serde(default)]
+    pub models: BTreeMap<String, BTreeMap<String, Price>>,
+    #[serde(flatten)]
+    pub meters: BTreeMap<String, Price>,
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg = Self::from_toml(&text)?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        Ok(cfg)
+    }
+
+    /// Parses and validates (no environment).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// URLs and secrets from the environment win over the file.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = get("TOLLGATE_REDIS_URL") {
+            self.redis.url = v;
+        }
+        if let Some(v) = get("TOLLGATE_DATABASE_URL") {
+            self.postgres.url = v;
+        }
+        if let Some(v) = get("TOLLGATE_ADMIN_TOKEN") {
+            self.server.admin_token = Some(v);
+        }
+        if let Some(v) = get("TOLLGATE_KEY_PEPPER") {
+            self.server.key_pepper = Some(v);
+        }
+        if let Some(v) = get("TOLLGATE_LISTEN") {
+            self.server.listen = v;
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(field_err("server.listen", format!("{:?} is not host:port", s.listen)));
+        }
+        if !(1..=1024).contains(&s.shards) {
+            return Err(field_err("server.shards", "must be 1..=1024"));
+        }
+        for (name, v) in [
+            ("server.hold_ttl_secs", s.hold_ttl_secs),
+            ("server.idempotency_ttl_secs", s.idempotency_ttl_secs),
+            ("server.sweep_interval_ms", s.sweep_interval_ms),
+            ("sync.interval_ms", self.sync.interval_ms),
+        ] {
+            if v == 0 {
+                return Err(field_err(name, "must be positive"));
+            }
+        }
+        if s.idempotency_ttl_secs < s.hold_ttl_secs {
+            return Err(field_err(
+                "server.idempotency_ttl_secs",
+                "must be at least server.hold_ttl_secs",
+            ));
+        }
+        if self.sync.batch == 0 || self.sync.batch > 50_000 {
+            return Err(field_err("sync.batch", "must be 1..=50000"));
+        }
+        validate_id("redis.key_prefix", &self.redis.key_prefix)
+            .map_err(|e| field_err("redis.key_prefix", e.problem))?;
+        self.window_settings()?;
+        if self.meters.is_empty() {
+            return Err(field_err("meters", "declare at least one meter"));
+        }
+        for (i, m) in self.meters.iter().enumerate() {
+            validate_id("meters", m).map_err(|e| field_err(format!("meters[{i}]"), e.problem))?;
+        }
+        for (plan, p) in &self.plans {
+            validate_id("plans", plan).map_err(|e| field_err(format!("plans.{plan}"), e.problem))?;
+            self.validate_limits(&format!("plans.{plan}.limits"), &p.limits)?;
+            if p.included_credits > MAX_AMOUNT {
+                return Err(field_err(
+                    format!("plans.{plan}.included_credits"),
+                    "too large",
+                ));
+            }
+        }
+        for (route, rp) in &self.prices {
+            validate_id("prices", route)
+                .map_err(|e| field_err(format!("prices.{route}"), e.problem))?;
+            self.validate_prices(&format!("prices.{route}"), &rp.meters)?;
+            for (model, m) in &rp.models {
+                self.validate_prices(&format!("prices.{route}.models.{model}"), m)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks limits from the config or from the admin API.
+    pub fn validate_limits(&self, field: &str, limits: &[LimitSpec]) -> Result<(), ConfigError> {
+        for (i, l) in limits.iter().enumerate() {
+            if !self.is_meter(&l.meter) {
+                return Err(field_err(
+                    format!("{field}[{i}].meter"),
+                    format!("{:?} is not a declared meter", l.meter),
+                ));
+            }
+            if l.max > MAX_AMOUNT {
+                return Err(field_err(format!("{field}[{i}].max"), "too large"));
+            }
+            if limits[..i]
+                .iter()
+                .any(|o| o.meter == l.meter && o.window == l.window)
+            {
+                return Err(field_err(
+                    format!("{field}[{i}]"),
+                    format!("a second limit for {} per {:?}", l.meter, l.window),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_prices(
+        &self,
+        field: &str,
+        prices: &BTreeMap<String, Price>,
+    ) -> Result<(), ConfigError> {
+        for (meter, p) in prices {
+            if !self.is_meter(meter) {
+                return Err(field_err(
+                    format!("{field}.{meter}"),
+                    format!("{meter:?} is not a declared meter"),
+                ));
+            }
+            if let Price::Ratio { per: 0, .. } = p {
+                return Err(field_err(format!("{field}.{meter}.per"), "must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_meter(&self, name: &str) -> bool {
+        name == "credits" || self.meters.iter().any(|m| m == name)
+    }
+
+    pub fn window_settings(&self) -> Result<WindowSettings, ConfigError> {
+        let w = &self.windows;
+        let (h, m) = w
+            .day_starts_at
+            .split_once(':')
+            .and_then(|(h, m)| Some((h.parse::<u32>().ok()?, m.parse::<u32>().ok()?)))
+            .filter(|(h, m)| *h < 24 && *m < 60)
+            .ok_or_else(|| field_err("windows.day_starts_at", "expected HH:MM, e.g. \"00:05\""))?;
+        let week_start: Weekday = w
+            .week_starts_on
+            .parse()
+            .map_err(|_| field_err("windows.week_starts_on", "expected a weekday, e.g. monday"))?;
+        Ok(WindowSettings {
+            day_offset_minutes: h * 60 + m,
+            week_start,
+        })
+    }
+
+    /// The credits a route charges for `meters` (model-specific prices first).
+    pub fn price(
+        &self,
+        route: &str,
+        model: Option<&str>,
+        meters: &tollgate_protocol::Meters,
+    ) -> Option<u64> {
+        let rp = match self.prices.get(route).or_else(|| self.prices.get("default")) {
+            Some(rp) => rp,
+            None if self.prices.is_empty() => return Some(0),
+            None => return None,
+        };
+        let by_model = model.and_then(|m| rp.models.get(m));
+        let mut total: u64 = 0;
+        for (meter, amount) in meters {
+            let price = by_model
+                .and_then(|p| p.get(meter))
+                .or_else(|| rp.meters.get(meter));
+            if let Some(p) = price {
+                total = total.saturating_add(p.credits_for(*amount));
+            }
+        }
+        Some(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+meters = ["requests", "tokens"]
+[plans.free]
+limits = [{ meter = "requests", window = "day", max = 100 }]
+[prices.chat]
+requests = 2
+tokens = { credits = 150, per = 1000 }
+[prices.chat.models.big]
+tokens = { credits = 600, per = 1000 }
+"#;
+
+    #[test]
+    fn prices_round_up_and_prefer_the_model() {
+        let cfg = Config::from_toml(BASE).unwrap();
+        let m = |r: u64, t: u64| {
+            [("requests".to_string(), r), ("tokens".to_string(), t)]
+                .into_iter()
+                .collect()
+        };
+        assert_eq!(cfg.price("chat", None, &m(1, 1000)), Some(152));
+        assert_eq!(cfg.price("chat", None, &m(1, 1)), Some(3));
+        assert_eq!(cfg.price("chat", Some("big"), &m(0, 1000)), Some(600));
+        assert_eq!(cfg.price("nope", None, &m(1, 0)), None);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (BASE.replace("window = \"day\"", "window = \"dya\""), "dya"),
+            (BASE.replace("meter = \"requests\"", "meter = \"reqs\""), "plans.free.limits[0].meter"),
+            (BASE.replace("per = 1000 }\n[prices", "per = 0 }\n[prices"), "prices.chat.tokens.per"),
+            (format!("{BASE}\n[server]\nshards = 0\n"), "server.shards"),
+            (format!("{BASE}\n[windows]\nday_starts_at = \"25:00\"\n"), "windows.day_starts_at"),
+            (format!("{BASE}\n[server]\nbogus = 1\n"), "bogus"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} does not name {needle}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_urls_and_secrets() {
+        let mut cfg = Config::from_toml(BASE).unwrap();
+        cfg.apply_env(|k| (k == "TOLLGATE_REDIS_URL").then(|| "redis://other:1".to_string()));
+        assert_eq!(cfg.redis.url, "redis://other:1");
+    }
+}

@@ -1,0 +1,316 @@
+//! Accounts, keys, grants and reports: what the admin API and the operator's tools call.
+
+use super::{fingerprint, Caller, Engine, Resolved};
+use crate::config::LimitSpec;
+use crate::error::ApiError;
+use crate::ledger::{AccountRow, KeyRow};
+use crate::store::{GrantArgs, Reply, SpendArgs};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tollgate_protocol::{validate_id, GrantRequest};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAccount {
+    pub id: String,
+    pub plan: String,
+    #[serde(default = "utc")]
+    pub timezone: String,
+    #[serde(default = "one")]
+    pub billing_anchor_day: i16,
+    #[serde(default)]
+    pub limits: Vec<LimitSpec>,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+fn one() -> i16 {
+    1
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountPatch {
+    pub plan: Option<String>,
+    pub timezone: Option<String>,
+    pub billing_anchor_day: Option<i16>,
+    pub limits: Option<Vec<LimitSpec>>,
+    pub disabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub limits: Vec<LimitSpec>,
+}
+
+/// One limit's state in the current window.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UsageLine {
+    pub name: String,
+    pub meter: String,
+    pub window: String,
+    pub period: String,
+    pub used: u64,
+    pub max: u64,
+    pub remaining: u64,
+    pub reset_ms: u64,
+}
+
+impl Engine {
+    fn validate_account(&self, a: &AccountRow) -> Result<(), ApiError> {
+        validate_id("id", &a.id)?;
+        if !self.cfg.plans.contains_key(&a.plan) {
+            return Err(ApiError::Invalid(format!("plan: {:?} is not a configured plan", a.plan)));
+        }
+        if a.timezone.parse::<Tz>().is_err() {
+            return Err(ApiError::Invalid(format!("timezone: {:?} is not an IANA timezone", a.timezone)));
+        }
+        if !(1..=28).contains(&a.billing_anchor_day) {
+            return Err(ApiError::Invalid("billing_anchor_day: must be 1..=28".into()));
+        }
+        self.cfg
+            .validate_limits("limits", &a.limits)
+            .map_err(|e| ApiError::Invalid(e.to_string().replace("invalid configuration: ", "")))
+    }
+
+    pub async fn create_account(&self, n: NewAccount) -> Result<AccountRow, ApiError> {
+        let row = AccountRow {
+            id: n.id,
+            plan: n.plan,
+            timezone: n.timezone,
+            billing_anchor_day: n.billing_anchor_day,
+            limits: n.limits,
+            disabled: false,
+        };
+        self.validate_account(&row)?;
+        if !self.ledger.insert_account(&row).await? {
+            return Err(ApiError::Conflict(format!("account {:?} already exists", row.id)));
+        }
+        self.directory.forget_account(&row.id);
+        Ok(row)
+    }
+
+    pub async fn get_account(&self, id: &str) -> Result<AccountRow, ApiError> {
+        self.ledger
+            .account(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("unknown account {id:?}")))
+    }
+
+    /// Changes take effect on the next request: limits are passed to every script call, never
+    /// cached in Redis.
+    pub async fn patch_account(&self, id: &str, p: AccountPatch) -> Result<AccountRow, ApiError> {
+        let mut row = self.get_account(id).await?;
+        if let Some(v) = p.plan {
+            row.plan = v;
+        }
+        if let Some(v) = p.timezone {
+            row.timezone = v;
+        }
+        if let Some(v) = p.billing_anchor_day {
+            row.billing_anchor_day = v;
+        }
+        if let Some(v) = p.limits {
+            row.limits = v;
+        }
+        if let Some(v) = p.disabled {
+            row.disabled = v;
+        }
+        self.validate_account(&row)?;
+        self.ledger.update_account(&row).await?;
+        self.directory.forget_account(id);
+        Ok(row)
+    }
+
+    /// Creates a key; returns it with the plaintext, which is never shown again.
+    pub async fn create_key(&self, account: &str, n: NewKey) -> Result<(KeyRow, String), ApiError> {
+        let acct = self
+            .directory
+            .account(account)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("unknown account {account:?}")))?;
+        self.cfg
+            .validate_limits("limits", &n.limits)
+            .map_err(|e| ApiError::Invalid(e.to_string().replace("invalid configuration: ", "")))?;
+        // A key's limits sit below the account's: a key may not allow more of a meter per window
+        // than its account does.
+        let acct_limits = self.account_limits(&acct)?;
+        for (i, l) in n.limits.iter().enumerate() {
+            if let Some(a) = acct_limits.iter().find(|a| a.meter == l.meter && a.window == l.window) {
+                if l.max > a.max {
+                    return Err(ApiError::Invalid(format!(
+                        "limits[{i}].max: {} is above the account's {} per {}",
+                        l.max,
+                        a.max,
+                        a.window.as_str()
+                    )));
+                }
+            }
+        }
+        if n.name.len() > 200 {
+            return Err(ApiError::Invalid("name: longer than 200 characters".into()));
+        }
+        let plain = crate::apikey::generate();
+        let row = KeyRow {
+            id: crate::apikey::new_id("key"),
+            account_id: account.to_string(),
+            masked: crate::apikey::mask(&plain),
+            name: n.name,
+            limits: n.limits,
+            disabled: false,
+        };
+        self.ledger.insert_key(&row, &self.directory.hash_key(&plain)).await?;
+        Ok((row, plain))
+    }
+
+    pub async fn set_key_disabled(&self, key_id: &str, disabled: bool) -> Result<(), ApiError> {
+        if !self.ledger.set_key_disabled(key_id, disabled).await? {
+            return Err(ApiError::NotFound(format!("unknown key {key_id:?}")));
+        }
+        self.directory.forget_keys();
+        Ok(())
+    }
+
+    /// Adds credit. The grant id is its idempotency key, checked against the ledger too, so a
+    /// grant is applied once however late it is repeated.
+    pub async fn grant(&self, account: &str, g: GrantRequest) -> Result<(serde_json::Value, bool), ApiError> {
+        g.validate()?;
+        if self.directory.account(account).await?.is_none() {
+            return Err(ApiError::NotFound(format!("unknown account {account:?}")));
+        }
+        let fp = fingerprint(&(&g.grant_id, g.amount, g.priority, g.expires_at_ms, &g.source));
+        if self.ledger.grant_exists(account, &g.grant_id).await? {
+            return match self.ledger.idempotent_result(account, "grant", &g.grant_id).await? {
+                Some((Some(f), res)) if f == fp => Ok((serde_json::from_str(&res).unwrap_or_default(), true)),
+                _ => Err(ApiError::Conflict(format!("grant_id {:?} already exists", g.grant_id))),
+            };
+        }
+        for _ in 0..4 {
+            let args = GrantArgs {
+                now: self.clock.now_ms(),
+                acct: account,
+                gid: &g.grant_id,
+                amount: g.amount,
+                priority: g.priority,
+                expires: g.expires_at_ms.unwrap_or(0),
+                source: &g.source,
+                fp: &fp,
+                checked: true,
+                idem_ttl_ms: self.idem_ttl_ms(),
+            };
+            match self.store.grant(&args).await? {
+                Reply::Ok(b) | Reply::Replay(b) => {
+                    self.metrics.granted.inc();
+                    self.sync_wake.notify_one();
+                    return Ok((serde_json::from_str(&b).unwrap_or_default(), false));
+                }
+                Reply::Cold => self.cold_load(account).await?,
+                Reply::Conflict => {
+                    return Err(ApiError::Conflict(format!("grant_id {:?} already exists", g.grant_id)))
+                }
+                other => return Err(ApiError::Internal(format!("unexpected script reply {other:?}"))),
+            }
+        }
+        Err(ApiError::Unavailable(format!("state of account {account:?} could not be loaded into Redis")))
+    }
+
+    /// Spendable credit now, from Redis (the real-time truth): the check script with nothing to
+    /// charge.
+    pub async fn balance(&self, account: &str) -> Result<u64, ApiError> {
+        if self.directory.account(account).await?.is_none() {
+            return Err(ApiError::NotFound(format!("unknown account {account:?}")));
+        }
+        let nothing = tollgate_protocol::Meters::new();
+        for _ in 0..4 {
+            let args = SpendArgs {
+                now: self.clock.now_ms(),
+                acct: account,
+                key: None,
+                idem: "",
+                fp: "",
+                checked: false,
+                credit: 0,
+                meters: &nothing,
+                lims: &[],
+                route: "default",
+                model: None,
+                resource: None,
+                hold: None,
+                exp: 0,
+                idem_ttl_ms: 0,
+            };
+            match self.store.check(&args).await? {
+                Reply::Ok(b) => {
+                    let v: serde_json::Value = serde_json::from_str(&b).unwrap_or_default();
+                    return Ok(v.get("balance").and_then(|b| b.as_u64()).unwrap_or(0));
+                }
+                Reply::Cold => self.cold_load(account).await?,
+                other => return Err(ApiError::Internal(format!("unexpected script reply {other:?}"))),
+            }
+        }
+        Err(ApiError::Unavailable(format!("state of account {account:?} could not be loaded into Redis")))
+    }
+
+    /// The current window of every limit of the account, or of one of its keys.
+    pub async fn usage(&self, account: &str, key_id: Option<&str>) -> Result<Vec<UsageLine>, ApiError> {
+        let caller = match self.resolve(None, Some(account)).await? {
+            Resolved::Caller(c) => c,
+            Resolved::Denied(_) => {
+                let acct = self
+                    .directory
+                    .account(account)
+                    .await?
+                    .ok_or_else(|| ApiError::NotFound(format!("unknown account {account:?}")))?;
+                Caller { account: acct, key: None }
+            }
+        };
+        let (scope, scope_name, limits) = match key_id {
+            Some(k) => {
+                let key = self
+                    .ledger
+                    .key_by_id(k)
+                    .await?
+                    .filter(|key| key.account_id == account)
+                    .ok_or_else(|| ApiError::NotFound(format!("unknown key {k:?}")))?;
+                (format!("k:{}", key.id), "key", key.limits.clone())
+            }
+            None => (format!("a:{account}"), "account", self.account_limits(&caller.account)?),
+        };
+        let now = self.clock.now_ms();
+        let acct = Arc::clone(&caller.account);
+        let mut conn = self.store.conn();
+        // Make sure the account's state is in Redis before reading counters from it.
+        let present: bool = redis::AsyncCommands::exists(&mut conn, self.store.keys.account(account))
+            .await
+            .map_err(crate::store::StoreError::from)?;
+        if !present {
+            self.cold_load(account).await?;
+        }
+        let mut out = Vec::new();
+        for l in limits {
+            let p = crate::windows::current_period(l.window, now, acct.tz, &self.windows, acct.row.billing_anchor_day as u32);
+            let key = self.store.keys.counter(account, &scope, &l.meter, &p.id);
+            let used: Option<u64> = redis::AsyncCommands::get(&mut conn, key)
+                .await
+                .map_err(crate::store::StoreError::from)?;
+            let used = used.unwrap_or(0);
+            out.push(UsageLine {
+                name: format!("{scope_name}:{}:{}", l.meter, l.window.as_str()),
+                meter: l.meter.clone(),
+                window: l.window.as_str().into(),
+                period: p.id,
+                used,
+                max: l.max,
+                remaining: l.max.saturating_sub(used),
+                reset_ms: p.end_ms,
+            });
+        }
+        Ok(out)
+    }
+}

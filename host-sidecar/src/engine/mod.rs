@@ -1,0 +1,186 @@
+//! The quota engine: turns API requests into script calls and script replies into answers.
+//!
+//! Per request it resolves the caller (key -> account, cached), prices the usage, works out every
+//! limit that applies (plan, account overrides, key limits) with the current period of each
+//! window in the account's timezone, and runs one script. Replies that need more work — `cold`
+//! (account state missing from Redis), `recheck` (just after a cold load) — are handled here and
+//! the script is retried; the script itself stays the only place where anything is decided.
+
+mod admin;
+mod coldload;
+mod settle;
+mod spend;
+
+pub use admin::{AccountPatch, NewAccount, NewKey, UsageLine};
+
+use crate::clock::Clock;
+use crate::config::{Config, LimitSpec};
+use crate::directory::{Account, Directory};
+use crate::error::ApiError;
+use crate::ledger::sync::SyncWorker;
+use crate::ledger::{KeyRow, Ledger};
+use crate::metrics::Metrics;
+use crate::store::{LuaLimit, RedisStore};
+use crate::windows::{current_period, WindowSettings};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tollgate_protocol::{Decision, DenyReason, Meters};
+
+pub struct Engine {
+    pub cfg: Arc<Config>,
+    pub windows: WindowSettings,
+    pub store: RedisStore,
+    pub ledger: Ledger,
+    pub sync: SyncWorker,
+    pub directory: Directory,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    /// Wakes the sync worker after a change, so the ledger lags by milliseconds, not a tick.
+    pub sync_wake: Arc<tokio::sync::Notify>,
+}
+
+/// The resolved caller of a spend request.
+pub(crate) struct Caller {
+    pub account: Arc<Account>,
+    pub key: Option<Arc<KeyRow>>,
+}
+
+pub(crate) enum Resolved {
+    Caller(Caller),
+    Denied(Decision),
+}
+
+pub(crate) fn denial(reason: DenyReason, account: Option<String>) -> Decision {
+    Decision {
+        allowed: false,
+        status: reason.http_status(),
+        reason: Some(reason),
+        account,
+        hold_id: None,
+        hold_expires_ms: None,
+        limit: None,
+        retry_after_s: None,
+        credits: 0,
+        balance: None,
+    }
+}
+
+/// A short stable digest of what a request asks, to tell a replay from a reuse of its key.
+pub(crate) fn fingerprint(parts: &impl serde::Serialize) -> String {
+    let bytes = serde_json::to_vec(parts).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..12])
+}
+
+impl Engine {
+    pub fn idem_ttl_ms(&self) -> u64 {
+        self.cfg.server.idempotency_ttl_secs * 1000
+    }
+
+    pub(crate) async fn resolve(
+        &self,
+        api_key: Option<&str>,
+        account: Option<&str>,
+    ) -> Result<Resolved, ApiError> {
+        let (acct_id, key) = match (api_key, account) {
+            (Some(k), _) => match self.directory.key(k).await? {
+                None => {
+                    tracing::info!(key = %crate::apikey::mask(k), "unknown API key");
+                    self.metrics.denied_auth.inc();
+                    return Ok(Resolved::Denied(denial(DenyReason::Unauthenticated, None)));
+                }
+                Some(key) => (key.account_id.clone(), Some(key)),
+            },
+            (None, Some(a)) => (a.to_string(), None),
+            (None, None) => return Err(ApiError::Invalid("api_key: either api_key or account is required".into())),
+        };
+        let account = self
+            .directory
+            .account(&acct_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("unknown account {acct_id:?}")))?;
+        if account.row.disabled || key.as_ref().is_some_and(|k| k.disabled) {
+            self.metrics.denied_auth.inc();
+            return Ok(Resolved::Denied(denial(DenyReason::Disabled, Some(acct_id))));
+        }
+        Ok(Resolved::Caller(Caller { account, key }))
+    }
+
+    pub(crate) fn check_meters(&self, meters: &Meters) -> Result<(), ApiError> {
+        match meters.keys().find(|m| !self.cfg.is_meter(m)) {
+            Some(m) => Err(ApiError::Invalid(format!("meters.{m}: not a declared meter"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Credits for `meters` on `route` (+ `extra`).
+    pub(crate) fn price(&self, route: &str, model: Option<&str>, meters: &Meters, extra: u64) -> Result<u64, ApiError> {
+        let c = self
+            .cfg
+            .price(route, model, meters)
+            .ok_or_else(|| ApiError::Invalid(format!("route: no price for route {route:?} and no default")))?;
+        let total = c.saturating_add(extra);
+        tollgate_protocol::validate_amount("credits", total)?;
+        Ok(total)
+    }
+
+    /// The account's limits: the plan's, with the account's overrides replacing the plan's limit
+    /// for the same meter and window.
+    pub(crate) fn account_limits(&self, account: &Account) -> Result<Vec<LimitSpec>, ApiError> {
+        let plan = self.cfg.plans.get(&account.row.plan).ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "account {:?} is on plan {:?}, which the configuration does not declare",
+                account.row.id, account.row.plan
+            ))
+        })?;
+        let mut limits: Vec<LimitSpec> = plan
+            .limits
+            .iter()
+            .filter(|l| !account.row.limits.iter().any(|o| o.meter == l.meter && o.window == l.window))
+            .cloned()
+            .collect();
+        limits.extend(account.row.limits.iter().cloned());
+        Ok(limits)
+    }
+
+    /// Every limit the request touches, with its counter's current period.
+    pub(crate) fn limits_for(
+        &self,
+        caller: &Caller,
+        meters: &Meters,
+        credit: u64,
+        now: u64,
+    ) -> Result<Vec<LuaLimit>, ApiError> {
+        let acct = &caller.account;
+        let amount = |meter: &str| -> Option<u64> {
+            if meter == "credits" {
+                (credit > 0).then_some(credit)
+            } else {
+                meters.get(meter).copied()
+            }
+        };
+        let mut out = Vec::new();
+        let mut push = |scope: String, scope_name: &str, l: &LimitSpec| {
+            if let Some(amt) = amount(&l.meter) {
+                let p = current_period(l.window, now, acct.tz, &self.windows, acct.row.billing_anchor_day as u32);
+                out.push(LuaLimit {
+                    scope,
+                    meter: l.meter.clone(),
+                    period: p.id,
+                    amt,
+                    max: l.max,
+                    end: p.end_ms,
+                    name: format!("{scope_name}:{}:{}", l.meter, l.window.as_str()),
+                });
+            }
+        };
+        for l in &self.account_limits(acct)? {
+            push(format!("a:{}", acct.row.id), "account", l);
+        }
+        if let Some(k) = &caller.key {
+            for l in &k.limits {
+                push(format!("k:{}", k.id), "key", l);
+            }
+        }
+        Ok(out)
+    }
+}

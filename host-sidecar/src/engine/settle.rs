@@ -1,0 +1,176 @@
+//! commit and release of holds, and the sweeper that expires holds nobody settled.
+
+use super::{fingerprint, Engine};
+use crate::error::ApiError;
+use crate::store::{Reply, SettleArgs};
+use redis::AsyncCommands;
+use serde::Deserialize;
+use std::time::Instant;
+use tollgate_protocol::{split_hold_id, CommitRequest, Meters, Settlement};
+
+#[derive(Deserialize)]
+struct LuaSettlement {
+    hold: String,
+    status: String,
+    credits: u64,
+    #[serde(default)]
+    shortfall: u64,
+    #[serde(default)]
+    meters: serde_json::Value,
+}
+
+fn settlement(body: &str) -> Result<Settlement, ApiError> {
+    let s: LuaSettlement =
+        serde_json::from_str(body).map_err(|e| ApiError::Internal(format!("unreadable script reply: {e}")))?;
+    // An empty Lua table encodes as `{}` or `[]`; the `credits` meter is internal.
+    let mut meters: Meters = serde_json::from_value(s.meters).unwrap_or_default();
+    meters.remove("credits");
+    Ok(Settlement {
+        hold_id: s.hold,
+        status: s.status,
+        credits: s.credits,
+        shortfall: s.shortfall,
+        meters,
+    })
+}
+
+impl Engine {
+    /// Settles a hold with the actual usage. Returns the settlement and whether it is a replay.
+    pub async fn commit(&self, req: CommitRequest) -> Result<(Settlement, bool), ApiError> {
+        req.validate()?;
+        self.check_meters(&req.meters)?;
+        let credit = self.price(&req.route, req.model.as_deref(), &req.meters, req.credits)?;
+        let mut meters = req.meters.clone();
+        meters.insert("credits".into(), credit);
+        let fp = fingerprint(&("commit", &meters));
+        self.settle(&req.hold_id, "committed", &meters, credit, &fp).await
+    }
+
+    pub async fn release(&self, hold_id: &str) -> Result<(Settlement, bool), ApiError> {
+        split_hold_id(hold_id)?;
+        self.settle(hold_id, "released", &Meters::new(), 0, "release").await
+    }
+
+    async fn settle(
+        &self,
+        hold_id: &str,
+        status: &str,
+        meters: &Meters,
+        credit: u64,
+        fp: &str,
+    ) -> Result<(Settlement, bool), ApiError> {
+        let started = Instant::now();
+        let (acct, _) = split_hold_id(hold_id)?;
+        if self.directory.account(acct).await?.is_none() {
+            return Err(ApiError::NotFound(format!("unknown hold {hold_id:?}")));
+        }
+        let out = self.settle_in_redis(acct, hold_id, status, meters, credit, fp).await;
+        self.metrics.decision_us.observe(started.elapsed().as_micros() as u64);
+        let (s, replay) = out?;
+        if replay {
+            self.metrics.idempotent_replays.inc();
+        } else {
+            match status {
+                "committed" => self.metrics.committed.inc(),
+                "released" => self.metrics.released.inc(),
+                _ => self.metrics.expired.inc(),
+            }
+            self.sync_wake.notify_one();
+        }
+        Ok((s, replay))
+    }
+
+    async fn settle_in_redis(
+        &self,
+        acct: &str,
+        hold_id: &str,
+        status: &str,
+        meters: &Meters,
+        credit: u64,
+        fp: &str,
+    ) -> Result<(Settlement, bool), ApiError> {
+        for _ in 0..4 {
+            let args = SettleArgs {
+                now: self.clock.now_ms(),
+                hold: hold_id,
+                fp,
+                meters,
+                credit,
+                idem_ttl_ms: self.idem_ttl_ms(),
+            };
+            let reply = if status == "committed" {
+                self.store.commit(acct, &args).await?
+            } else {
+                self.store.release(acct, &args, status).await?
+            };
+            match reply {
+                Reply::Ok(body) => return Ok((settlement(&body)?, false)),
+                Reply::Replay(body) => return Ok((settlement(&body)?, true)),
+                Reply::Resolved(body) => {
+                    let st: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    let was = st.get("status").and_then(|s| s.as_str()).unwrap_or("settled");
+                    return Err(ApiError::Conflict(format!("hold {hold_id:?} is already {was}")));
+                }
+                Reply::Cold => self.cold_load(acct).await?,
+                // Not in Redis: it may have been settled long ago (its record expired) or before
+                // Redis lost its data. The ledger knows.
+                Reply::Gone => {
+                    return match self.ledger.hold(acct, hold_id).await? {
+                        Some(h) if h.status == status && h.settle_fp.as_deref() == Some(fp) => {
+                            Ok((settlement(h.result.as_deref().unwrap_or("{}"))?, true))
+                        }
+                        Some(h) if h.status != "open" => {
+                            Err(ApiError::Conflict(format!("hold {hold_id:?} is already {}", h.status)))
+                        }
+                        _ => Err(ApiError::NotFound(format!("unknown hold {hold_id:?}"))),
+                    }
+                }
+                other => return Err(ApiError::Internal(format!("unexpected script reply {other:?}"))),
+            }
+        }
+        Err(ApiError::Unavailable(format!("state of account {acct:?} could not be loaded into Redis")))
+    }
+
+    /// Expires every hold past its expiry, in every shard. Safe to run on several sidecars at
+    /// once: a hold resolves once, whoever gets there first.
+    pub async fn sweep_once(&self) -> Result<usize, ApiError> {
+        let mut conn = self.store.conn();
+        let mut expired = 0;
+        for shard in 0..self.store.keys.shards() {
+            let zkey = self.store.keys.holds(shard);
+            let due: Vec<String> = conn
+                .zrangebyscore_limit(&zkey, "-inf", self.clock.now_ms(), 0, 256)
+                .await
+                .map_err(crate::store::StoreError::from)?;
+            for hold_id in due {
+                let Ok((acct, _)) = split_hold_id(&hold_id) else {
+                    let _: Result<i64, _> = conn.zrem(&zkey, &hold_id).await;
+                    continue;
+                };
+                let args = SettleArgs {
+                    now: self.clock.now_ms(),
+                    hold: &hold_id,
+                    fp: "expire",
+                    meters: &Meters::new(),
+                    credit: 0,
+                    idem_ttl_ms: self.idem_ttl_ms(),
+                };
+                match self.store.release(acct, &args, "expired").await? {
+                    Reply::Ok(_) => {
+                        expired += 1;
+                        self.metrics.expired.inc();
+                    }
+                    // A leftover entry for a hold that no longer exists: drop it.
+                    Reply::Gone | Reply::Cold => {
+                        let _: Result<i64, _> = conn.zrem(&zkey, &hold_id).await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if expired > 0 {
+            self.sync_wake.notify_one();
+        }
+        Ok(expired)
+    }
+}

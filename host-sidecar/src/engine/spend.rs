@@ -1,0 +1,191 @@
+//! authorize (hold), consume (charge now) and check (change nothing).
+
+use super::{fingerprint, Caller, Engine, Resolved};
+use crate::error::ApiError;
+use crate::store::{Reply, SpendArgs};
+use serde::Deserialize;
+use std::time::Instant;
+use tollgate_protocol::{Decision, DenyReason, LimitState, SpendRequest};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Authorize,
+    Consume,
+    Check,
+}
+
+impl Op {
+    /// The ledger kind an idempotency key of this operation is recorded under.
+    fn kind(self) -> &'static str {
+        match self {
+            Op::Authorize => "hold",
+            Op::Consume => "consume",
+            Op::Check => "check",
+        }
+    }
+}
+
+/// What authorize / consume / check scripts answer (see `lua/`).
+#[derive(Deserialize)]
+struct LuaDecision {
+    #[serde(default)]
+    hold: Option<String>,
+    #[serde(default)]
+    exp: Option<u64>,
+    #[serde(default)]
+    reason: Option<DenyReason>,
+    #[serde(default)]
+    limit: Option<LimitState>,
+    #[serde(default)]
+    credits: u64,
+    #[serde(default)]
+    balance: Option<u64>,
+}
+
+/// What the caller is charged for: the fingerprint of a spend request.
+#[derive(serde::Serialize)]
+struct SpendPrint<'a> {
+    op: &'static str,
+    key: Option<&'a str>,
+    route: &'a str,
+    model: Option<&'a str>,
+    meters: &'a tollgate_protocol::Meters,
+    credits: u64,
+    resource: Option<&'a tollgate_protocol::Resource>,
+}
+
+impl Engine {
+    pub async fn authorize(&self, req: SpendRequest) -> Result<(Decision, bool), ApiError> {
+        self.spend(Op::Authorize, req).await
+    }
+
+    pub async fn consume(&self, req: SpendRequest) -> Result<(Decision, bool), ApiError> {
+        self.spend(Op::Consume, req).await
+    }
+
+    pub async fn check(&self, req: SpendRequest) -> Result<Decision, ApiError> {
+        Ok(self.spend(Op::Check, req).await?.0)
+    }
+
+    /// Returns the decision and whether it is a replay of an earlier identical request.
+    async fn spend(&self, op: Op, req: SpendRequest) -> Result<(Decision, bool), ApiError> {
+        let started = Instant::now();
+        req.validate(op != Op::Check)?;
+        self.check_meters(&req.meters)?;
+        let caller = match self.resolve(req.api_key.as_deref(), req.account.as_deref()).await? {
+            Resolved::Denied(d) => return Ok((d, false)),
+            Resolved::Caller(c) => c,
+        };
+        let credit = self.price(&req.route, req.model.as_deref(), &req.meters, req.credits)?;
+        let out = self.spend_as(op, &req, &caller, credit).await;
+        self.metrics.decision_us.observe(started.elapsed().as_micros() as u64);
+        let (d, replay) = out?;
+        if replay {
+            self.metrics.idempotent_replays.inc();
+        } else if op != Op::Check {
+            match d.reason {
+                None => self.metrics.allowed.inc(),
+                Some(DenyReason::Limit) => self.metrics.denied_limit.inc(),
+                Some(DenyReason::Credits) => self.metrics.denied_credits.inc(),
+                Some(_) => self.metrics.denied_auth.inc(),
+            }
+            if d.allowed {
+                self.sync_wake.notify_one();
+            }
+        }
+        Ok((d, replay))
+    }
+
+    async fn spend_as(
+        &self,
+        op: Op,
+        req: &SpendRequest,
+        caller: &Caller,
+        credit: u64,
+    ) -> Result<(Decision, bool), ApiError> {
+        let acct = caller.account.row.id.as_str();
+        let key_id = caller.key.as_ref().map(|k| k.id.as_str());
+        let fp = fingerprint(&SpendPrint {
+            op: op.kind(),
+            key: key_id,
+            route: &req.route,
+            model: req.model.as_deref(),
+            meters: &req.meters,
+            credits: credit,
+            resource: req.resource.as_ref(),
+        });
+        let hold_id = format!("{acct}/{}", req.idempotency_key);
+        let mut checked = false;
+        for _ in 0..4 {
+            // Periods are computed per attempt: a cold load may have taken a while.
+            let now = self.clock.now_ms();
+            let lims = self.limits_for(caller, &req.meters, credit, now)?;
+            let args = SpendArgs {
+                now,
+                acct,
+                key: key_id,
+                idem: &req.idempotency_key,
+                fp: &fp,
+                checked,
+                credit,
+                meters: &req.meters,
+                lims: &lims,
+                route: &req.route,
+                model: req.model.as_deref(),
+                resource: req.resource.as_ref(),
+                hold: (op == Op::Authorize).then_some(hold_id.as_str()),
+                exp: now + self.cfg.server.hold_ttl_secs * 1000,
+                idem_ttl_ms: self.idem_ttl_ms(),
+            };
+            let reply = match op {
+                Op::Authorize => self.store.authorize(&args).await?,
+                Op::Consume => self.store.consume(&args).await?,
+                Op::Check => self.store.check(&args).await?,
+            };
+            match reply {
+                Reply::Ok(body) => return Ok((self.decision(acct, &body, now)?, false)),
+                Reply::Replay(body) => return Ok((self.decision(acct, &body, now)?, true)),
+                Reply::Deny(body) => return Ok((self.decision(acct, &body, now)?, false)),
+                Reply::Cold => self.cold_load(acct).await?,
+                Reply::Recheck => {
+                    if let Some(body) = self.recheck(acct, op.kind(), &req.idempotency_key, &fp).await? {
+                        return Ok((self.decision(acct, &body, now)?, true));
+                    }
+                    checked = true;
+                }
+                Reply::Conflict => {
+                    return Err(ApiError::Conflict(format!(
+                        "idempotency_key {:?} was already used for a different request",
+                        req.idempotency_key
+                    )))
+                }
+                other => return Err(ApiError::Internal(format!("unexpected script reply {other:?}"))),
+            }
+        }
+        Err(ApiError::Unavailable(format!("state of account {acct:?} could not be loaded into Redis")))
+    }
+
+    fn decision(&self, acct: &str, body: &str, now: u64) -> Result<Decision, ApiError> {
+        let d: LuaDecision = serde_json::from_str(body)
+            .map_err(|e| ApiError::Internal(format!("unreadable script reply: {e}")))?;
+        let allowed = d.reason.is_none();
+        let retry_after_s = match (d.reason, &d.limit) {
+            (Some(DenyReason::Limit), Some(l)) if l.reset_ms > 0 => {
+                Some(l.reset_ms.saturating_sub(now).div_ceil(1000).max(1))
+            }
+            _ => None,
+        };
+        Ok(Decision {
+            allowed,
+            status: d.reason.map_or(200, |r| r.http_status()),
+            reason: d.reason,
+            account: Some(acct.to_string()),
+            hold_id: d.hold,
+            hold_expires_ms: d.exp,
+            limit: d.limit,
+            retry_after_s,
+            credits: d.credits,
+            balance: d.balance,
+        })
+    }
+}

@@ -1,0 +1,544 @@
+//! The sync worker: drains each shard's outbox stream into PostgreSQL, exactly once.
+//!
+//! Exactly once because the stream cursor is stored in the same transaction as the rows it
+//! applied: a crash before COMMIT applies nothing and the next pass re-reads the same entries; a
+//! crash after COMMIT leaves the cursor past them. Several sidecars may run the worker; a
+//! transaction-scoped advisory lock per shard lets one apply a shard at a time and the others
+//! move on. Entries are trimmed from the stream only after their transaction committed.
+//!
+//! Each pass writes a batch with one statement per table (UNNEST arrays), aggregating usage and
+//! grant deltas in memory first.
+
+use super::Ledger;
+use crate::metrics::Metrics;
+use crate::store::RedisStore;
+use redis::AsyncCommands;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+}
+
+/// One outbox event, as the scripts in `lua/` write it.
+#[derive(Debug, Deserialize)]
+struct Event {
+    t: String,
+    acct: String,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    hold: Option<String>,
+    #[serde(default)]
+    idem: Option<String>,
+    #[serde(default)]
+    fp: Option<String>,
+    at: i64,
+    #[serde(default)]
+    credit: i64,
+    #[serde(default)]
+    short: i64,
+    #[serde(default)]
+    meters: Option<Value>,
+    #[serde(default)]
+    route: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    resource: Option<Value>,
+    #[serde(default)]
+    u: Vec<(String, String, String, i64, i64)>,
+    #[serde(default)]
+    g: Vec<(String, i64)>,
+    #[serde(default)]
+    x: Vec<(String, i64)>,
+    #[serde(default)]
+    rec: Option<Value>,
+    #[serde(default)]
+    grant: Option<GrantInfo>,
+    result: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct GrantInfo {
+    id: String,
+    member: String,
+    amount: i64,
+    priority: i32,
+    #[serde(default)]
+    expires: i64,
+    source: String,
+}
+
+/// A stream entry id `ms-seq`, ordered numerically.
+pub fn parse_stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+fn lock_key(prefix: &str, shard: u32) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("tollgate-sync:{prefix}:{shard}").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// (account, hold id, key id, credit, expires ms, record json, created ms)
+type NewHold = (String, String, Option<String>, i64, i64, String, i64);
+/// Per shard: the (epoch, last applied id) this process last saw.
+type Seen = Arc<Vec<Mutex<Option<(String, String)>>>>;
+
+#[derive(Default)]
+struct Batch {
+    event_id: Vec<String>,
+    account: Vec<String>,
+    key: Vec<Option<String>>,
+    kind: Vec<String>,
+    idem: Vec<Option<String>>,
+    hold: Vec<Option<String>>,
+    fp: Vec<Option<String>>,
+    credit: Vec<i64>,
+    short: Vec<i64>,
+    meters: Vec<Option<String>>,
+    usage: Vec<Option<String>>,
+    grants: Vec<Option<String>>,
+    expired: Vec<Option<String>>,
+    route: Vec<Option<String>>,
+    model: Vec<Option<String>>,
+    resource: Vec<Option<String>>,
+    result: Vec<String>,
+    at: Vec<i64>,
+    usage_delta: HashMap<(String, String, String, String), (i64, i64)>,
+    grant_new: Vec<(String, GrantInfo, i64)>,
+    grant_delta: HashMap<(String, String), (i64, i64)>,
+    holds_new: Vec<NewHold>,
+    holds_settled: Vec<(String, String, String, String, Option<String>, i64)>,
+}
+
+fn json_opt<T: serde::Serialize>(v: &[T]) -> Option<String> {
+    (!v.is_empty()).then(|| serde_json::to_string(v).unwrap_or_default())
+}
+
+impl Batch {
+    fn push(&mut self, event_id: String, e: Event) {
+        for (scope, meter, period, delta, end) in &e.u {
+            let k = (e.acct.clone(), scope.clone(), meter.clone(), period.clone());
+            let slot = self.usage_delta.entry(k).or_insert((0, *end));
+            slot.0 += delta;
+        }
+        for (gid, d) in &e.g {
+            self.grant_delta.entry((e.acct.clone(), gid.clone())).or_default().0 += d;
+        }
+        for (gid, x) in &e.x {
+            let slot = self.grant_delta.entry((e.acct.clone(), gid.clone())).or_default();
+            slot.0 -= x;
+            slot.1 += x;
+        }
+        let mut fp = e.fp.clone();
+        match e.t.as_str() {
+            "hold" => {
+                if let (Some(hold), Some(rec)) = (&e.hold, &e.rec) {
+                    if fp.is_none() {
+                        fp = rec.get("fp").and_then(Value::as_str).map(str::to_string);
+                    }
+                    let exp = rec.get("exp").and_then(Value::as_i64).unwrap_or(0);
+                    self.holds_new.push((
+                        e.acct.clone(),
+                        hold.clone(),
+                        e.key.clone(),
+                        e.credit,
+                        exp,
+                        rec.to_string(),
+                        e.at,
+                    ));
+                }
+            }
+            "commit" | "release" | "expire" => {
+                if let Some(hold) = &e.hold {
+                    let status = match e.t.as_str() {
+                        "commit" => "committed",
+                        "release" => "released",
+                        _ => "expired",
+                    };
+                    self.holds_settled.push((
+                        e.acct.clone(),
+                        hold.clone(),
+                        status.to_string(),
+                        e.result.to_string(),
+                        e.fp.clone(),
+                        e.at,
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if let Some(g) = e.grant {
+            self.grant_new.push((e.acct.clone(), g, e.at));
+        }
+        self.event_id.push(event_id);
+        self.account.push(e.acct);
+        self.key.push(e.key);
+        self.kind.push(e.t);
+        self.idem.push(e.idem);
+        self.hold.push(e.hold);
+        self.fp.push(fp);
+        self.credit.push(e.credit);
+        self.short.push(e.short);
+        self.meters.push(e.meters.map(|m| m.to_string()));
+        self.usage.push(json_opt(&e.u));
+        self.grants.push(json_opt(&e.g));
+        self.expired.push(json_opt(&e.x));
+        self.route.push(e.route);
+        self.model.push(e.model);
+        self.resource.push(e.resource.map(|r| r.to_string()));
+        self.result.push(e.result.to_string());
+        self.at.push(e.at);
+    }
+
+    async fn write(self, tx: &mut sqlx::PgConnection, shard: i32) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO ledger (event_id, shard, account_id, key_id, kind, idem_key, hold_id, fp,
+                credit, shortfall, meters, usage, grants, expired, route, model, resource, result, at)
+             SELECT e, $2, a, k, t, i, h, f, c, s, m::jsonb, u::jsonb, g::jsonb, x::jsonb, r, md,
+                rs::jsonb, res::jsonb, to_timestamp(at / 1000.0)
+             FROM UNNEST($1::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                $8::text[], $9::int8[], $10::int8[], $11::text[], $12::text[], $13::text[],
+                $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::int8[])
+               AS t(e, a, k, t, i, h, f, c, s, m, u, g, x, r, md, rs, res, at)
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&self.event_id)
+        .bind(shard)
+        .bind(&self.account)
+        .bind(&self.key)
+        .bind(&self.kind)
+        .bind(&self.idem)
+        .bind(&self.hold)
+        .bind(&self.fp)
+        .bind(&self.credit)
+        .bind(&self.short)
+        .bind(&self.meters)
+        .bind(&self.usage)
+        .bind(&self.grants)
+        .bind(&self.expired)
+        .bind(&self.route)
+        .bind(&self.model)
+        .bind(&self.resource)
+        .bind(&self.result)
+        .bind(&self.at)
+        .execute(&mut *tx)
+        .await?;
+
+        if !self.usage_delta.is_empty() {
+            let (mut a, mut sc, mut m, mut p, mut d, mut end) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            for ((acct, scope, meter, period), (delta, e)) in self.usage_delta {
+                a.push(acct);
+                sc.push(scope);
+                m.push(meter);
+                p.push(period);
+                d.push(delta);
+                end.push(e);
+            }
+            sqlx::query(
+                "INSERT INTO usage (account_id, scope, meter, period, used, period_end)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[])
+                 ON CONFLICT (account_id, scope, meter, period)
+                 DO UPDATE SET used = usage.used + EXCLUDED.used",
+            )
+            .bind(a)
+            .bind(sc)
+            .bind(m)
+            .bind(p)
+            .bind(d)
+            .bind(end)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        for (acct, g, at) in &self.grant_new {
+            sqlx::query(
+                "INSERT INTO grants (account_id, id, member, amount, remaining, priority, expires_at, source, created_at)
+                 VALUES ($1, $2, $3, $4, 0, $5, $6, $7, $8) ON CONFLICT (account_id, id) DO NOTHING",
+            )
+            .bind(acct)
+            .bind(&g.id)
+            .bind(&g.member)
+            .bind(g.amount)
+            .bind(g.priority)
+            .bind((g.expires > 0).then_some(g.expires))
+            .bind(&g.source)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !self.grant_delta.is_empty() {
+            let (mut a, mut id, mut rem, mut exp) = (vec![], vec![], vec![], vec![]);
+            for ((acct, gid), (r, x)) in self.grant_delta {
+                a.push(acct);
+                id.push(gid);
+                rem.push(r);
+                exp.push(x);
+            }
+            sqlx::query(
+                "UPDATE grants SET remaining = grants.remaining + d.r, expired = grants.expired + d.x
+                 FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[]) AS d(a, id, r, x)
+                 WHERE grants.account_id = d.a AND grants.id = d.id",
+            )
+            .bind(a)
+            .bind(id)
+            .bind(rem)
+            .bind(exp)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        for (acct, id, key, credit, exp, rec, at) in &self.holds_new {
+            sqlx::query(
+                "INSERT INTO holds (account_id, id, key_id, status, credit, expires_at, record, created_at)
+                 VALUES ($1, $2, $3, 'open', $4, $5, $6::jsonb, $7)
+                 ON CONFLICT (account_id, id) DO UPDATE SET key_id = EXCLUDED.key_id, status = 'open',
+                   credit = EXCLUDED.credit, expires_at = EXCLUDED.expires_at, record = EXCLUDED.record,
+                   created_at = EXCLUDED.created_at, result = NULL, settle_fp = NULL, resolved_at = NULL",
+            )
+            .bind(acct)
+            .bind(id)
+            .bind(key)
+            .bind(credit)
+            .bind(exp)
+            .bind(rec)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (acct, id, status, result, fp, at) in &self.holds_settled {
+            sqlx::query(
+                "UPDATE holds SET status = $3, result = $4::jsonb, settle_fp = $5, resolved_at = $6
+                 WHERE account_id = $1 AND id = $2",
+            )
+            .bind(acct)
+            .bind(id)
+            .bind(status)
+            .bind(result)
+            .bind(fp)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Drains the outbox streams of every shard into the ledger.
+#[derive(Clone)]
+pub struct SyncWorker {
+    ledger: Ledger,
+    redis: RedisStore,
+    batch: usize,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn crate::clock::Clock>,
+    /// Per shard: the (epoch, last id) this process last saw applied; skips idle shards cheaply.
+    seen: Seen,
+}
+
+type Entries = Vec<(String, Vec<String>)>;
+
+impl SyncWorker {
+    pub fn new(
+        ledger: Ledger,
+        redis: RedisStore,
+        batch: usize,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn crate::clock::Clock>,
+    ) -> Self {
+        let shards = redis.keys.shards() as usize;
+        Self {
+            ledger,
+            redis,
+            batch,
+            metrics,
+            clock,
+            seen: Arc::new((0..shards).map(|_| Mutex::new(None)).collect()),
+        }
+    }
+
+    /// The shard's stream epoch, created on first use.
+    async fn epoch(&self, shard: u32) -> Result<String, SyncError> {
+        let mut conn = self.redis.conn();
+        let key = self.redis.keys.epoch(shard);
+        if let Some(e) = conn.get::<_, Option<String>>(&key).await? {
+            return Ok(e);
+        }
+        let fresh = crate::apikey::new_id("ep");
+        let _: bool = conn.set_nx(&key, &fresh).await?;
+        Ok(conn.get::<_, Option<String>>(&key).await?.unwrap_or(fresh))
+    }
+
+    async fn read(&self, shard: u32, after: &str, count: usize) -> Result<Entries, SyncError> {
+        let mut conn = self.redis.conn();
+        let entries: Entries = redis::cmd("XRANGE")
+            .arg(self.redis.keys.outbox(shard))
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        Ok(entries)
+    }
+
+    /// The id of the newest entry in the shard's outbox, if any.
+    pub async fn newest(&self, shard: u32) -> Result<Option<(String, String)>, SyncError> {
+        let mut conn = self.redis.conn();
+        let entries: Entries = redis::cmd("XREVRANGE")
+            .arg(self.redis.keys.outbox(shard))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        let epoch = self.epoch(shard).await?;
+        Ok(entries.into_iter().next().map(|(id, _)| (epoch, id)))
+    }
+
+    /// Whether the ledger has applied the shard's outbox up to `id` in `epoch`.
+    pub async fn applied_through(&self, shard: u32, epoch: &str, id: &str) -> Result<bool, SyncError> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT epoch, last_id FROM sync_cursor WHERE prefix = $1 AND shard = $2",
+        )
+        .bind(self.ledger.prefix())
+        .bind(shard as i32)
+        .fetch_optional(self.ledger.pool())
+        .await?;
+        Ok(matches!(row, Some((e, last)) if e == epoch && parse_stream_id(&last) >= parse_stream_id(id)))
+    }
+
+    /// Applies up to one batch of the shard's outbox. Returns how many events were applied (0
+    /// when there was nothing new or another sidecar holds the shard).
+    pub async fn sync_shard(&self, shard: u32) -> Result<usize, SyncError> {
+        let epoch = self.epoch(shard).await?;
+        let seen = self.seen[shard as usize].lock().map(|g| g.clone()).unwrap_or(None);
+        if let Some((e, last)) = &seen {
+            if *e == epoch && self.read(shard, last, 1).await?.is_empty() {
+                return Ok(0);
+            }
+        }
+        let mut tx = self.ledger.pool().begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(lock_key(self.ledger.prefix(), shard))
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            return Ok(0);
+        }
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT epoch, last_id FROM sync_cursor WHERE prefix = $1 AND shard = $2",
+        )
+        .bind(self.ledger.prefix())
+        .bind(shard as i32)
+        .fetch_optional(&mut *tx)
+        .await?;
+        // A different epoch means Redis lost the stream: the new one is read from its start.
+        let start = match row {
+            Some((e, last)) if e == epoch => last,
+            _ => "0-0".to_string(),
+        };
+        let entries = self.read(shard, &start, self.batch).await?;
+        let Some(last) = entries.last().map(|(id, _)| id.clone()) else {
+            tx.commit().await?;
+            self.remember(shard, epoch, start);
+            return Ok(0);
+        };
+        let now = self.clock.now_ms() as i64;
+        let mut batch = Batch::default();
+        let n = entries.len();
+        for (id, fields) in entries {
+            let payload = fields
+                .chunks(2)
+                .find(|kv| kv.first().map(String::as_str) == Some("e"))
+                .and_then(|kv| kv.get(1));
+            match payload.map(|p| serde_json::from_str::<Event>(p)) {
+                Some(Ok(ev)) => {
+                    self.metrics.sync_lag_ms.observe((now - ev.at).max(0) as u64);
+                    batch.push(format!("{epoch}:{id}"), ev);
+                }
+                // Scripts are the only writers; an unreadable entry is a bug. Keep it out of
+                // the ledger but count it loudly rather than blocking the shard forever.
+                other => {
+                    self.metrics.sync_bad_events.inc();
+                    tracing::error!(shard, id, ?other, "unreadable outbox entry skipped");
+                }
+            }
+        }
+        batch.write(&mut tx, shard as i32).await?;
+        sqlx::query(
+            "INSERT INTO sync_cursor (prefix, shard, epoch, last_id) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (prefix, shard) DO UPDATE SET epoch = $3, last_id = $4, updated_at = now()",
+        )
+        .bind(self.ledger.prefix())
+        .bind(shard as i32)
+        .bind(&epoch)
+        .bind(&last)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.metrics.sync_events.add(n as u64);
+        // Only now that the rows are durable may the stream forget them.
+        let (ms, seq) = parse_stream_id(&last);
+        let mut conn = self.redis.conn();
+        let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
+            .arg(self.redis.keys.outbox(shard))
+            .arg("MINID")
+            .arg(format!("{ms}-{}", seq + 1))
+            .query_async(&mut conn)
+            .await;
+        self.remember(shard, epoch, last);
+        Ok(n)
+    }
+
+    fn remember(&self, shard: u32, epoch: String, last: String) {
+        if let Ok(mut g) = self.seen[shard as usize].lock() {
+            *g = Some((epoch, last));
+        }
+    }
+
+    /// One pass over every shard; returns the number of events applied.
+    pub async fn sync_all(&self) -> Result<usize, SyncError> {
+        let mut total = 0;
+        for shard in 0..self.redis.keys.shards() {
+            loop {
+                let n = self.sync_shard(shard).await?;
+                total += n;
+                if n < self.batch {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Runs until the process ends: a pass every `interval`, sooner when woken.
+    pub async fn run(self, interval: Duration, wake: Arc<tokio::sync::Notify>) {
+        loop {
+            if let Err(e) = self.sync_all().await {
+                self.metrics.sync_errors.inc();
+                tracing::warn!(error = %e, "ledger sync pass failed; will retry");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = wake.notified() => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Tollgate sidecar: decides atomically in Redis (one Lua script per operation) whether a caller
+//! may spend, and keeps PostgreSQL as the durable ledger.
+//!
+//! Layout, from the request inwards:
+//! - [`api`]: HTTP routes (axum) and their error bodies ([`error`]).
+//! - [`engine`]: resolves callers, prices usage, computes windows, runs scripts, handles cold loads.
+//! - [`store`]: Redis key names, the Lua scripts from `lua/`, their replies.
+//! - [`ledger`]: PostgreSQL — directory of accounts and keys, the ledger, and the sync worker that
+//!   drains the outbox streams into it exactly once.
+//! - [`config`], [`windows`], [`clock`], [`apikey`], [`directory`], [`metrics`]: the supporting facts.
+
+pub mod api;
+pub mod apikey;
+pub mod clock;
+pub mod config;
+pub mod directory;
+pub mod engine;
+pub mod error;
+pub mod ledger;
+pub mod metrics;
+pub mod store;
+pub mod windows;
+
+use clock::Clock;
+use config::Config;
+use engine::Engine;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// Connects to Redis and PostgreSQL (running migrations) and builds the engine.
+pub async fn build_engine(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Engine>> {
+    let cfg = Arc::new(cfg);
+    let windows = cfg.window_settings()?;
+    let keys = store::keys::Keyspace::new(&cfg.redis.key_prefix, cfg.server.shards);
+    let redis = store::RedisStore::connect(&cfg.redis.url, keys)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {}: {e}", cfg.redis.url))?;
+    warn_unless_noeviction(&redis).await;
+    let ledger = ledger::Ledger::connect(&cfg.postgres.url, cfg.postgres.max_connections, &cfg.redis.key_prefix)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the ledger database: {e}"))?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let sync = ledger::sync::SyncWorker::new(
+        ledger.clone(),
+        redis.clone(),
+        cfg.sync.batch,
+        metrics.clone(),
+        clock.clone(),
+    );
+    let directory = directory::Directory::new(
+        ledger.clone(),
+        Duration::from_millis(cfg.server.account_cache_ttl_ms),
+        cfg.server.key_pepper.clone().unwrap_or_default(),
+    );
+    Ok(Arc::new(Engine {
+        cfg,
+        windows,
+        store: redis,
+        ledger,
+        sync,
+        directory,
+        clock,
+        metrics,
+        sync_wake: Arc::new(tokio::sync::Notify::new()),
+    }))
+}
+
+/// Redis is the real-time truth: if it evicts keys under memory pressure, usage is forgotten.
+async fn warn_unless_noeviction(redis: &store::RedisStore) {
+    let mut conn = redis.conn();
+    let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut conn)
+        .await;
+    match policy {
+        Ok(v) if v.get(1).map(String::as_str) == Some("noeviction") => {}
+        Ok(v) => tracing::warn!(
+            policy = v.get(1).map(String::as_str).unwrap_or("?"),
+            "Redis maxmemory-policy should be noeviction: evicted usage is reloaded from the ledger, but only after the fact"
+        ),
+        Err(_) => tracing::warn!("cannot read Redis maxmemory-policy; make sure it is noeviction"),
+    }
+}
+
+/// Starts the ledger sync worker and the hold sweeper.
+pub fn spawn_background(engine: &Arc<Engine>) -> Vec<JoinHandle<()>> {
+    let sync = engine.sync.clone();
+    let wake = engine.sync_wake.clone();
+    let interval = Duration::from_millis(engine.cfg.sync.interval_ms);
+    let sweeper = {
+        let e = engine.clone();
+        let every = Duration::from_millis(e.cfg.server.sweep_interval_ms);
+        async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(err) = e.sweep_once().await {
+                    tracing::warn!(error = %err, "hold sweep failed; will retry");
+                }
+            }
+        }
+    };
+    vec![tokio::spawn(sync.run(interval, wake)), tokio::spawn(sweeper)]
+}
+
+/// Serves the HTTP API on `listener` until the future is dropped.
+pub async fn serve(engine: Arc<Engine>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    axum::serve(listener, api::router(engine)).await
+}

@@ -1,0 +1,49 @@
+//! `tollgate-sidecar [--config FILE]`: runs the API, the ledger sync worker and the hold sweeper.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use tollgate_sidecar::clock::SystemClock;
+use tollgate_sidecar::config::Config;
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    if let Err(e) = run().await {
+        eprintln!("tollgate-sidecar: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut path = std::env::var("TOLLGATE_CONFIG").map(PathBuf::from).ok();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" | "-c" => path = args.next().map(PathBuf::from),
+            "--help" | "-h" => {
+                println!("usage: tollgate-sidecar [--config FILE]   (or TOLLGATE_CONFIG=FILE)");
+                return Ok(());
+            }
+            other => anyhow::bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    let path = path.unwrap_or_else(|| PathBuf::from("host-sidecar/tollgate.toml"));
+    let cfg = Config::from_file(&path)?;
+    if cfg.server.admin_token.is_none() {
+        tracing::warn!("no admin token set (TOLLGATE_ADMIN_TOKEN): the admin API refuses every call");
+    }
+    let listen = cfg.server.listen.clone();
+    let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;
+    let _tasks = tollgate_sidecar::spawn_background(&engine);
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
+    tracing::info!(%listen, config = %path.display(), "tollgate sidecar ready");
+    tokio::select! {
+        r = tollgate_sidecar::serve(engine, listener) => r?,
+        _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+    }
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! Prometheus metrics, kept as plain atomics (no registry, no locks on the hot path) and rendered
+//! in the text exposition format at `/metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A histogram over fixed bucket bounds (unit given by the metric's name).
+pub struct Histogram {
+    bounds: &'static [u64],
+    buckets: Vec<AtomicU64>,
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [u64]) -> Self {
+        Self {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+    pub fn observe(&self, v: u64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum.fetch_add(v, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut acc = 0;
+        for (b, n) in self.bounds.iter().zip(&self.buckets) {
+            acc += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {acc}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+const MICROS: &[u64] = &[100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000];
+const MILLIS: &[u64] = &[5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000];
+
+pub struct Metrics {
+    pub allowed: Counter,
+    pub denied_limit: Counter,
+    pub denied_credits: Counter,
+    pub denied_auth: Counter,
+    pub committed: Counter,
+    pub released: Counter,
+    pub expired: Counter,
+    pub consumed: Counter,
+    pub granted: Counter,
+    pub idempotent_replays: Counter,
+    pub cold_loads: Counter,
+    pub rechecks: Counter,
+    pub bad_requests: Counter,
+    pub internal_errors: Counter,
+    pub sync_events: Counter,
+    pub sync_errors: Counter,
+    pub sync_bad_events: Counter,
+    pub decision_us: Histogram,
+    pub sync_lag_ms: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            allowed: Counter::default(),
+            denied_limit: Counter::default(),
+            denied_credits: Counter::default(),
+            denied_auth: Counter::default(),
+            committed: Counter::default(),
+            released: Counter::default(),
+            expired: Counter::default(),
+            consumed: Counter::default(),
+            granted: Counter::default(),
+            idempotent_replays: Counter::default(),
+            cold_loads: Counter::default(),
+            rechecks: Counter::default(),
+            bad_requests: Counter::default(),
+            internal_errors: Counter::default(),
+            sync_events: Counter::default(),
+            sync_errors: Counter::default(),
+            sync_bad_events: Counter::default(),
+            decision_us: Histogram::new(MICROS),
+            sync_lag_ms: Histogram::new(MILLIS),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut counter = |name: &str, help: &str, labels: &[(&str, &Counter)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (l, c) in labels {
+                let _ = writeln!(out, "{name}{l} {}", c.get());
+            }
+        };
+        counter(
+            "tollgate_decisions_total",
+            "Authorize/consume decisions by result.",
+            &[
+                ("{result=\"allowed\"}", &self.allowed),
+                ("{result=\"denied_limit\"}", &self.denied_limit),
+                ("{result=\"denied_credits\"}", &self.denied_credits),
+                ("{result=\"denied_auth\"}", &self.denied_auth),
+            ],
+        );
+        counter(
+            "tollgate_holds_settled_total",
+            "Holds settled, by outcome.",
+            &[
+                ("{status=\"committed\"}", &self.committed),
+                ("{status=\"released\"}", &self.released),
+                ("{status=\"expired\"}", &self.expired),
+            ],
+        );
+        counter("tollgate_consumed_total", "One-shot consumes applied.", &[("", &self.consumed)]);
+        counter("tollgate_grants_total", "Credit grants applied.", &[("", &self.granted)]);
+        counter(
+            "tollgate_idempotent_replays_total",
+            "Requests answered from an earlier identical request.",
+            &[("", &self.idempotent_replays)],
+        );
+        counter("tollgate_cold_loads_total", "Accounts rebuilt in Redis from the ledger.", &[("", &self.cold_loads)]);
+        counter(
+            "tollgate_idempotency_rechecks_total",
+            "Idempotency keys checked against PostgreSQL after a cold load.",
+            &[("", &self.rechecks)],
+        );
+        counter("tollgate_bad_requests_total", "Requests refused with 4xx.", &[("", &self.bad_requests)]);
+        counter("tollgate_internal_errors_total", "Requests failed with 5xx.", &[("", &self.internal_errors)]);
+        counter("tollgate_sync_events_total", "Outbox events written to the ledger.", &[("", &self.sync_events)]);
+        counter("tollgate_sync_errors_total", "Failed ledger sync passes.", &[("", &self.sync_errors)]);
+        counter(
+            "tollgate_sync_bad_events_total",
+            "Unreadable outbox entries skipped (a bug if non-zero).",
+            &[("", &self.sync_bad_events)],
+        );
+        self.decision_us.render(
+            &mut out,
+            "tollgate_decision_duration_microseconds",
+            "Time to answer authorize/consume/commit/release.",
+        );
+        self.sync_lag_ms.render(
+            &mut out,
+            "tollgate_sync_lag_milliseconds",
+            "Time from a change in Redis to its ledger row.",
+        );
+        out
+    }
+}

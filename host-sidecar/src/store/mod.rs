@@ -1,0 +1,260 @@
+//! The Redis side of the quota engine: key names, the Lua scripts and their replies.
+//!
+//! Each operation is one EVALSHA of one script, so every decision is atomic: all of a request's
+//! limits and its balance are checked and charged together, or nothing changes. The connection
+//! is a multiplexed `ConnectionManager`: concurrent requests share one socket and are pipelined
+//! by redis-rs, and it reconnects by itself.
+
+pub mod keys;
+pub mod scripts;
+
+use keys::Keyspace;
+use redis::aio::ConnectionManager;
+use scripts::Scripts;
+use serde::Serialize;
+use std::sync::Arc;
+use tollgate_protocol::{Meters, Resource};
+
+/// What a script answered (see the header of each file in `lua/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ok(String),
+    Replay(String),
+    Deny(String),
+    /// The account's state is not in Redis: cold-load it and retry.
+    Cold,
+    /// Just after a cold load: ask the ledger whether this idempotency key was used.
+    Recheck,
+    /// The idempotency key was used by a different request.
+    Conflict,
+    /// No such hold in Redis.
+    Gone,
+    /// The hold was already settled otherwise.
+    Resolved(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected script reply {0:?}")]
+    Reply(String),
+}
+
+/// One limit as the scripts see it: the counter of (scope, meter, period) may reach `max`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LuaLimit {
+    pub scope: String,
+    pub meter: String,
+    pub period: String,
+    pub amt: u64,
+    pub max: u64,
+    pub end: u64,
+    pub name: String,
+}
+
+/// The argument of authorize / consume / check.
+#[derive(Debug, Serialize)]
+pub struct SpendArgs<'a> {
+    pub now: u64,
+    pub acct: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<&'a str>,
+    pub idem: &'a str,
+    pub fp: &'a str,
+    pub checked: bool,
+    pub credit: u64,
+    pub meters: &'a Meters,
+    pub lims: &'a [LuaLimit],
+    pub route: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<&'a Resource>,
+    /// authorize: the hold id and its expiry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold: Option<&'a str>,
+    pub exp: u64,
+    pub idem_ttl_ms: u64,
+}
+
+/// The argument of commit / release.
+#[derive(Debug, Serialize)]
+pub struct SettleArgs<'a> {
+    pub now: u64,
+    pub hold: &'a str,
+    pub fp: &'a str,
+    pub meters: &'a Meters,
+    pub credit: u64,
+    pub idem_ttl_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GrantArgs<'a> {
+    pub now: u64,
+    pub acct: &'a str,
+    pub gid: &'a str,
+    pub amount: u64,
+    pub priority: u32,
+    pub expires: u64,
+    pub source: &'a str,
+    pub fp: &'a str,
+    pub checked: bool,
+    pub idem_ttl_ms: u64,
+}
+
+/// What a cold load installs.
+#[derive(Debug, Default, Serialize)]
+pub struct LoadArgs {
+    pub now: u64,
+    pub recheck_until: u64,
+    /// [key, used, period end ms]
+    pub counters: Vec<(String, i64, i64)>,
+    /// [grant id, order member, remaining]
+    pub grants: Vec<(String, String, i64)>,
+    /// [hold key, hold id, record json, expires ms]
+    pub holds: Vec<(String, String, String, i64)>,
+}
+
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    pub keys: Keyspace,
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    // Serializing plain structs of strings and integers cannot fail.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+impl RedisStore {
+    pub async fn connect(url: &str, keys: Keyspace) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(std::time::Duration::from_secs(2))
+            .set_response_timeout(std::time::Duration::from_secs(2))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, cfg).await?;
+        Ok(Self {
+            conn,
+            scripts: Arc::new(Scripts::new()),
+            keys,
+        })
+    }
+
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn run(&self, script: &redis::Script, keys: &[String], args: &[&str]) -> Result<Reply, StoreError> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(k);
+        }
+        for a in args {
+            inv.arg(*a);
+        }
+        let mut conn = self.conn.clone();
+        let (kind, body): (String, String) = inv.invoke_async(&mut conn).await?;
+        Ok(match kind.as_str() {
+            "ok" => Reply::Ok(body),
+            "replay" => Reply::Replay(body),
+            "deny" => Reply::Deny(body),
+            "cold" => Reply::Cold,
+            "recheck" => Reply::Recheck,
+            "conflict" => Reply::Conflict,
+            "gone" => Reply::Gone,
+            "resolved" => Reply::Resolved(body),
+            _ => return Err(StoreError::Reply(kind)),
+        })
+    }
+
+    fn counter_keys(&self, acct: &str, lims: &[LuaLimit]) -> impl Iterator<Item = String> + '_ {
+        let acct = acct.to_string();
+        lims.iter()
+            .map(move |l| self.keys.counter(&acct, &l.scope, &l.meter, &l.period))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    pub async fn authorize(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
+        let hold = a.hold.unwrap_or_default();
+        let mut keys = vec![
+            self.keys.account(a.acct),
+            self.keys.outbox(self.keys.shard_of(a.acct)),
+            self.keys.hold(a.acct, hold),
+            self.keys.holds(self.keys.shard_of(a.acct)),
+            self.keys.grant_order(a.acct),
+            self.keys.grant_remaining(a.acct),
+        ];
+        keys.extend(self.counter_keys(a.acct, a.lims));
+        self.run(&self.scripts.authorize, &keys, &[&json(a)]).await
+    }
+
+    pub async fn consume(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
+        let mut keys = vec![
+            self.keys.account(a.acct),
+            self.keys.outbox(self.keys.shard_of(a.acct)),
+            self.keys.idempotency(a.acct, "consume", a.idem),
+            self.keys.grant_order(a.acct),
+            self.keys.grant_remaining(a.acct),
+        ];
+        keys.extend(self.counter_keys(a.acct, a.lims));
+        self.run(&self.scripts.consume, &keys, &[&json(a)]).await
+    }
+
+    pub async fn check(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
+        let mut keys = vec![
+            self.keys.account(a.acct),
+            self.keys.grant_order(a.acct),
+            self.keys.grant_remaining(a.acct),
+        ];
+        keys.extend(self.counter_keys(a.acct, a.lims));
+        self.run(&self.scripts.check, &keys, &[&json(a)]).await
+    }
+
+    fn settle_keys(&self, acct: &str, hold: &str) -> Vec<String> {
+        let shard = self.keys.shard_of(acct);
+        vec![
+            self.keys.account(acct),
+            self.keys.outbox(shard),
+            self.keys.hold(acct, hold),
+            self.keys.holds(shard),
+            self.keys.grant_order(acct),
+            self.keys.grant_remaining(acct),
+        ]
+    }
+
+    pub async fn commit(&self, acct: &str, a: &SettleArgs<'_>) -> Result<Reply, StoreError> {
+        let keys = self.settle_keys(acct, a.hold);
+        self.run(&self.scripts.commit, &keys, &[&json(a)]).await
+    }
+
+    /// `status` is `released` (a caller cancelled) or `expired` (the sweeper).
+    pub async fn release(&self, acct: &str, a: &SettleArgs<'_>, status: &str) -> Result<Reply, StoreError> {
+        let keys = self.settle_keys(acct, a.hold);
+        self.run(&self.scripts.release, &keys, &[&json(a), status]).await
+    }
+
+    pub async fn grant(&self, a: &GrantArgs<'_>) -> Result<Reply, StoreError> {
+        let keys = vec![
+            self.keys.account(a.acct),
+            self.keys.outbox(self.keys.shard_of(a.acct)),
+            self.keys.grant_order(a.acct),
+            self.keys.grant_remaining(a.acct),
+            self.keys.idempotency(a.acct, "grant", a.gid),
+        ];
+        self.run(&self.scripts.grant, &keys, &[&json(a)]).await
+    }
+
+    pub async fn load(&self, acct: &str, a: &LoadArgs) -> Result<Reply, StoreError> {
+        let keys = vec![
+            self.keys.account(acct),
+            self.keys.grant_order(acct),
+            self.keys.grant_remaining(acct),
+            self.keys.holds(self.keys.shard_of(acct)),
+        ];
+        self.run(&self.scripts.load, &keys, &[&json(a)]).await
+    }
+}

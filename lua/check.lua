@@ -1,0 +1,19 @@
+#!lua flags=no-writes
+-- check: the same evaluation as authorize (every limit and the credit balance) with no change
+-- (a pre-check). Expired grants are left for the next mutating script to record.
+--
+-- KEYS[1] account state hash, KEYS[2] grant order zset, KEYS[3] grant remaining hash,
+-- KEYS[4..] one usage counter per limit
+-- ARGV[1] JSON {now, credit, lims}
+-- Returns {kind, json}: ok {credits, balance, limit} | deny {reason, limit, credits, balance} | cold
+local req = cjson.decode(ARGV[1])
+if account_state(KEYS[1]) == nil then return reply('cold') end
+local denied, a, b = eval_limits(req.lims, 4)
+if denied then
+  return reply('deny', {reason = 'limit', limit = limit_state(denied, denied.max - a), credits = req.credit})
+end
+local balance = read_grants(KEYS[2], KEYS[3], req.now)
+if balance < req.credit then
+  return reply('deny', {reason = 'credits', limit = limit_state(a, b), credits = req.credit, balance = balance})
+end
+return reply('ok', {credits = req.credit, balance = balance - req.credit, limit = limit_state(a, b)})

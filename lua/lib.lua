@@ -1,0 +1,244 @@
+-- Tollgate shared Lua helpers.
+--
+-- The sidecar prepends this file to every script before loading it (host-sidecar/src/store/scripts.rs),
+-- so each operation stays one atomic EVALSHA. Conventions every script follows:
+--   * ARGV[1] is a JSON object built by the sidecar; `now` in it is unix ms from the sidecar's
+--     clock (tests inject it), never Redis TIME, so windows and expiry are deterministic.
+--   * Every key shares one hash tag `{shard}`: a script touches one Redis Cluster slot. Keys a
+--     script only learns from stored data (a hold's counters) are in that same slot.
+--   * Scripts reply with a two-element array {kind, json}. Kinds: ok, replay, deny, cold,
+--     recheck, conflict, gone, resolved.
+--   * Every change appends exactly one event to the shard's outbox stream, in the same script.
+--   * Numbers stay below 10^14 so Lua doubles and cjson (14 significant digits) stay exact.
+
+local NO_EXPIRY = 99999999999999
+local COUNTER_GRACE_MS = 3600000
+
+local function num(v)
+  if not v then return 0 end
+  return tonumber(v) or 0
+end
+
+-- Grants live in a lex-ordered zset (all scores 0) whose members sort in spending order:
+-- "PPPP|EEEEEEEEEEEEEE|CCCCCCCCCCCCCC|grant_id" = priority, expiry (ms), creation (ms), id.
+-- The remaining amount is in a hash keyed by grant id.
+local function grant_member(priority, expires, created, gid)
+  return string.format('%04d|%014d|%014d|%s', priority, expires, created, gid)
+end
+
+local function grant_parts(m)
+  local e, gid = string.match(m, '^%d+|(%d+)|%d+|(.+)$')
+  return gid, tonumber(e)
+end
+
+-- Reads the spendable grants in spending order. Returns total spendable, the live grants
+-- {gid, member, remaining} and the expired ones (still present, to be recorded and removed).
+local function read_grants(zkey, hkey, now)
+  local members = redis.call('ZRANGE', zkey, 0, -1)
+  local live, expired, total = {}, {}, 0
+  if #members == 0 then return 0, live, expired end
+  local gids = {}
+  for i, m in ipairs(members) do gids[i] = (grant_parts(m)) end
+  local rems = redis.call('HMGET', hkey, unpack(gids))
+  for i, m in ipairs(members) do
+    local gid, exp = grant_parts(m)
+    local rem = num(rems[i])
+    if exp <= now then
+      expired[#expired + 1] = {gid, m, rem}
+    else
+      live[#live + 1] = {gid, m, rem}
+      total = total + rem
+    end
+  end
+  return total, live, expired
+end
+
+-- Removes expired grants, recording their remainder in `xout` ({gid, amount}).
+local function expire_grants(zkey, hkey, expired, xout)
+  for _, g in ipairs(expired) do
+    if g[3] > 0 then xout[#xout + 1] = {g[1], g[3]} end
+    redis.call('ZREM', zkey, g[2])
+    redis.call('HDEL', hkey, g[1])
+  end
+end
+
+-- Draws `amount` from live grants in order. Returns the draws {member, amount} and what could
+-- not be covered. Appends remaining-deltas {gid, -amount} to gout.
+local function draw(zkey, hkey, live, amount, gout)
+  local draws = {}
+  for _, g in ipairs(live) do
+    if amount <= 0 then break end
+    local take = math.min(g[3], amount)
+    if take > 0 then
+      local left = redis.call('HINCRBY', hkey, g[1], -take)
+      if left <= 0 then
+        redis.call('ZREM', zkey, g[2])
+        redis.call('HDEL', hkey, g[1])
+      end
+      draws[#draws + 1] = {g[2], take}
+      gout[#gout + 1] = {g[1], -take}
+      amount = amount - take
+    end
+  end
+  return draws, amount
+end
+
+-- Returns `amount` of credit to the grants it was drawn from, last draw first (undoing the tail
+-- of the spending order). Credit returned to a grant that has expired meanwhile is recorded as
+-- expired at once ({gid, +amount} in gout and {gid, amount} in xout): it is never spendable again.
+local function give_back(zkey, hkey, draws, amount, now, gout, xout)
+  local i = #draws
+  while amount > 0 and i >= 1 do
+    local m, amt = draws[i][1], draws[i][2]
+    local back = math.min(amt, amount)
+    if back > 0 then
+      local gid, exp = grant_parts(m)
+      gout[#gout + 1] = {gid, back}
+      if exp <= now then
+        xout[#xout + 1] = {gid, back}
+      else
+        redis.call('HINCRBY', hkey, gid, back)
+        redis.call('ZADD', zkey, 0, m)
+      end
+      draws[i][2] = amt - back
+      amount = amount - back
+    end
+    i = i - 1
+  end
+  local kept = {}
+  for _, d in ipairs(draws) do
+    if d[2] > 0 then kept[#kept + 1] = d end
+  end
+  return kept
+end
+
+-- Evaluates limits. `lims` are {scope, meter, period, amt, max, end, name} with counter keys at
+-- KEYS[first + i - 1]. Returns (nil, tightest) when every limit admits the request, or
+-- (denying, used) for the first one that does not. A limit already at its max denies even a
+-- zero estimate: the meter is exhausted.
+local function eval_limits(lims, first)
+  local tight, tight_rem = nil, nil
+  for i, l in ipairs(lims) do
+    local used = num(redis.call('GET', KEYS[first + i - 1]))
+    if used + l.amt > l.max or (used >= l.max) then
+      return l, used
+    end
+    local rem = l.max - used - l.amt
+    if tight_rem == nil or rem < tight_rem then tight, tight_rem = l, rem end
+  end
+  return nil, tight, tight_rem
+end
+
+-- Adds each limit's amount to its counter; new counters expire an hour after their window.
+-- Returns usage deltas {scope, meter, period, delta, end}.
+local function charge_counters(lims, first)
+  local u = {}
+  for i, l in ipairs(lims) do
+    if l.amt > 0 then
+      local k = KEYS[first + i - 1]
+      local v = redis.call('INCRBY', k, l.amt)
+      if v == l.amt and l['end'] > 0 then redis.call('PEXPIREAT', k, l['end'] + COUNTER_GRACE_MS) end
+      u[#u + 1] = {l.scope, l.meter, l.period, l.amt, l['end']}
+    end
+  end
+  return u
+end
+
+-- Applies a delta to a stored counter (commit/release), never below zero. Returns the delta
+-- actually applied.
+local function adjust_counter(key, delta, pend)
+  if delta == 0 then return 0 end
+  local v = redis.call('INCRBY', key, delta)
+  if v < 0 then
+    redis.call('SET', key, 0, 'KEEPTTL')
+    delta = delta - v
+  end
+  if v == delta and pend > 0 then redis.call('PEXPIREAT', key, pend + COUNTER_GRACE_MS) end
+  return delta
+end
+
+local function limit_state(l, remaining)
+  if l == nil then return nil end
+  if remaining < 0 then remaining = 0 end
+  return {name = l.name, max = l.max, remaining = remaining, reset_ms = l['end']}
+end
+
+local function nonempty(t)
+  if t == nil or #t == 0 then return nil end
+  return t
+end
+
+-- Appends one ledger event to the shard's outbox.
+local function emit(outbox, ev)
+  ev.u = nonempty(ev.u)
+  ev.g = nonempty(ev.g)
+  ev.x = nonempty(ev.x)
+  redis.call('XADD', outbox, '*', 'e', cjson.encode(ev))
+end
+
+-- An account's state is present only after it was loaded (from the ledger, or empty for a new
+-- account). Returns nil when absent; otherwise the time until which idempotency misses must be
+-- re-checked against PostgreSQL (non-zero only just after a cold load).
+local function account_state(akey)
+  local st = redis.call('HMGET', akey, 'loaded', 'recheck_until')
+  if not st[1] then return nil end
+  return num(st[2])
+end
+
+local function reply(kind, body)
+  if type(body) == 'table' then body = cjson.encode(body) end
+  return {kind, body or ''}
+end
+
+-- Settles an open hold (commit, release, expire): moves every counter and the credit from the
+-- estimate to the actual amounts (zero for release/expire), resolves the hold exactly once and
+-- records one event. Shared by commit.lua and release.lua.
+--
+-- KEYS: 1 account state, 2 outbox, 3 hold record, 4 open holds zset, 5 grant order, 6 grant remaining
+-- req: {now, hold, fp, meters, credit, idem_ttl_ms}; status: committed | released | expired
+local EVENT_OF = {committed = 'commit', released = 'release', expired = 'expire'}
+
+local function settle_hold(req, status)
+  if account_state(KEYS[1]) == nil then return reply('cold') end
+  local raw = redis.call('GET', KEYS[3])
+  if not raw then return reply('gone') end
+  local h = cjson.decode(raw)
+  if h.st ~= 'open' then
+    if h.st == status and h.sfp == req.fp then return reply('replay', h.sres) end
+    return reply('resolved', {status = h.st})
+  end
+  local committing = status == 'committed'
+  local meters = {}
+  if committing and req.meters then meters = req.meters end
+
+  local u = {}
+  for _, c in ipairs(h.ctr or {}) do
+    local d = adjust_counter(c[1], num(meters[c[3]]) - c[5], c[6])
+    if d ~= 0 then u[#u + 1] = {c[2], c[3], c[4], d, c[6]} end
+  end
+
+  local want = 0
+  if committing then want = req.credit end
+  local g, x = {}, {}
+  local charged, short = want, 0
+  if want < h.credit then
+    give_back(KEYS[5], KEYS[6], h.draws or {}, h.credit - want, req.now, g, x)
+  elseif want > h.credit then
+    local _, live, expired = read_grants(KEYS[5], KEYS[6], req.now)
+    expire_grants(KEYS[5], KEYS[6], expired, x)
+    local _, left = draw(KEYS[5], KEYS[6], live, want - h.credit, g)
+    short = left
+    charged = want - left
+  end
+
+  local res = {hold = req.hold, status = status, credits = charged, shortfall = short, meters = meters}
+  h.st = status
+  h.sfp = req.fp
+  h.sres = res
+  redis.call('SET', KEYS[3], cjson.encode(h), 'PX', req.idem_ttl_ms)
+  redis.call('ZREM', KEYS[4], req.hold)
+  emit(KEYS[2], {t = EVENT_OF[status], acct = h.acct, key = h.key, hold = req.hold, fp = req.fp, at = req.now,
+    credit = charged, short = short, meters = meters, route = h.route, model = h.model,
+    u = u, g = g, x = x, result = res})
+  return reply('ok', res)
+end

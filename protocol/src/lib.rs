@@ -1,0 +1,389 @@
+//! Wire types shared by the Tollgate filter and sidecar.
+//!
+//! Everything here is plain data plus validation: no I/O, so the crate builds for `wasm32-wasip1`
+//! (the filter) and for the native sidecar alike. One place for each fact: if a field's meaning or
+//! bound changes, it changes here and both ends see it.
+//!
+//! Money and usage are integers (`u64`) everywhere. JSON numbers that are negative, fractional or
+//! larger than [`MAX_AMOUNT`] are rejected before anything is charged.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The largest amount a single request may carry for one meter or for credits.
+///
+/// Redis Lua numbers are IEEE doubles and its JSON encoder prints 14 significant digits, so every
+/// value that crosses a script must stay well below 10^14 to remain exact. 10^12 minor units per
+/// request is far beyond any real charge and keeps sums of many charges exact.
+pub const MAX_AMOUNT: u64 = 1_000_000_000_000;
+
+/// Longest identifier (account id, key id, idempotency key, grant id, route, meter, model).
+pub const MAX_ID_LEN: usize = 128;
+
+/// Amounts per meter, e.g. `{"requests": 1, "output_tokens": 512}`. Sorted for stable fingerprints.
+pub type Meters = BTreeMap<String, u64>;
+
+/// What a request is for, recorded on its ledger entries (e.g. `image-analysis` / an image id).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resource {
+    pub kind: String,
+    pub id: String,
+}
+
+/// Ask to spend: authorize (creates a hold), consume (charges at once) and check (changes nothing)
+/// all take this shape.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpendRequest {
+    /// The caller's API key as presented (the sidecar hashes it; it is never stored or logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Or the account id, for trusted server-side callers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The request id / trace id: a repeat with the same key returns the first answer.
+    /// Required for authorize and consume, ignored by check.
+    #[serde(default)]
+    pub idempotency_key: String,
+    /// Route name from the filter's rule; selects the price.
+    #[serde(default = "default_route")]
+    pub route: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Estimated (authorize) or actual (consume) amounts per meter.
+    #[serde(default)]
+    pub meters: Meters,
+    /// Extra credits to charge on top of what the route's price gives for `meters`.
+    #[serde(default)]
+    pub credits: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<Resource>,
+}
+
+pub fn default_route() -> String {
+    "default".to_string()
+}
+
+/// Settle a hold with the actual usage (commit). The difference to the estimate is charged or
+/// returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    pub hold_id: String,
+    /// Route and model the usage is priced with (as in the authorize request).
+    #[serde(default = "default_route")]
+    pub route: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub meters: Meters,
+    #[serde(default)]
+    pub credits: u64,
+}
+
+/// Cancel a hold; everything it reserved is returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    pub hold_id: String,
+}
+
+/// Add credit to an account (admin).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// Unique per account; also the idempotency key of the grant.
+    pub grant_id: String,
+    pub amount: u64,
+    /// Lower numbers are spent first (0..=9999).
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// Unix milliseconds after which the grant's remainder is no longer spendable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+    /// Why: `purchase`, `promotion`, `refund`, `plan`, `adjustment`, ...
+    #[serde(default = "default_source")]
+    pub source: String,
+}
+
+pub fn default_priority() -> u32 {
+    100
+}
+
+pub fn default_source() -> String {
+    "adjustment".to_string()
+}
+
+/// Why a request was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyReason {
+    /// A limit (meter, window, max) would be exceeded: HTTP 429.
+    Limit,
+    /// Not enough spendable credit: HTTP 402.
+    Credits,
+    /// Unknown API key: HTTP 401.
+    Unauthenticated,
+    /// Account or key disabled: HTTP 403.
+    Disabled,
+}
+
+impl DenyReason {
+    /// The status the edge should answer with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            DenyReason::Limit => 429,
+            DenyReason::Credits => 402,
+            DenyReason::Unauthenticated => 401,
+            DenyReason::Disabled => 403,
+        }
+    }
+}
+
+/// The state of the tightest limit a decision touched: what RateLimit headers report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitState {
+    /// `scope:meter:window`, e.g. `account:requests:day` or `key:tokens:minute`.
+    pub name: String,
+    pub max: u64,
+    pub remaining: u64,
+    /// Unix milliseconds when the window resets (0 for `lifetime`).
+    pub reset_ms: u64,
+}
+
+/// The answer to authorize / consume / check. Always sent with HTTP 200: a 5xx means the sidecar
+/// itself is broken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// HTTP status the edge should use: 200 when allowed, else 429 / 402 / 401 / 403.
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<DenyReason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Set by authorize when allowed: commit or release it later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_id: Option<String>,
+    /// When the hold expires (unix ms) if it is not settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_expires_ms: Option<u64>,
+    /// The limit that denied, or the tightest one when allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<LimitState>,
+    /// Seconds until retrying can succeed (denied by a limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_s: Option<u64>,
+    /// Credits held (authorize), charged (consume) or required (check / denied).
+    pub credits: u64,
+    /// Spendable credit after this decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<u64>,
+}
+
+/// The answer to commit / release (and to the sweeper's expiry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settlement {
+    pub hold_id: String,
+    /// `committed`, `released` or `expired`.
+    pub status: String,
+    /// Credits finally charged for the hold.
+    pub credits: u64,
+    /// Credits the actual usage cost beyond what could be drawn (balance never goes below zero).
+    #[serde(default)]
+    pub shortfall: u64,
+    #[serde(default)]
+    pub meters: Meters,
+}
+
+/// The body of every 4xx/5xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `invalid_request`, `unknown_account`.
+    pub code: String,
+    pub message: String,
+}
+
+/// A request field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct InvalidField {
+    pub field: String,
+    pub problem: String,
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> InvalidField {
+    InvalidField {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Identifiers are 1..=128 characters of `[A-Za-z0-9_.:-]`: safe inside Redis key names, log
+/// lines and URLs, and free of the `/` that separates a hold id's account from its request id.
+pub fn validate_id(field: &str, value: &str) -> Result<(), InvalidField> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(invalid(field, format!("longer than {MAX_ID_LEN} characters")));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
+    {
+        return Err(invalid(
+            field,
+            format!("contains {c:?}; allowed are letters, digits and _ . : -"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn validate_amount(field: &str, value: u64) -> Result<(), InvalidField> {
+    if value > MAX_AMOUNT {
+        return Err(invalid(field, format!("{value} exceeds the maximum {MAX_AMOUNT}")));
+    }
+    Ok(())
+}
+
+pub fn validate_meters(meters: &Meters) -> Result<(), InvalidField> {
+    if meters.len() > 32 {
+        return Err(invalid("meters", "more than 32 meters"));
+    }
+    for (name, amount) in meters {
+        validate_id("meters", name)?;
+        validate_amount(&format!("meters.{name}"), *amount)?;
+    }
+    Ok(())
+}
+
+impl SpendRequest {
+    /// Validates everything but the idempotency key, which only mutating calls require.
+    pub fn validate(&self, needs_idempotency_key: bool) -> Result<(), InvalidField> {
+        match (&self.api_key, &self.account) {
+            (None, None) => return Err(invalid("api_key", "either api_key or account is required")),
+            (Some(_), Some(_)) => return Err(invalid("account", "give api_key or account, not both")),
+            (Some(k), None) => {
+                if k.is_empty() || k.len() > 256 {
+                    return Err(invalid("api_key", "must be 1..=256 characters"));
+                }
+            }
+            (None, Some(a)) => validate_id("account", a)?,
+        }
+        if needs_idempotency_key {
+            validate_id("idempotency_key", &self.idempotency_key)?;
+        }
+        validate_id("route", &self.route)?;
+        if let Some(m) = &self.model {
+            validate_id("model", m)?;
+        }
+        validate_meters(&self.meters)?;
+        validate_amount("credits", self.credits)?;
+        if let Some(r) = &self.resource {
+            validate_id("resource.kind", &r.kind)?;
+            validate_id("resource.id", &r.id)?;
+        }
+        Ok(())
+    }
+}
+
+/// A hold id is `<account>/<idempotency key>`.
+pub fn split_hold_id(hold_id: &str) -> Result<(&str, &str), InvalidField> {
+    let (account, key) = hold_id
+        .split_once('/')
+        .ok_or_else(|| invalid("hold_id", "expected <account>/<request id>"))?;
+    validate_id("hold_id", account)?;
+    validate_id("hold_id", key)?;
+    Ok((account, key))
+}
+
+impl CommitRequest {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        split_hold_id(&self.hold_id)?;
+        validate_id("route", &self.route)?;
+        if let Some(m) = &self.model {
+            validate_id("model", m)?;
+        }
+        validate_meters(&self.meters)?;
+        validate_amount("credits", self.credits)
+    }
+}
+
+impl GrantRequest {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        validate_id("grant_id", &self.grant_id)?;
+        validate_id("source", &self.source)?;
+        if self.amount == 0 {
+            return Err(invalid("amount", "must be positive"));
+        }
+        validate_amount("amount", self.amount)?;
+        if self.priority > 9999 {
+            return Err(invalid("priority", "must be 0..=9999"));
+        }
+        if let Some(e) = self.expires_at_ms {
+            if e >= 10_000_000_000_000 {
+                return Err(invalid("expires_at_ms", "beyond year 2286"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_reject_separators_and_control_characters() {
+        assert!(validate_id("x", "acct_1.a:b-c").is_ok());
+        for bad in ["", "a/b", "a b", "a{b}", "é", "a\nb"] {
+            assert!(validate_id("x", bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_id("x", &"a".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn negative_fractional_and_huge_amounts_do_not_parse_or_validate() {
+        for body in [
+            r#"{"account":"a","idempotency_key":"k","meters":{"requests":-1}}"#,
+            r#"{"account":"a","idempotency_key":"k","meters":{"requests":1.5}}"#,
+            r#"{"account":"a","idempotency_key":"k","meters":{"requests":99999999999999999999999}}"#,
+            r#"{"account":"a","idempotency_key":"k","bogus":1}"#,
+        ] {
+            assert!(serde_json::from_str::<SpendRequest>(body).is_err(), "{body}");
+        }
+        let r: SpendRequest = serde_json::from_str(
+            r#"{"account":"a","idempotency_key":"k","meters":{"requests":1000000000001}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.validate(true).unwrap_err().field, "meters.requests");
+    }
+
+    #[test]
+    fn hold_ids_split_at_the_first_slash() {
+        assert_eq!(split_hold_id("acct/req-1").unwrap(), ("acct", "req-1"));
+        assert!(split_hold_id("acct").is_err());
+        assert!(split_hold_id("a/b/c").is_err());
+    }
+
+    #[test]
+    fn exactly_one_caller_identity() {
+        let mut r = SpendRequest {
+            idempotency_key: "k".into(),
+            route: "default".into(),
+            ..Default::default()
+        };
+        assert!(r.validate(true).is_err());
+        r.account = Some("a".into());
+        assert!(r.validate(true).is_ok());
+        r.api_key = Some("tg_x".into());
+        assert!(r.validate(true).is_err());
+    }
+}
