@@ -44,7 +44,7 @@ if req.credit > 0 then
 end
 
 -- Admitted: charge counters, draw credit, record the hold.
-local u = charge_counters(req.lims, 7)
+local u = charge_counters(req.lims, 7, req.now)
 local g, x, draws = {}, {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[5], KEYS[6], expired, x)

@@ -31,7 +31,7 @@ if req.credit > 0 then
   end
 end
 
-local u = charge_counters(req.lims, 6)
+local u = charge_counters(req.lims, 6, req.now)
 local g, x = {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[4], KEYS[5], expired, x)

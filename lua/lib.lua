@@ -129,15 +129,21 @@ local function eval_limits(lims, first)
   return nil, tight, tight_rem
 end
 
+-- Milliseconds until an hour after a window ends, measured on the sidecar's clock (`now`), so a
+-- clock difference between sidecar and Redis cannot expire a live counter.
+local function counter_ttl(pend, now)
+  return pend - now + COUNTER_GRACE_MS
+end
+
 -- Adds each limit's amount to its counter; new counters expire an hour after their window.
 -- Returns usage deltas {scope, meter, period, delta, end}.
-local function charge_counters(lims, first)
+local function charge_counters(lims, first, now)
   local u = {}
   for i, l in ipairs(lims) do
     if l.amt > 0 then
       local k = KEYS[first + i - 1]
       local v = redis.call('INCRBY', k, l.amt)
-      if v == l.amt and l['end'] > 0 then redis.call('PEXPIREAT', k, l['end'] + COUNTER_GRACE_MS) end
+      if v == l.amt and l['end'] > 0 then redis.call('PEXPIRE', k, math.max(1, counter_ttl(l['end'], now))) end
       u[#u + 1] = {l.scope, l.meter, l.period, l.amt, l['end']}
     end
   end
@@ -146,14 +152,14 @@ end
 
 -- Applies a delta to a stored counter (commit/release), never below zero. Returns the delta
 -- actually applied.
-local function adjust_counter(key, delta, pend)
+local function adjust_counter(key, delta, pend, now)
   if delta == 0 then return 0 end
   local v = redis.call('INCRBY', key, delta)
   if v < 0 then
     redis.call('SET', key, 0, 'KEEPTTL')
     delta = delta - v
   end
-  if v == delta and pend > 0 then redis.call('PEXPIREAT', key, pend + COUNTER_GRACE_MS) end
+  if v == delta and pend > 0 then redis.call('PEXPIRE', key, math.max(1, counter_ttl(pend, now))) end
   return delta
 end
 
@@ -213,7 +219,7 @@ local function settle_hold(req, status)
 
   local u = {}
   for _, c in ipairs(h.ctr or {}) do
-    local d = adjust_counter(c[1], num(meters[c[3]]) - c[5], c[6])
+    local d = adjust_counter(c[1], num(meters[c[3]]) - c[5], c[6], req.now)
     if d ~= 0 then u[#u + 1] = {c[2], c[3], c[4], d, c[6]} end
   end
 

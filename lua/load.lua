@@ -14,7 +14,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return reply('replay') end
 redis.call('DEL', KEYS[2], KEYS[3])
 for _, c in ipairs(req.counters or {}) do
   if c[3] > 0 then
-    redis.call('SET', c[1], c[2], 'PXAT', c[3] + COUNTER_GRACE_MS)
+    local ttl = counter_ttl(c[3], req.now)
+    if ttl > 0 then redis.call('SET', c[1], c[2], 'PX', ttl) end
   else
     redis.call('SET', c[1], c[2])
   end

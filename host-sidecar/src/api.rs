@@ -33,7 +33,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/accounts/{id}/ledger", get(account_ledger))
         .route("/v1/accounts/{id}/keys/{key}/usage", get(key_usage))
         .route("/admin/accounts", post(create_account))
-        .route("/admin/accounts/{id}", get(get_account).patch(patch_account))
+        .route(
+            "/admin/accounts/{id}",
+            get(get_account).patch(patch_account),
+        )
         .route("/admin/accounts/{id}/keys", post(create_key).get(list_keys))
         .route("/admin/accounts/{id}/grants", post(grant))
         .route("/admin/keys/{id}/disable", post(disable_key))
@@ -47,14 +50,21 @@ pub fn router(engine: Arc<Engine>) -> Router {
 
 fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let bytes = body.map_err(|e| match e {
-        BytesRejection::FailedToBufferBody(_) => ApiError::Invalid("body: too large or unreadable".into()),
+        BytesRejection::FailedToBufferBody(_) => {
+            ApiError::Invalid("body: too large or unreadable".into())
+        }
         other => ApiError::Invalid(format!("body: {}", other.body_text())),
     })?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))
 }
 
 fn require_admin(e: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
-    let expected = e.cfg.server.admin_token.as_deref().ok_or(ApiError::Unauthorized)?;
+    let expected = e
+        .cfg
+        .server
+        .admin_token
+        .as_deref()
+        .ok_or(ApiError::Unauthorized)?;
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -71,7 +81,11 @@ fn require_admin(e: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
 fn respond<T: Serialize>(e: &Engine, r: Result<(T, bool), ApiError>, created: bool) -> Response {
     match r {
         Ok((body, replayed)) => {
-            let status = if created && !replayed { StatusCode::CREATED } else { StatusCode::OK };
+            let status = if created && !replayed {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             let mut resp = (status, Json(body)).into_response();
             if replayed {
                 resp.headers_mut()
@@ -132,17 +146,29 @@ async fn account_usage(State(e): St, headers: HeaderMap, Path(id): Path<String>)
     let r = async {
         require_admin(&e, &headers)?;
         let limits = e.usage(&id, None).await?;
-        Ok(UsageBody { account: id, key_id: None, limits })
+        Ok(UsageBody {
+            account: id,
+            key_id: None,
+            limits,
+        })
     }
     .await;
     respond(&e, fresh(r), false)
 }
 
-async fn key_usage(State(e): St, headers: HeaderMap, Path((id, key)): Path<(String, String)>) -> Response {
+async fn key_usage(
+    State(e): St,
+    headers: HeaderMap,
+    Path((id, key)): Path<(String, String)>,
+) -> Response {
     let r = async {
         require_admin(&e, &headers)?;
         let limits = e.usage(&id, Some(&key)).await?;
-        Ok(UsageBody { account: id, key_id: Some(key), limits })
+        Ok(UsageBody {
+            account: id,
+            key_id: Some(key),
+            limits,
+        })
     }
     .await;
     respond(&e, fresh(r), false)
@@ -162,7 +188,11 @@ async fn account_balance(State(e): St, headers: HeaderMap, Path(id): Path<String
         require_admin(&e, &headers)?;
         let balance = e.balance(&id).await?;
         let grants = e.ledger.grants_of(&id).await?;
-        Ok(BalanceBody { account: id, balance, grants })
+        Ok(BalanceBody {
+            account: id,
+            balance,
+            grants,
+        })
     }
     .await;
     respond(&e, fresh(r), false)
@@ -197,13 +227,18 @@ async fn account_ledger(
 ) -> Response {
     let r = async {
         require_admin(&e, &headers)?;
-        let Query(page) = page.map_err(|err| ApiError::Invalid(format!("query: {}", err.body_text())))?;
+        let Query(page) =
+            page.map_err(|err| ApiError::Invalid(format!("query: {}", err.body_text())))?;
         if !(1..=1000).contains(&page.limit) || page.after < 0 {
-            return Err(ApiError::Invalid("limit: must be 1..=1000 (and after >= 0)".into()));
+            return Err(ApiError::Invalid(
+                "limit: must be 1..=1000 (and after >= 0)".into(),
+            ));
         }
         e.get_account(&id).await?;
         let entries = e.ledger.history(&id, page.after, page.limit).await?;
-        let next = (entries.len() as i64 == page.limit).then(|| entries.last().map(|x| x.seq)).flatten();
+        let next = (entries.len() as i64 == page.limit)
+            .then(|| entries.last().map(|x| x.seq))
+            .flatten();
         Ok(LedgerPage { entries, next })
     }
     .await;
@@ -236,7 +271,9 @@ impl From<crate::ledger::AccountRow> for AccountBody {
 async fn create_account(State(e): St, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         require_admin(&e, &headers)?;
-        Ok(AccountBody::from(e.create_account(parse::<NewAccount>(body)?).await?))
+        Ok(AccountBody::from(
+            e.create_account(parse::<NewAccount>(body)?).await?,
+        ))
     }
     .await;
     respond(&e, fresh(r), true)
@@ -251,10 +288,17 @@ async fn get_account(State(e): St, headers: HeaderMap, Path(id): Path<String>) -
     respond(&e, fresh(r), false)
 }
 
-async fn patch_account(State(e): St, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Response {
+async fn patch_account(
+    State(e): St,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Response {
     let r = async {
         require_admin(&e, &headers)?;
-        Ok(AccountBody::from(e.patch_account(&id, parse::<AccountPatch>(body)?).await?))
+        Ok(AccountBody::from(
+            e.patch_account(&id, parse::<AccountPatch>(body)?).await?,
+        ))
     }
     .await;
     respond(&e, fresh(r), false)
@@ -287,7 +331,12 @@ impl KeyBody {
     }
 }
 
-async fn create_key(State(e): St, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Response {
+async fn create_key(
+    State(e): St,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Response {
     let r = async {
         require_admin(&e, &headers)?;
         let (row, plain) = e.create_key(&id, parse::<NewKey>(body)?).await?;
@@ -302,7 +351,10 @@ async fn list_keys(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> 
         require_admin(&e, &headers)?;
         e.get_account(&id).await?;
         let keys = e.ledger.keys_of(&id).await?;
-        Ok(keys.into_iter().map(|k| KeyBody::new(k, None)).collect::<Vec<_>>())
+        Ok(keys
+            .into_iter()
+            .map(|k| KeyBody::new(k, None))
+            .collect::<Vec<_>>())
     }
     .await;
     respond(&e, fresh(r), false)
@@ -329,11 +381,25 @@ async fn grant(State(e): St, headers: HeaderMap, Path(id): Path<String>, body: B
 
 async fn readyz(State(e): St) -> Response {
     let mut conn = e.store.conn();
-    let redis_ok = redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok();
-    let pg_ok = sqlx::query("SELECT 1").execute(e.ledger.pool()).await.is_ok();
-    let status = if redis_ok && pg_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let redis_ok = redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok();
+    let pg_ok = sqlx::query("SELECT 1")
+        .execute(e.ledger.pool())
+        .await
+        .is_ok();
+    let status = if redis_ok && pg_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let word = |ok: bool| if ok { "ok" } else { "down" };
-    (status, Json(serde_json::json!({ "redis": word(redis_ok), "postgres": word(pg_ok) }))).into_response()
+    (
+        status,
+        Json(serde_json::json!({ "redis": word(redis_ok), "postgres": word(pg_ok) })),
+    )
+        .into_response()
 }
 
 async fn metrics(State(e): St) -> Response {

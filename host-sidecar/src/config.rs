@@ -248,7 +248,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         if s.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(field_err("server.listen", format!("{:?} is not host:port", s.listen)));
+            return Err(field_err(
+                "server.listen",
+                format!("{:?} is not host:port", s.listen),
+            ));
         }
         if !(1..=1024).contains(&s.shards) {
             return Err(field_err("server.shards", "must be 1..=1024"));
@@ -282,7 +285,8 @@ impl Config {
             validate_id("meters", m).map_err(|e| field_err(format!("meters[{i}]"), e.problem))?;
         }
         for (plan, p) in &self.plans {
-            validate_id("plans", plan).map_err(|e| field_err(format!("plans.{plan}"), e.problem))?;
+            validate_id("plans", plan)
+                .map_err(|e| field_err(format!("plans.{plan}"), e.problem))?;
             self.validate_limits(&format!("plans.{plan}.limits"), &p.limits)?;
             if p.included_credits > MAX_AMOUNT {
                 return Err(field_err(
@@ -340,7 +344,10 @@ impl Config {
                 ));
             }
             if let Price::Ratio { per: 0, .. } = p {
-                return Err(field_err(format!("{field}.{meter}.per"), "must be positive"));
+                return Err(field_err(
+                    format!("{field}.{meter}.per"),
+                    "must be positive",
+                ));
             }
         }
         Ok(())
@@ -375,7 +382,11 @@ impl Config {
         model: Option<&str>,
         meters: &tollgate_protocol::Meters,
     ) -> Option<u64> {
-        let rp = match self.prices.get(route).or_else(|| self.prices.get("default")) {
+        let rp = match self
+            .prices
+            .get(route)
+            .or_else(|| self.prices.get("default"))
+        {
             Some(rp) => rp,
             None if self.prices.is_empty() => return Some(0),
             None => return None,
@@ -427,10 +438,19 @@ tokens = { credits = 600, per = 1000 }
     fn errors_name_the_field() {
         let cases = [
             (BASE.replace("window = \"day\"", "window = \"dya\""), "dya"),
-            (BASE.replace("meter = \"requests\"", "meter = \"reqs\""), "plans.free.limits[0].meter"),
-            (BASE.replace("per = 1000 }\n[prices", "per = 0 }\n[prices"), "prices.chat.tokens.per"),
+            (
+                BASE.replace("meter = \"requests\"", "meter = \"reqs\""),
+                "plans.free.limits[0].meter",
+            ),
+            (
+                BASE.replace("per = 1000 }\n[prices", "per = 0 }\n[prices"),
+                "prices.chat.tokens.per",
+            ),
             (format!("{BASE}\n[server]\nshards = 0\n"), "server.shards"),
-            (format!("{BASE}\n[windows]\nday_starts_at = \"25:00\"\n"), "windows.day_starts_at"),
+            (
+                format!("{BASE}\n[windows]\nday_starts_at = \"25:00\"\n"),
+                "windows.day_starts_at",
+            ),
             (format!("{BASE}\n[server]\nbogus = 1\n"), "bogus"),
         ];
         for (text, needle) in cases {

@@ -37,9 +37,13 @@ pub async fn build_engine(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {}: {e}", cfg.redis.url))?;
     warn_unless_noeviction(&redis).await;
-    let ledger = ledger::Ledger::connect(&cfg.postgres.url, cfg.postgres.max_connections, &cfg.redis.key_prefix)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open the ledger database: {e}"))?;
+    let ledger = ledger::Ledger::connect(
+        &cfg.postgres.url,
+        cfg.postgres.max_connections,
+        &cfg.redis.key_prefix,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot open the ledger database: {e}"))?;
     let metrics = Arc::new(metrics::Metrics::default());
     let sync = ledger::sync::SyncWorker::new(
         ledger.clone(),
@@ -101,7 +105,10 @@ pub fn spawn_background(engine: &Arc<Engine>) -> Vec<JoinHandle<()>> {
             }
         }
     };
-    vec![tokio::spawn(sync.run(interval, wake)), tokio::spawn(sweeper)]
+    vec![
+        tokio::spawn(sync.run(interval, wake)),
+        tokio::spawn(sweeper),
+    ]
 }
 
 /// Serves the HTTP API on `listener` until the future is dropped.

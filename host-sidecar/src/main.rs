@@ -34,7 +34,9 @@ async fn run() -> anyhow::Result<()> {
     let path = path.unwrap_or_else(|| PathBuf::from("host-sidecar/tollgate.toml"));
     let cfg = Config::from_file(&path)?;
     if cfg.server.admin_token.is_none() {
-        tracing::warn!("no admin token set (TOLLGATE_ADMIN_TOKEN): the admin API refuses every call");
+        tracing::warn!(
+            "no admin token set (TOLLGATE_ADMIN_TOKEN): the admin API refuses every call"
+        );
     }
     let listen = cfg.server.listen.clone();
     let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;

@@ -57,7 +57,9 @@ impl Histogram {
     }
 }
 
-const MICROS: &[u64] = &[100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000];
+const MICROS: &[u64] = &[
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
 const MILLIS: &[u64] = &[5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000];
 
 pub struct Metrics {
@@ -136,23 +138,51 @@ impl Metrics {
                 ("{status=\"expired\"}", &self.expired),
             ],
         );
-        counter("tollgate_consumed_total", "One-shot consumes applied.", &[("", &self.consumed)]);
-        counter("tollgate_grants_total", "Credit grants applied.", &[("", &self.granted)]);
+        counter(
+            "tollgate_consumed_total",
+            "One-shot consumes applied.",
+            &[("", &self.consumed)],
+        );
+        counter(
+            "tollgate_grants_total",
+            "Credit grants applied.",
+            &[("", &self.granted)],
+        );
         counter(
             "tollgate_idempotent_replays_total",
             "Requests answered from an earlier identical request.",
             &[("", &self.idempotent_replays)],
         );
-        counter("tollgate_cold_loads_total", "Accounts rebuilt in Redis from the ledger.", &[("", &self.cold_loads)]);
+        counter(
+            "tollgate_cold_loads_total",
+            "Accounts rebuilt in Redis from the ledger.",
+            &[("", &self.cold_loads)],
+        );
         counter(
             "tollgate_idempotency_rechecks_total",
             "Idempotency keys checked against PostgreSQL after a cold load.",
             &[("", &self.rechecks)],
         );
-        counter("tollgate_bad_requests_total", "Requests refused with 4xx.", &[("", &self.bad_requests)]);
-        counter("tollgate_internal_errors_total", "Requests failed with 5xx.", &[("", &self.internal_errors)]);
-        counter("tollgate_sync_events_total", "Outbox events written to the ledger.", &[("", &self.sync_events)]);
-        counter("tollgate_sync_errors_total", "Failed ledger sync passes.", &[("", &self.sync_errors)]);
+        counter(
+            "tollgate_bad_requests_total",
+            "Requests refused with 4xx.",
+            &[("", &self.bad_requests)],
+        );
+        counter(
+            "tollgate_internal_errors_total",
+            "Requests failed with 5xx.",
+            &[("", &self.internal_errors)],
+        );
+        counter(
+            "tollgate_sync_events_total",
+            "Outbox events written to the ledger.",
+            &[("", &self.sync_events)],
+        );
+        counter(
+            "tollgate_sync_errors_total",
+            "Failed ledger sync passes.",
+            &[("", &self.sync_errors)],
+        );
         counter(
             "tollgate_sync_bad_events_total",
             "Unreadable outbox entries skipped (a bug if non-zero).",

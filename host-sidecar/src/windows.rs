@@ -8,7 +8,10 @@
 //! Day, week and month windows start at `day_starts_at` local time (e.g. 00:05); months start on
 //! the account's billing anchor day (1..=28). Minute and hour windows follow the local clock.
 
-use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc, Weekday};
+use chrono::{
+    DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc,
+    Weekday,
+};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
@@ -86,13 +89,23 @@ fn month_start(year: i32, month: u32, anchor: u32) -> NaiveDate {
 }
 
 fn add_month(d: NaiveDate) -> NaiveDate {
-    let (y, m) = if d.month() == 12 { (d.year() + 1, 1) } else { (d.year(), d.month() + 1) };
+    let (y, m) = if d.month() == 12 {
+        (d.year() + 1, 1)
+    } else {
+        (d.year(), d.month() + 1)
+    };
     month_start(y, m, d.day())
 }
 
 /// The current period of `window` at `now_ms` for an account in `tz` whose months start on
 /// `anchor_day`.
-pub fn current_period(window: Window, now_ms: u64, tz: Tz, s: &WindowSettings, anchor_day: u32) -> Period {
+pub fn current_period(
+    window: Window,
+    now_ms: u64,
+    tz: Tz,
+    s: &WindowSettings,
+    anchor_day: u32,
+) -> Period {
     let now = Utc
         .timestamp_millis_opt(now_ms as i64)
         .single()
@@ -191,8 +204,14 @@ mod tests {
             day_offset_minutes: 5,
             week_start: Weekday::Mon,
         };
-        assert_eq!(current_period(Window::Day, at("2026-11-22T00:03:00Z"), tz, &s, 1).id, "d:2026-11-21");
-        assert_eq!(current_period(Window::Day, at("2026-11-22T00:05:00Z"), tz, &s, 1).id, "d:2026-11-22");
+        assert_eq!(
+            current_period(Window::Day, at("2026-11-22T00:03:00Z"), tz, &s, 1).id,
+            "d:2026-11-21"
+        );
+        assert_eq!(
+            current_period(Window::Day, at("2026-11-22T00:05:00Z"), tz, &s, 1).id,
+            "d:2026-11-22"
+        );
         let m = current_period(Window::Month, at("2026-01-10T12:00:00Z"), tz, &s, 15);
         assert_eq!(m.id, "m:2025-12-15");
         assert_eq!(m.end_ms, at("2026-01-15T00:05:00Z"));

@@ -232,7 +232,10 @@ pub fn validate_id(field: &str, value: &str) -> Result<(), InvalidField> {
         return Err(invalid(field, "must not be empty"));
     }
     if value.len() > MAX_ID_LEN {
-        return Err(invalid(field, format!("longer than {MAX_ID_LEN} characters")));
+        return Err(invalid(
+            field,
+            format!("longer than {MAX_ID_LEN} characters"),
+        ));
     }
     if let Some(c) = value
         .chars()
@@ -248,7 +251,10 @@ pub fn validate_id(field: &str, value: &str) -> Result<(), InvalidField> {
 
 pub fn validate_amount(field: &str, value: u64) -> Result<(), InvalidField> {
     if value > MAX_AMOUNT {
-        return Err(invalid(field, format!("{value} exceeds the maximum {MAX_AMOUNT}")));
+        return Err(invalid(
+            field,
+            format!("{value} exceeds the maximum {MAX_AMOUNT}"),
+        ));
     }
     Ok(())
 }
@@ -268,8 +274,12 @@ impl SpendRequest {
     /// Validates everything but the idempotency key, which only mutating calls require.
     pub fn validate(&self, needs_idempotency_key: bool) -> Result<(), InvalidField> {
         match (&self.api_key, &self.account) {
-            (None, None) => return Err(invalid("api_key", "either api_key or account is required")),
-            (Some(_), Some(_)) => return Err(invalid("account", "give api_key or account, not both")),
+            (None, None) => {
+                return Err(invalid("api_key", "either api_key or account is required"))
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid("account", "give api_key or account, not both"))
+            }
             (Some(k), None) => {
                 if k.is_empty() || k.len() > 256 {
                     return Err(invalid("api_key", "must be 1..=256 characters"));
@@ -357,7 +367,10 @@ mod tests {
             r#"{"account":"a","idempotency_key":"k","meters":{"requests":99999999999999999999999}}"#,
             r#"{"account":"a","idempotency_key":"k","bogus":1}"#,
         ] {
-            assert!(serde_json::from_str::<SpendRequest>(body).is_err(), "{body}");
+            assert!(
+                serde_json::from_str::<SpendRequest>(body).is_err(),
+                "{body}"
+            );
         }
         let r: SpendRequest = serde_json::from_str(
             r#"{"account":"a","idempotency_key":"k","meters":{"requests":1000000000001}}"#,

@@ -66,13 +66,21 @@ impl Engine {
     fn validate_account(&self, a: &AccountRow) -> Result<(), ApiError> {
         validate_id("id", &a.id)?;
         if !self.cfg.plans.contains_key(&a.plan) {
-            return Err(ApiError::Invalid(format!("plan: {:?} is not a configured plan", a.plan)));
+            return Err(ApiError::Invalid(format!(
+                "plan: {:?} is not a configured plan",
+                a.plan
+            )));
         }
         if a.timezone.parse::<Tz>().is_err() {
-            return Err(ApiError::Invalid(format!("timezone: {:?} is not an IANA timezone", a.timezone)));
+            return Err(ApiError::Invalid(format!(
+                "timezone: {:?} is not an IANA timezone",
+                a.timezone
+            )));
         }
         if !(1..=28).contains(&a.billing_anchor_day) {
-            return Err(ApiError::Invalid("billing_anchor_day: must be 1..=28".into()));
+            return Err(ApiError::Invalid(
+                "billing_anchor_day: must be 1..=28".into(),
+            ));
         }
         self.cfg
             .validate_limits("limits", &a.limits)
@@ -90,7 +98,10 @@ impl Engine {
         };
         self.validate_account(&row)?;
         if !self.ledger.insert_account(&row).await? {
-            return Err(ApiError::Conflict(format!("account {:?} already exists", row.id)));
+            return Err(ApiError::Conflict(format!(
+                "account {:?} already exists",
+                row.id
+            )));
         }
         self.directory.forget_account(&row.id);
         Ok(row)
@@ -142,7 +153,10 @@ impl Engine {
         // than its account does.
         let acct_limits = self.account_limits(&acct)?;
         for (i, l) in n.limits.iter().enumerate() {
-            if let Some(a) = acct_limits.iter().find(|a| a.meter == l.meter && a.window == l.window) {
+            if let Some(a) = acct_limits
+                .iter()
+                .find(|a| a.meter == l.meter && a.window == l.window)
+            {
                 if l.max > a.max {
                     return Err(ApiError::Invalid(format!(
                         "limits[{i}].max: {} is above the account's {} per {}",
@@ -165,7 +179,9 @@ impl Engine {
             limits: n.limits,
             disabled: false,
         };
-        self.ledger.insert_key(&row, &self.directory.hash_key(&plain)).await?;
+        self.ledger
+            .insert_key(&row, &self.directory.hash_key(&plain))
+            .await?;
         Ok((row, plain))
     }
 
@@ -179,16 +195,35 @@ impl Engine {
 
     /// Adds credit. The grant id is its idempotency key, checked against the ledger too, so a
     /// grant is applied once however late it is repeated.
-    pub async fn grant(&self, account: &str, g: GrantRequest) -> Result<(serde_json::Value, bool), ApiError> {
+    pub async fn grant(
+        &self,
+        account: &str,
+        g: GrantRequest,
+    ) -> Result<(serde_json::Value, bool), ApiError> {
         g.validate()?;
         if self.directory.account(account).await?.is_none() {
             return Err(ApiError::NotFound(format!("unknown account {account:?}")));
         }
-        let fp = fingerprint(&(&g.grant_id, g.amount, g.priority, g.expires_at_ms, &g.source));
+        let fp = fingerprint(&(
+            &g.grant_id,
+            g.amount,
+            g.priority,
+            g.expires_at_ms,
+            &g.source,
+        ));
         if self.ledger.grant_exists(account, &g.grant_id).await? {
-            return match self.ledger.idempotent_result(account, "grant", &g.grant_id).await? {
-                Some((Some(f), res)) if f == fp => Ok((serde_json::from_str(&res).unwrap_or_default(), true)),
-                _ => Err(ApiError::Conflict(format!("grant_id {:?} already exists", g.grant_id))),
+            return match self
+                .ledger
+                .idempotent_result(account, "grant", &g.grant_id)
+                .await?
+            {
+                Some((Some(f), res)) if f == fp => {
+                    Ok((serde_json::from_str(&res).unwrap_or_default(), true))
+                }
+                _ => Err(ApiError::Conflict(format!(
+                    "grant_id {:?} already exists",
+                    g.grant_id
+                ))),
             };
         }
         for _ in 0..4 {
@@ -212,12 +247,21 @@ impl Engine {
                 }
                 Reply::Cold => self.cold_load(account).await?,
                 Reply::Conflict => {
-                    return Err(ApiError::Conflict(format!("grant_id {:?} already exists", g.grant_id)))
+                    return Err(ApiError::Conflict(format!(
+                        "grant_id {:?} already exists",
+                        g.grant_id
+                    )))
                 }
-                other => return Err(ApiError::Internal(format!("unexpected script reply {other:?}"))),
+                other => {
+                    return Err(ApiError::Internal(format!(
+                        "unexpected script reply {other:?}"
+                    )))
+                }
             }
         }
-        Err(ApiError::Unavailable(format!("state of account {account:?} could not be loaded into Redis")))
+        Err(ApiError::Unavailable(format!(
+            "state of account {account:?} could not be loaded into Redis"
+        )))
     }
 
     /// Spendable credit now, from Redis (the real-time truth): the check script with nothing to
@@ -251,23 +295,35 @@ impl Engine {
                     return Ok(v.get("balance").and_then(|b| b.as_u64()).unwrap_or(0));
                 }
                 Reply::Cold => self.cold_load(account).await?,
-                other => return Err(ApiError::Internal(format!("unexpected script reply {other:?}"))),
+                other => {
+                    return Err(ApiError::Internal(format!(
+                        "unexpected script reply {other:?}"
+                    )))
+                }
             }
         }
-        Err(ApiError::Unavailable(format!("state of account {account:?} could not be loaded into Redis")))
+        Err(ApiError::Unavailable(format!(
+            "state of account {account:?} could not be loaded into Redis"
+        )))
     }
 
     /// The current window of every limit of the account, or of one of its keys.
-    pub async fn usage(&self, account: &str, key_id: Option<&str>) -> Result<Vec<UsageLine>, ApiError> {
+    pub async fn usage(
+        &self,
+        account: &str,
+        key_id: Option<&str>,
+    ) -> Result<Vec<UsageLine>, ApiError> {
         let caller = match self.resolve(None, Some(account)).await? {
             Resolved::Caller(c) => c,
             Resolved::Denied(_) => {
-                let acct = self
-                    .directory
-                    .account(account)
-                    .await?
-                    .ok_or_else(|| ApiError::NotFound(format!("unknown account {account:?}")))?;
-                Caller { account: acct, key: None }
+                let acct =
+                    self.directory.account(account).await?.ok_or_else(|| {
+                        ApiError::NotFound(format!("unknown account {account:?}"))
+                    })?;
+                Caller {
+                    account: acct,
+                    key: None,
+                }
             }
         };
         let (scope, scope_name, limits) = match key_id {
@@ -280,21 +336,32 @@ impl Engine {
                     .ok_or_else(|| ApiError::NotFound(format!("unknown key {k:?}")))?;
                 (format!("k:{}", key.id), "key", key.limits.clone())
             }
-            None => (format!("a:{account}"), "account", self.account_limits(&caller.account)?),
+            None => (
+                format!("a:{account}"),
+                "account",
+                self.account_limits(&caller.account)?,
+            ),
         };
         let now = self.clock.now_ms();
         let acct = Arc::clone(&caller.account);
         let mut conn = self.store.conn();
         // Make sure the account's state is in Redis before reading counters from it.
-        let present: bool = redis::AsyncCommands::exists(&mut conn, self.store.keys.account(account))
-            .await
-            .map_err(crate::store::StoreError::from)?;
+        let present: bool =
+            redis::AsyncCommands::exists(&mut conn, self.store.keys.account(account))
+                .await
+                .map_err(crate::store::StoreError::from)?;
         if !present {
             self.cold_load(account).await?;
         }
         let mut out = Vec::new();
         for l in limits {
-            let p = crate::windows::current_period(l.window, now, acct.tz, &self.windows, acct.row.billing_anchor_day as u32);
+            let p = crate::windows::current_period(
+                l.window,
+                now,
+                acct.tz,
+                &self.windows,
+                acct.row.billing_anchor_day as u32,
+            );
             let key = self.store.keys.counter(account, &scope, &l.meter, &p.id);
             let used: Option<u64> = redis::AsyncCommands::get(&mut conn, key)
                 .await

@@ -22,7 +22,10 @@ impl Engine {
         let opts = redis::SetOptions::default()
             .conditional_set(redis::ExistenceCheck::NX)
             .with_expiration(redis::SetExpiry::PX(LOAD_DEADLINE.as_millis() as u64));
-        let got: Option<String> = conn.set_options(&lock, &token, opts).await.map_err(StoreError::from)?;
+        let got: Option<String> = conn
+            .set_options(&lock, &token, opts)
+            .await
+            .map_err(StoreError::from)?;
         if got.is_none() {
             // Someone else is loading: wait for them (the caller retries its script either way).
             let until = tokio::time::Instant::now() + LOAD_DEADLINE;
@@ -79,7 +82,9 @@ impl Engine {
             counters: st
                 .usage
                 .into_iter()
-                .map(|(scope, meter, period, used, end)| (keys.counter(acct, &scope, &meter, &period), used, end))
+                .map(|(scope, meter, period, used, end)| {
+                    (keys.counter(acct, &scope, &meter, &period), used, end)
+                })
                 .collect(),
             grants: st.grants,
             holds: st
@@ -89,13 +94,23 @@ impl Engine {
                 .collect(),
         };
         self.store.load(acct, &args).await?;
-        tracing::info!(account = acct, recheck_until, "account state loaded from the ledger");
+        tracing::info!(
+            account = acct,
+            recheck_until,
+            "account state loaded from the ledger"
+        );
         Ok(())
     }
 
     /// Just after a cold load, an idempotency key may have been used before Redis lost its
     /// record. Returns the first result when the ledger has it for the same request.
-    pub(crate) async fn recheck(&self, acct: &str, kind: &str, idem: &str, fp: &str) -> Result<Option<String>, ApiError> {
+    pub(crate) async fn recheck(
+        &self,
+        acct: &str,
+        kind: &str,
+        idem: &str,
+        fp: &str,
+    ) -> Result<Option<String>, ApiError> {
         self.metrics.rechecks.inc();
         match self.ledger.idempotent_result(acct, kind, idem).await? {
             Some((Some(f), result)) if f == fp => Ok(Some(result)),

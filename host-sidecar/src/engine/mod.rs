@@ -91,7 +91,11 @@ impl Engine {
                 Some(key) => (key.account_id.clone(), Some(key)),
             },
             (None, Some(a)) => (a.to_string(), None),
-            (None, None) => return Err(ApiError::Invalid("api_key: either api_key or account is required".into())),
+            (None, None) => {
+                return Err(ApiError::Invalid(
+                    "api_key: either api_key or account is required".into(),
+                ))
+            }
         };
         let account = self
             .directory
@@ -100,24 +104,36 @@ impl Engine {
             .ok_or_else(|| ApiError::NotFound(format!("unknown account {acct_id:?}")))?;
         if account.row.disabled || key.as_ref().is_some_and(|k| k.disabled) {
             self.metrics.denied_auth.inc();
-            return Ok(Resolved::Denied(denial(DenyReason::Disabled, Some(acct_id))));
+            return Ok(Resolved::Denied(denial(
+                DenyReason::Disabled,
+                Some(acct_id),
+            )));
         }
         Ok(Resolved::Caller(Caller { account, key }))
     }
 
     pub(crate) fn check_meters(&self, meters: &Meters) -> Result<(), ApiError> {
         match meters.keys().find(|m| !self.cfg.is_meter(m)) {
-            Some(m) => Err(ApiError::Invalid(format!("meters.{m}: not a declared meter"))),
+            Some(m) => Err(ApiError::Invalid(format!(
+                "meters.{m}: not a declared meter"
+            ))),
             None => Ok(()),
         }
     }
 
     /// Credits for `meters` on `route` (+ `extra`).
-    pub(crate) fn price(&self, route: &str, model: Option<&str>, meters: &Meters, extra: u64) -> Result<u64, ApiError> {
-        let c = self
-            .cfg
-            .price(route, model, meters)
-            .ok_or_else(|| ApiError::Invalid(format!("route: no price for route {route:?} and no default")))?;
+    pub(crate) fn price(
+        &self,
+        route: &str,
+        model: Option<&str>,
+        meters: &Meters,
+        extra: u64,
+    ) -> Result<u64, ApiError> {
+        let c = self.cfg.price(route, model, meters).ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "route: no price for route {route:?} and no default"
+            ))
+        })?;
         let total = c.saturating_add(extra);
         tollgate_protocol::validate_amount("credits", total)?;
         Ok(total)
@@ -135,7 +151,13 @@ impl Engine {
         let mut limits: Vec<LimitSpec> = plan
             .limits
             .iter()
-            .filter(|l| !account.row.limits.iter().any(|o| o.meter == l.meter && o.window == l.window))
+            .filter(|l| {
+                !account
+                    .row
+                    .limits
+                    .iter()
+                    .any(|o| o.meter == l.meter && o.window == l.window)
+            })
             .cloned()
             .collect();
         limits.extend(account.row.limits.iter().cloned());
@@ -161,7 +183,13 @@ impl Engine {
         let mut out = Vec::new();
         let mut push = |scope: String, scope_name: &str, l: &LimitSpec| {
             if let Some(amt) = amount(&l.meter) {
-                let p = current_period(l.window, now, acct.tz, &self.windows, acct.row.billing_anchor_day as u32);
+                let p = current_period(
+                    l.window,
+                    now,
+                    acct.tz,
+                    &self.windows,
+                    acct.row.billing_anchor_day as u32,
+                );
                 out.push(LuaLimit {
                     scope,
                     meter: l.meter.clone(),

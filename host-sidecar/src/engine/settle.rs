@@ -20,8 +20,8 @@ struct LuaSettlement {
 }
 
 fn settlement(body: &str) -> Result<Settlement, ApiError> {
-    let s: LuaSettlement =
-        serde_json::from_str(body).map_err(|e| ApiError::Internal(format!("unreadable script reply: {e}")))?;
+    let s: LuaSettlement = serde_json::from_str(body)
+        .map_err(|e| ApiError::Internal(format!("unreadable script reply: {e}")))?;
     // An empty Lua table encodes as `{}` or `[]`; the `credits` meter is internal.
     let mut meters: Meters = serde_json::from_value(s.meters).unwrap_or_default();
     meters.remove("credits");
@@ -43,12 +43,14 @@ impl Engine {
         let mut meters = req.meters.clone();
         meters.insert("credits".into(), credit);
         let fp = fingerprint(&("commit", &meters));
-        self.settle(&req.hold_id, "committed", &meters, credit, &fp).await
+        self.settle(&req.hold_id, "committed", &meters, credit, &fp)
+            .await
     }
 
     pub async fn release(&self, hold_id: &str) -> Result<(Settlement, bool), ApiError> {
         split_hold_id(hold_id)?;
-        self.settle(hold_id, "released", &Meters::new(), 0, "release").await
+        self.settle(hold_id, "released", &Meters::new(), 0, "release")
+            .await
     }
 
     async fn settle(
@@ -64,8 +66,12 @@ impl Engine {
         if self.directory.account(acct).await?.is_none() {
             return Err(ApiError::NotFound(format!("unknown hold {hold_id:?}")));
         }
-        let out = self.settle_in_redis(acct, hold_id, status, meters, credit, fp).await;
-        self.metrics.decision_us.observe(started.elapsed().as_micros() as u64);
+        let out = self
+            .settle_in_redis(acct, hold_id, status, meters, credit, fp)
+            .await;
+        self.metrics
+            .decision_us
+            .observe(started.elapsed().as_micros() as u64);
         let (s, replay) = out?;
         if replay {
             self.metrics.idempotent_replays.inc();
@@ -108,8 +114,13 @@ impl Engine {
                 Reply::Replay(body) => return Ok((settlement(&body)?, true)),
                 Reply::Resolved(body) => {
                     let st: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                    let was = st.get("status").and_then(|s| s.as_str()).unwrap_or("settled");
-                    return Err(ApiError::Conflict(format!("hold {hold_id:?} is already {was}")));
+                    let was = st
+                        .get("status")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or("settled");
+                    return Err(ApiError::Conflict(format!(
+                        "hold {hold_id:?} is already {was}"
+                    )));
                 }
                 Reply::Cold => self.cold_load(acct).await?,
                 // Not in Redis: it may have been settled long ago (its record expired) or before
@@ -119,16 +130,23 @@ impl Engine {
                         Some(h) if h.status == status && h.settle_fp.as_deref() == Some(fp) => {
                             Ok((settlement(h.result.as_deref().unwrap_or("{}"))?, true))
                         }
-                        Some(h) if h.status != "open" => {
-                            Err(ApiError::Conflict(format!("hold {hold_id:?} is already {}", h.status)))
-                        }
+                        Some(h) if h.status != "open" => Err(ApiError::Conflict(format!(
+                            "hold {hold_id:?} is already {}",
+                            h.status
+                        ))),
                         _ => Err(ApiError::NotFound(format!("unknown hold {hold_id:?}"))),
                     }
                 }
-                other => return Err(ApiError::Internal(format!("unexpected script reply {other:?}"))),
+                other => {
+                    return Err(ApiError::Internal(format!(
+                        "unexpected script reply {other:?}"
+                    )))
+                }
             }
         }
-        Err(ApiError::Unavailable(format!("state of account {acct:?} could not be loaded into Redis")))
+        Err(ApiError::Unavailable(format!(
+            "state of account {acct:?} could not be loaded into Redis"
+        )))
     }
 
     /// Expires every hold past its expiry, in every shard. Safe to run on several sidecars at

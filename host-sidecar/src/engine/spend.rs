@@ -72,13 +72,18 @@ impl Engine {
         let started = Instant::now();
         req.validate(op != Op::Check)?;
         self.check_meters(&req.meters)?;
-        let caller = match self.resolve(req.api_key.as_deref(), req.account.as_deref()).await? {
+        let caller = match self
+            .resolve(req.api_key.as_deref(), req.account.as_deref())
+            .await?
+        {
             Resolved::Denied(d) => return Ok((d, false)),
             Resolved::Caller(c) => c,
         };
         let credit = self.price(&req.route, req.model.as_deref(), &req.meters, req.credits)?;
         let out = self.spend_as(op, &req, &caller, credit).await;
-        self.metrics.decision_us.observe(started.elapsed().as_micros() as u64);
+        self.metrics
+            .decision_us
+            .observe(started.elapsed().as_micros() as u64);
         let (d, replay) = out?;
         if replay {
             self.metrics.idempotent_replays.inc();
@@ -148,7 +153,10 @@ impl Engine {
                 Reply::Deny(body) => return Ok((self.decision(acct, &body, now)?, false)),
                 Reply::Cold => self.cold_load(acct).await?,
                 Reply::Recheck => {
-                    if let Some(body) = self.recheck(acct, op.kind(), &req.idempotency_key, &fp).await? {
+                    if let Some(body) = self
+                        .recheck(acct, op.kind(), &req.idempotency_key, &fp)
+                        .await?
+                    {
                         return Ok((self.decision(acct, &body, now)?, true));
                     }
                     checked = true;
@@ -159,10 +167,16 @@ impl Engine {
                         req.idempotency_key
                     )))
                 }
-                other => return Err(ApiError::Internal(format!("unexpected script reply {other:?}"))),
+                other => {
+                    return Err(ApiError::Internal(format!(
+                        "unexpected script reply {other:?}"
+                    )))
+                }
             }
         }
-        Err(ApiError::Unavailable(format!("state of account {acct:?} could not be loaded into Redis")))
+        Err(ApiError::Unavailable(format!(
+            "state of account {acct:?} could not be loaded into Redis"
+        )))
     }
 
     fn decision(&self, acct: &str, body: &str, now: u64) -> Result<Decision, ApiError> {

@@ -91,7 +91,11 @@ fn limits_of(v: serde_json::Value) -> Vec<LimitSpec> {
 
 impl Ledger {
     /// Connects (creating the database if it does not exist) and runs the migrations.
-    pub async fn connect(url: &str, max_connections: u32, prefix: &str) -> Result<Self, sqlx::Error> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        prefix: &str,
+    ) -> Result<Self, sqlx::Error> {
         if !sqlx::Postgres::database_exists(url).await.unwrap_or(true) {
             sqlx::Postgres::create_database(url).await?;
         }
@@ -227,7 +231,11 @@ impl Ledger {
 
     /// The remaining state of an account: used amounts of windows not yet over, grants with
     /// credit left, open holds. Never totals.
-    pub async fn account_state(&self, account: &str, now_ms: i64) -> Result<AccountState, sqlx::Error> {
+    pub async fn account_state(
+        &self,
+        account: &str,
+        now_ms: i64,
+    ) -> Result<AccountState, sqlx::Error> {
         let usage = sqlx::query_as(
             "SELECT scope, meter, period, used, period_end FROM usage
              WHERE account_id = $1 AND (period_end = 0 OR period_end > $2)",
@@ -297,18 +305,24 @@ impl Ledger {
     }
 
     pub async fn grant_exists(&self, account: &str, grant_id: &str) -> Result<bool, sqlx::Error> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM grants WHERE account_id = $1 AND id = $2")
-            .bind(account)
-            .bind(grant_id)
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM grants WHERE account_id = $1 AND id = $2")
+                .bind(account)
+                .bind(grant_id)
+                .fetch_one(&self.pool)
+                .await?;
         Ok(n > 0)
     }
 
     // ---- reports -------------------------------------------------------------------------------
 
     /// Ledger history of an account, oldest first, after `after_seq`.
-    pub async fn history(&self, account: &str, after_seq: i64, limit: i64) -> Result<Vec<LedgerEntry>, sqlx::Error> {
+    pub async fn history(
+        &self,
+        account: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<LedgerEntry>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT seq, kind, key_id, idem_key, hold_id, credit, shortfall, meters, expired, route,
                     model, resource, (extract(epoch FROM at) * 1000)::int8 AS at_ms
@@ -362,7 +376,10 @@ impl Ledger {
     }
 
     /// Used amount per (scope, meter, period) for the account, as synced.
-    pub async fn usage_of(&self, account: &str) -> Result<Vec<(String, String, String, i64, i64)>, sqlx::Error> {
+    pub async fn usage_of(
+        &self,
+        account: &str,
+    ) -> Result<Vec<(String, String, String, i64, i64)>, sqlx::Error> {
         sqlx::query_as(
             "SELECT scope, meter, period, used, period_end FROM usage WHERE account_id = $1
              ORDER BY scope, meter, period",

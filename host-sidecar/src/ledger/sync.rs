@@ -136,10 +136,16 @@ impl Batch {
             slot.0 += delta;
         }
         for (gid, d) in &e.g {
-            self.grant_delta.entry((e.acct.clone(), gid.clone())).or_default().0 += d;
+            self.grant_delta
+                .entry((e.acct.clone(), gid.clone()))
+                .or_default()
+                .0 += d;
         }
         for (gid, x) in &e.x {
-            let slot = self.grant_delta.entry((e.acct.clone(), gid.clone())).or_default();
+            let slot = self
+                .grant_delta
+                .entry((e.acct.clone(), gid.clone()))
+                .or_default();
             slot.0 -= x;
             slot.1 += x;
         }
@@ -412,7 +418,12 @@ impl SyncWorker {
     }
 
     /// Whether the ledger has applied the shard's outbox up to `id` in `epoch`.
-    pub async fn applied_through(&self, shard: u32, epoch: &str, id: &str) -> Result<bool, SyncError> {
+    pub async fn applied_through(
+        &self,
+        shard: u32,
+        epoch: &str,
+        id: &str,
+    ) -> Result<bool, SyncError> {
         let row: Option<(String, String)> = sqlx::query_as(
             "SELECT epoch, last_id FROM sync_cursor WHERE prefix = $1 AND shard = $2",
         )
@@ -420,14 +431,19 @@ impl SyncWorker {
         .bind(shard as i32)
         .fetch_optional(self.ledger.pool())
         .await?;
-        Ok(matches!(row, Some((e, last)) if e == epoch && parse_stream_id(&last) >= parse_stream_id(id)))
+        Ok(
+            matches!(row, Some((e, last)) if e == epoch && parse_stream_id(&last) >= parse_stream_id(id)),
+        )
     }
 
     /// Applies up to one batch of the shard's outbox. Returns how many events were applied (0
     /// when there was nothing new or another sidecar holds the shard).
     pub async fn sync_shard(&self, shard: u32) -> Result<usize, SyncError> {
         let epoch = self.epoch(shard).await?;
-        let seen = self.seen[shard as usize].lock().map(|g| g.clone()).unwrap_or(None);
+        let seen = self.seen[shard as usize]
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or(None);
         if let Some((e, last)) = &seen {
             if *e == epoch && self.read(shard, last, 1).await?.is_empty() {
                 return Ok(0);
@@ -469,7 +485,9 @@ impl SyncWorker {
                 .and_then(|kv| kv.get(1));
             match payload.map(|p| serde_json::from_str::<Event>(p)) {
                 Some(Ok(ev)) => {
-                    self.metrics.sync_lag_ms.observe((now - ev.at).max(0) as u64);
+                    self.metrics
+                        .sync_lag_ms
+                        .observe((now - ev.at).max(0) as u64);
                     batch.push(format!("{epoch}:{id}"), ev);
                 }
                 // Scripts are the only writers; an unreadable entry is a bug. Keep it out of

@@ -93,6 +93,9 @@ mod tests {
         ] {
             assert_eq!(&k[k.find('{').unwrap()..=k.find('}').unwrap()], tag, "{k}");
         }
-        assert_eq!(ks.shard_of("acct_42"), Keyspace::new("other", 16).shard_of("acct_42"));
+        assert_eq!(
+            ks.shard_of("acct_42"),
+            Keyspace::new("other", 16).shard_of("acct_42")
+        );
     }
 }

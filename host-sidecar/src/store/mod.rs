@@ -147,7 +147,12 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    async fn run(&self, script: &redis::Script, keys: &[String], args: &[&str]) -> Result<Reply, StoreError> {
+    async fn run(
+        &self,
+        script: &redis::Script,
+        keys: &[String],
+        args: &[&str],
+    ) -> Result<Reply, StoreError> {
         let mut inv = script.prepare_invoke();
         for k in keys {
             inv.key(k);
@@ -232,9 +237,15 @@ impl RedisStore {
     }
 
     /// `status` is `released` (a caller cancelled) or `expired` (the sweeper).
-    pub async fn release(&self, acct: &str, a: &SettleArgs<'_>, status: &str) -> Result<Reply, StoreError> {
+    pub async fn release(
+        &self,
+        acct: &str,
+        a: &SettleArgs<'_>,
+        status: &str,
+    ) -> Result<Reply, StoreError> {
         let keys = self.settle_keys(acct, a.hold);
-        self.run(&self.scripts.release, &keys, &[&json(a), status]).await
+        self.run(&self.scripts.release, &keys, &[&json(a), status])
+            .await
     }
 
     pub async fn grant(&self, a: &GrantArgs<'_>) -> Result<Reply, StoreError> {
