@@ -298,8 +298,12 @@ impl PrivateRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server on PATH");
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str()).unwrap();
+        // Owned from here on: dropping it (also on the panic below) stops the server.
+        let server = PrivateRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        let client = redis::Client::open(server.url.as_str()).unwrap();
         for _ in 0..200 {
             if let Ok(mut c) = client.get_multiplexed_async_connection().await {
                 if redis::cmd("PING")
@@ -307,7 +311,7 @@ impl PrivateRedis {
                     .await
                     .is_ok()
                 {
-                    return PrivateRedis { child, url };
+                    return server;
                 }
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
