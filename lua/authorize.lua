@@ -1,37 +1,38 @@
--- authorize: check every limit of the request and the credit balance; if all admit it, hold the
--- estimated amounts — all or nothing.
+-- authorize: check every limit of the request's account and key and the credit balance; if all
+-- admit it, hold the estimated amounts — all or nothing.
 --
 -- KEYS[1] account state hash      tg:{s}:a:<acct>
 -- KEYS[2] outbox stream           tg:{s}:outbox
--- KEYS[3] hold record             tg:{s}:h:<acct>/<request id>   (also the idempotency record)
+-- KEYS[3] hold record (hash)      tg:{s}:h:<acct>/<request id>   (also the idempotency record)
 -- KEYS[4] open holds by expiry    tg:{s}:holds                   (zset, member = hold id)
 -- KEYS[5] grant order             tg:{s}:a:<acct>:go             (lex zset)
 -- KEYS[6] grant remaining         tg:{s}:a:<acct>:gr             (hash gid -> remaining)
--- KEYS[7..] one usage counter per limit, in the order of ARGV lims
--- ARGV[1] JSON {now, acct, key, hold, fp, exp, checked, credit, meters, lims:[{scope, meter,
---         period, amt, max, end, name}], route, model, res}
+-- KEYS[7..] one usage counter per limit, in the order of lims
+-- ARGV[1] JSON {now, acct, key, idem, hold, fp, exp, checked, credit, route, model,
+--         lims: [{scope, meter, period, amt, max, end, name}]}
+-- ARGV[2] the estimated meters as JSON (recorded as given)
+-- ARGV[3] the resource as JSON, or ""
 -- Returns {kind, json}:
---   ok      {hold, exp, credits, balance, limit}       the hold was created
---   replay  same json as the first ok                  this request id already holds
---   deny    {reason: limit|credits, limit, credits, balance}
+--   ok       {hold, exp, credits, balance, limit}   the hold was created
+--   replay   the first ok, unchanged                this request id already holds
+--   deny     {reason: limit|credits, limit, credits, balance}
 --   conflict ""   the request id was used with a different request
---   cold    ""    account state not in Redis: load it from the ledger and retry
---   recheck ""    just after a cold load: ask PostgreSQL whether this request id was used
+--   cold     ""   account state not in Redis: load it from the ledger and retry
+--   recheck  ""   just after a cold load: ask PostgreSQL whether this request id was used
 local req = cjson.decode(ARGV[1])
 local recheck_until = account_state(KEYS[1])
 if recheck_until == nil then return reply('cold') end
 
-local prev = redis.call('GET', KEYS[3])
-if prev then
-  local h = cjson.decode(prev)
-  if h.fp ~= req.fp then return reply('conflict') end
-  return reply('replay', h.ares)
+local prev = redis.call('HMGET', KEYS[3], 'f', 'a')
+if prev[1] then
+  if prev[1] ~= req.fp then return reply('conflict') end
+  return reply('replay', prev[2])
 end
 if recheck_until > req.now and not req.checked then return reply('recheck') end
 
 local denied, a, b = eval_limits(req.lims, 7)
 if denied then
-  return reply('deny', {reason = 'limit', limit = limit_state(denied, denied.max - a), credits = req.credit})
+  return reply('deny', jobj({'reason', 'limit', 'limit', limit_state(denied, denied.max - a), 'credits', req.credit}))
 end
 local tight, tight_rem = a, b
 
@@ -39,7 +40,8 @@ local balance, live, expired = nil, nil, nil
 if req.credit > 0 then
   balance, live, expired = read_grants(KEYS[5], KEYS[6], req.now)
   if balance < req.credit then
-    return reply('deny', {reason = 'credits', limit = limit_state(tight, tight_rem), credits = req.credit, balance = balance})
+    return reply('deny', jobj({'reason', 'credits', 'limit', limit_state(tight, tight_rem), 'credits', req.credit,
+      'balance', balance}))
   end
 end
 
@@ -52,19 +54,19 @@ if req.credit > 0 then
   balance = balance - req.credit
 end
 
-local res = {hold = req.hold, exp = req.exp, credits = req.credit, balance = balance, limit = limit_state(tight, tight_rem)}
+local res = jobj({'hold', req.hold, 'exp', req.exp, 'credits', req.credit, 'balance', balance,
+  'limit', limit_state(tight, tight_rem)})
 local ctr = {}
 for i, l in ipairs(req.lims) do
   ctr[i] = {KEYS[6 + i], l.scope, l.meter, l.period, l.amt, l['end']}
 end
-local rec = {
-  st = 'open', fp = req.fp, acct = req.acct, key = req.key, exp = req.exp, credit = req.credit,
-  draws = nonempty(draws), ctr = nonempty(ctr), meters = req.meters, route = req.route, model = req.model,
-  ares = res, at = req.now,
-}
-redis.call('SET', KEYS[3], cjson.encode(rec))
+local rec = jobj({'acct', req.acct, 'key', req.key, 'exp', req.exp, 'credit', req.credit,
+  'draws', jrows(draws), 'ctr', jrows(ctr), 'meters', raw(ARGV[2]), 'route', req.route,
+  'model', req.model, 'at', req.now, 'fp', req.fp})
+redis.call('HSET', KEYS[3], 's', 'open', 'f', req.fp, 'a', res, 'd', rec)
 redis.call('ZADD', KEYS[4], req.exp, req.hold)
-emit(KEYS[2], {t = 'hold', acct = req.acct, key = req.key, hold = req.hold, idem = req.idem, at = req.now,
-  credit = req.credit, meters = req.meters, route = req.route, model = req.model, resource = req.resource,
-  u = u, g = g, x = x, rec = rec, result = res})
+emit(KEYS[2], {'t', 'hold', 'acct', req.acct, 'key', req.key, 'hold', req.hold, 'idem', req.idem,
+  'fp', req.fp, 'at', req.now, 'credit', req.credit, 'meters', raw(ARGV[2]), 'route', req.route,
+  'model', req.model, 'resource', raw(ARGV[3]), 'u', jrows(u), 'g', jrows(g), 'x', jrows(x),
+  'rec', raw(rec), 'result', raw(res)})
 return reply('ok', res)

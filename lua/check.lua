@@ -10,10 +10,10 @@ local req = cjson.decode(ARGV[1])
 if account_state(KEYS[1]) == nil then return reply('cold') end
 local denied, a, b = eval_limits(req.lims, 4)
 if denied then
-  return reply('deny', {reason = 'limit', limit = limit_state(denied, denied.max - a), credits = req.credit})
+  return reply('deny', jobj({'reason', 'limit', 'limit', limit_state(denied, denied.max - a), 'credits', req.credit}))
 end
 local balance = read_grants(KEYS[2], KEYS[3], req.now)
 if balance < req.credit then
-  return reply('deny', {reason = 'credits', limit = limit_state(a, b), credits = req.credit, balance = balance})
+  return reply('deny', jobj({'reason', 'credits', 'limit', limit_state(a, b), 'credits', req.credit, 'balance', balance}))
 end
-return reply('ok', {credits = req.credit, balance = balance - req.credit, limit = limit_state(a, b)})
+return reply('ok', jobj({'credits', req.credit, 'balance', balance - req.credit, 'limit', limit_state(a, b)}))

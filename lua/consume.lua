@@ -2,32 +2,32 @@
 -- nothing. Like authorize followed by commit at the same amounts, in one step and one event.
 --
 -- KEYS[1] account state hash      KEYS[2] outbox stream
--- KEYS[3] idempotency record      tg:{s}:i:<acct>:consume:<idempotency key>
+-- KEYS[3] idempotency record      tg:{s}:i:<acct>:consume:<idempotency key>  (hash f, a)
 -- KEYS[4] grant order zset        KEYS[5] grant remaining hash
 -- KEYS[6..] one usage counter per limit
--- ARGV[1] JSON {now, acct, key, idem, fp, checked, idem_ttl_ms, credit, meters, lims, route, model, res}
+-- ARGV[1] JSON {now, acct, key, idem, fp, checked, idem_ttl_ms, credit, lims, route, model}
+-- ARGV[2] the meters as JSON      ARGV[3] the resource as JSON, or ""
 -- Returns {kind, json}: ok {credits, balance, limit} | replay (first ok) | deny | conflict | cold | recheck
 local req = cjson.decode(ARGV[1])
 local recheck_until = account_state(KEYS[1])
 if recheck_until == nil then return reply('cold') end
 
-local prev = redis.call('GET', KEYS[3])
-if prev then
-  local p = cjson.decode(prev)
-  if p.fp ~= req.fp then return reply('conflict') end
-  return reply('replay', p.res)
+local prev = redis.call('HMGET', KEYS[3], 'f', 'a')
+if prev[1] then
+  if prev[1] ~= req.fp then return reply('conflict') end
+  return reply('replay', prev[2])
 end
 if recheck_until > req.now and not req.checked then return reply('recheck') end
 
 local denied, a, b = eval_limits(req.lims, 6)
 if denied then
-  return reply('deny', {reason = 'limit', limit = limit_state(denied, denied.max - a), credits = req.credit})
+  return reply('deny', jobj({'reason', 'limit', 'limit', limit_state(denied, denied.max - a), 'credits', req.credit}))
 end
 local balance, live, expired = nil, nil, nil
 if req.credit > 0 then
   balance, live, expired = read_grants(KEYS[4], KEYS[5], req.now)
   if balance < req.credit then
-    return reply('deny', {reason = 'credits', limit = limit_state(a, b), credits = req.credit, balance = balance})
+    return reply('deny', jobj({'reason', 'credits', 'limit', limit_state(a, b), 'credits', req.credit, 'balance', balance}))
   end
 end
 
@@ -38,9 +38,10 @@ if req.credit > 0 then
   draw(KEYS[4], KEYS[5], live, req.credit, g)
   balance = balance - req.credit
 end
-local res = {credits = req.credit, balance = balance, limit = limit_state(a, b)}
-redis.call('SET', KEYS[3], cjson.encode({fp = req.fp, res = res}), 'PX', req.idem_ttl_ms)
-emit(KEYS[2], {t = 'consume', acct = req.acct, key = req.key, idem = req.idem, fp = req.fp, at = req.now,
-  credit = req.credit, meters = req.meters, route = req.route, model = req.model, resource = req.resource,
-  u = u, g = g, x = x, result = res})
+local res = jobj({'credits', req.credit, 'balance', balance, 'limit', limit_state(a, b)})
+redis.call('HSET', KEYS[3], 'f', req.fp, 'a', res)
+redis.call('PEXPIRE', KEYS[3], req.idem_ttl_ms)
+emit(KEYS[2], {'t', 'consume', 'acct', req.acct, 'key', req.key, 'idem', req.idem, 'fp', req.fp,
+  'at', req.now, 'credit', req.credit, 'meters', raw(ARGV[2]), 'route', req.route, 'model', req.model,
+  'resource', raw(ARGV[3]), 'u', jrows(u), 'g', jrows(g), 'x', jrows(x), 'result', raw(res)})
 return reply('ok', res)

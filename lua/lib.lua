@@ -19,6 +19,47 @@ local function num(v)
   return tonumber(v) or 0
 end
 
+-- JSON is built by concatenation on the hot path: cjson.encode costs several µs per object and
+-- would dominate a script. It is safe because every string that reaches a script is an id the
+-- sidecar validated ([A-Za-z0-9_.:-], plus the `{}` `|` `/` of our own key names and members),
+-- and every number is an integer below 10^14, which tostring prints exactly. `raw` values are
+-- JSON the sidecar produced (meters, resource) or that this script built.
+-- Marks a string as ready-made JSON for jobj.
+local RAW = {}
+local function raw(s)
+  if s == nil or s == '' then return nil end
+  return setmetatable({s}, RAW)
+end
+
+local function jval(v)
+  if type(v) == 'string' then return '"' .. v .. '"' end
+  if type(v) == 'table' and getmetatable(v) == RAW then return v[1] end
+  if type(v) == 'boolean' then return v and 'true' or 'false' end
+  return tostring(v)
+end
+
+-- An object from a flat list {key1, value1, key2, value2, ...}; nil values are skipped.
+local function jobj(kv)
+  local parts = {}
+  for i = 1, #kv, 2 do
+    local v = kv[i + 1]
+    if v ~= nil then parts[#parts + 1] = '"' .. kv[i] .. '":' .. jval(v) end
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- An array of arrays of scalars (usage deltas, draws, ...) as raw JSON; nil when empty.
+local function jrows(rows)
+  if rows == nil or #rows == 0 then return nil end
+  local out = {}
+  for i, r in ipairs(rows) do
+    local cells = {}
+    for j, c in ipairs(r) do cells[j] = jval(c) end
+    out[i] = '[' .. table.concat(cells, ',') .. ']'
+  end
+  return raw('[' .. table.concat(out, ',') .. ']')
+end
+
 -- Grants live in a lex-ordered zset (all scores 0) whose members sort in spending order:
 -- "PPPP|EEEEEEEEEEEEEE|CCCCCCCCCCCCCC|grant_id" = priority, expiry (ms), creation (ms), id.
 -- The remaining amount is in a hash keyed by grant id.
@@ -163,23 +204,16 @@ local function adjust_counter(key, delta, pend, now)
   return delta
 end
 
+-- The state of a limit as JSON (raw), or nil.
 local function limit_state(l, remaining)
   if l == nil then return nil end
   if remaining < 0 then remaining = 0 end
-  return {name = l.name, max = l.max, remaining = remaining, reset_ms = l['end']}
+  return raw(jobj({'name', l.name, 'max', l.max, 'remaining', remaining, 'reset_ms', l['end']}))
 end
 
-local function nonempty(t)
-  if t == nil or #t == 0 then return nil end
-  return t
-end
-
--- Appends one ledger event to the shard's outbox.
-local function emit(outbox, ev)
-  ev.u = nonempty(ev.u)
-  ev.g = nonempty(ev.g)
-  ev.x = nonempty(ev.x)
-  redis.call('XADD', outbox, '*', 'e', cjson.encode(ev))
+-- Appends one ledger event (a flat key/value list, see jobj) to the shard's outbox.
+local function emit(outbox, kv)
+  redis.call('XADD', outbox, '*', 'e', jobj(kv))
 end
 
 -- An account's state is present only after it was loaded (from the ledger, or empty for a new
@@ -192,30 +226,34 @@ local function account_state(akey)
 end
 
 local function reply(kind, body)
-  if type(body) == 'table' then body = cjson.encode(body) end
   return {kind, body or ''}
 end
+
+-- Hold records are hashes: d = the hold (JSON: acct, key, exp, credit, draws, ctr, meters,
+-- route, model, at, fp), f = request fingerprint, a = authorize answer (JSON), s = status
+-- (open | committed | released | expired), and once settled sf/sr = settle fingerprint/answer.
 
 -- Settles an open hold (commit, release, expire): moves every counter and the credit from the
 -- estimate to the actual amounts (zero for release/expire), resolves the hold exactly once and
 -- records one event. Shared by commit.lua and release.lua.
 --
 -- KEYS: 1 account state, 2 outbox, 3 hold record, 4 open holds zset, 5 grant order, 6 grant remaining
--- req: {now, hold, fp, meters, credit, idem_ttl_ms}; status: committed | released | expired
+-- req: {now, hold, fp, meters, credit, idem_ttl_ms}; meters_raw: the same meters as JSON
+-- status: committed | released | expired
 local EVENT_OF = {committed = 'commit', released = 'release', expired = 'expire'}
 
-local function settle_hold(req, status)
+local function settle_hold(req, meters_raw, status)
   if account_state(KEYS[1]) == nil then return reply('cold') end
-  local raw = redis.call('GET', KEYS[3])
-  if not raw then return reply('gone') end
-  local h = cjson.decode(raw)
-  if h.st ~= 'open' then
-    if h.st == status and h.sfp == req.fp then return reply('replay', h.sres) end
-    return reply('resolved', {status = h.st})
+  local rec = redis.call('HMGET', KEYS[3], 's', 'd', 'sf', 'sr')
+  if not rec[1] then return reply('gone') end
+  if rec[1] ~= 'open' then
+    if rec[1] == status and rec[3] == req.fp then return reply('replay', rec[4]) end
+    return reply('resolved', jobj({'status', rec[1]}))
   end
+  local h = cjson.decode(rec[2])
   local committing = status == 'committed'
   local meters = {}
-  if committing and req.meters then meters = req.meters end
+  if committing and req.meters then meters = req.meters else meters_raw = '{}' end
 
   local u = {}
   for _, c in ipairs(h.ctr or {}) do
@@ -237,14 +275,13 @@ local function settle_hold(req, status)
     charged = want - left
   end
 
-  local res = {hold = req.hold, status = status, credits = charged, shortfall = short, meters = meters}
-  h.st = status
-  h.sfp = req.fp
-  h.sres = res
-  redis.call('SET', KEYS[3], cjson.encode(h), 'PX', req.idem_ttl_ms)
+  local res = jobj({'hold', req.hold, 'status', status, 'credits', charged, 'shortfall', short,
+    'meters', raw(meters_raw)})
+  redis.call('HSET', KEYS[3], 's', status, 'sf', req.fp, 'sr', res)
+  redis.call('PEXPIRE', KEYS[3], req.idem_ttl_ms)
   redis.call('ZREM', KEYS[4], req.hold)
-  emit(KEYS[2], {t = EVENT_OF[status], acct = h.acct, key = h.key, hold = req.hold, fp = req.fp, at = req.now,
-    credit = charged, short = short, meters = meters, route = h.route, model = h.model,
-    u = u, g = g, x = x, result = res})
+  emit(KEYS[2], {'t', EVENT_OF[status], 'acct', h.acct, 'key', h.key, 'hold', req.hold, 'fp', req.fp,
+    'at', req.now, 'credit', charged, 'short', short, 'meters', raw(meters_raw), 'route', h.route,
+    'model', h.model, 'u', jrows(u), 'g', jrows(g), 'x', jrows(x), 'result', raw(res)})
   return reply('ok', res)
 end

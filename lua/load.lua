@@ -7,7 +7,8 @@
 -- KEYS[4] open holds zset
 -- (Counter and hold keys come in ARGV; they share the account's hash tag.)
 -- ARGV[1] JSON {now, recheck_until, counters: [[key, used, end]], grants: [[gid, member,
---         remaining]], holds: [[hold key, hold id, record json, expires]]}
+--         remaining]], holds: [[hold key, hold id, record json, fingerprint, authorize answer
+--         json, expires]]}
 -- Returns {kind, json}: ok "" (loaded) | replay "" (already loaded; nothing written)
 local req = cjson.decode(ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 1 then return reply('replay') end
@@ -25,8 +26,8 @@ for _, g in ipairs(req.grants or {}) do
   redis.call('ZADD', KEYS[2], 0, g[2])
 end
 for _, h in ipairs(req.holds or {}) do
-  redis.call('SET', h[1], h[3])
-  redis.call('ZADD', KEYS[4], h[4], h[2])
+  redis.call('HSET', h[1], 's', 'open', 'd', h[3], 'f', h[4], 'a', h[5])
+  redis.call('ZADD', KEYS[4], h[6], h[2])
 end
 redis.call('HSET', KEYS[1], 'loaded', req.now, 'recheck_until', req.recheck_until)
 return reply('ok')

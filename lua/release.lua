@@ -1,7 +1,7 @@
 -- release: cancel an open hold; every counter and all held credit are returned. The sweeper
 -- uses the same script with status `expired` for holds past their expiry.
 --
--- KEYS[1] account state hash   KEYS[2] outbox stream   KEYS[3] hold record
+-- KEYS[1] account state hash   KEYS[2] outbox stream   KEYS[3] hold record (hash)
 -- KEYS[4] open holds zset      KEYS[5] grant order     KEYS[6] grant remaining
 -- ARGV[1] JSON {now, hold, fp, idem_ttl_ms}
 -- ARGV[2] `released` (caller) or `expired` (sweeper)
@@ -11,10 +11,9 @@ if status ~= 'released' and status ~= 'expired' then return redis.error_reply('b
 local req = cjson.decode(ARGV[1])
 if status == 'expired' then
   -- The sweeper races with commits: only expire what is really past its expiry.
-  local raw = redis.call('GET', KEYS[3])
-  if raw then
-    local h = cjson.decode(raw)
-    if h.st == 'open' and h.exp > req.now then return reply('resolved', {status = 'open'}) end
+  local rec = redis.call('HMGET', KEYS[3], 's', 'd')
+  if rec[1] == 'open' and cjson.decode(rec[2]).exp > req.now then
+    return reply('resolved', jobj({'status', 'open'}))
   end
 end
-return settle_hold(req, status)
+return settle_hold(req, '{}', status)

@@ -84,6 +84,8 @@ CREATE TABLE holds (
     credit      BIGINT NOT NULL,
     expires_at  BIGINT NOT NULL,
     record      JSONB NOT NULL,  -- the Redis hold record, to restore open holds
+    fp          TEXT NOT NULL,   -- fingerprint of the authorize request
+    auth_result JSONB NOT NULL,  -- the authorize answer, to answer replays
     result      JSONB,           -- the settlement, to answer replays
     settle_fp   TEXT,
     created_at  BIGINT NOT NULL,

@@ -43,6 +43,24 @@ impl Histogram {
         self.sum.fetch_add(v, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
+    /// For each quantile, the upper bound of the bucket it falls in (`u64::MAX` past the last).
+    pub fn quantiles(&self, qs: &[f64]) -> Vec<u64> {
+        let count = self.count.load(Ordering::Relaxed);
+        qs.iter()
+            .map(|q| {
+                let want = ((count as f64) * q).ceil() as u64;
+                let mut acc = 0;
+                for (b, n) in self.bounds.iter().zip(&self.buckets) {
+                    acc += n.load(Ordering::Relaxed);
+                    if acc >= want {
+                        return *b;
+                    }
+                }
+                u64::MAX
+            })
+            .collect()
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut acc = 0;
@@ -60,7 +78,9 @@ impl Histogram {
 const MICROS: &[u64] = &[
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
 ];
-const MILLIS: &[u64] = &[5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000];
+const MILLIS: &[u64] = &[
+    1, 2, 5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 250, 500, 1_000, 5_000, 30_000,
+];
 
 pub struct Metrics {
     pub allowed: Counter,

@@ -1,1 +1,227 @@
-fn main() {}
+//! `tollgate-bench`: authorize+commit throughput and latency of the quota engine against a real
+//! Redis, with the ledger sync to PostgreSQL running, and the sync lag. See BENCHMARKS.md.
+//!
+//! It drives the engine in-process (no HTTP) so the number is the engine's: key resolution,
+//! pricing, window computation, one EVALSHA per operation, and the sync worker writing the
+//! ledger in the background on the same two cores.
+//!
+//! Options (all optional): --seconds N (10) --concurrency N (64) --accounts N (1000)
+//! URLs: TOLLGATE_REDIS_URL (redis://127.0.0.1:6379), TOLLGATE_BENCH_DATABASE_URL
+//! (postgres://postgres@127.0.0.1:5432); a fresh database and key prefix are made per run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate_protocol::{CommitRequest, SpendRequest};
+use tollgate_sidecar::clock::SystemClock;
+use tollgate_sidecar::config::Config;
+
+const CONFIG: &str = r#"
+meters = ["requests", "tokens"]
+[plans.bench]
+limits = [
+  { meter = "requests", window = "minute", max = 1000000000 },
+  { meter = "tokens", window = "day", max = 1000000000000 },
+]
+[prices.default]
+requests = 1
+tokens = { credits = 2, per = 1000 }
+"#;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn redis_commands(url: &str) -> u64 {
+    let Ok(client) = redis::Client::open(url) else {
+        return 0;
+    };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+        return 0;
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let seconds = arg("--seconds", 10);
+    let concurrency = arg("--concurrency", 64) as usize;
+    let accounts = arg("--accounts", 1000) as usize;
+    let redis_url =
+        std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let pg = std::env::var("TOLLGATE_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let run = tollgate_sidecar::apikey::new_id("bench");
+
+    let mut cfg = Config::from_toml(CONFIG)?;
+    cfg.redis.url = redis_url.clone();
+    cfg.redis.key_prefix = run.clone();
+    cfg.postgres.url = format!("{pg}/tollgate_{run}");
+    cfg.server.admin_token = Some("bench".into());
+    let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;
+    let _bg = tollgate_sidecar::spawn_background(&engine);
+
+    eprintln!("setting up {accounts} accounts ...");
+    for i in 0..accounts {
+        let id = format!("a{i}");
+        engine
+            .create_account(serde_json::from_value(
+                serde_json::json!({"id": id, "plan": "bench"}),
+            )?)
+            .await?;
+        engine
+            .grant(
+                &id,
+                serde_json::from_value(
+                    serde_json::json!({"grant_id": "start", "amount": 1_000_000_000u64}),
+                )?,
+            )
+            .await?;
+    }
+    while engine.sync.sync_all().await? > 0 {}
+
+    eprintln!("running {seconds}s with {concurrency} concurrent callers ...");
+    let commands_before = redis_commands(&redis_url).await;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut auth_us, mut commit_us, mut errors) = (Vec::new(), Vec::new(), 0u64);
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let acct = format!("a{}", (t as u64 * 7919 + i) % accounts as u64);
+                let idem = format!("t{t}-{i}");
+                i += 1;
+                let req = SpendRequest {
+                    account: Some(acct),
+                    idempotency_key: idem,
+                    route: "default".into(),
+                    meters: [("requests".to_string(), 1), ("tokens".to_string(), 500)]
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                };
+                let t0 = Instant::now();
+                let d = match engine.authorize(req).await {
+                    Ok((d, _)) => d,
+                    Err(_) => {
+                        errors += 1;
+                        continue;
+                    }
+                };
+                auth_us.push(t0.elapsed().as_micros() as u64);
+                let Some(hold_id) = d.hold_id else {
+                    errors += 1;
+                    continue;
+                };
+                let c = CommitRequest {
+                    hold_id,
+                    route: "default".into(),
+                    meters: [("requests".to_string(), 1), ("tokens".to_string(), 321)]
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                };
+                let t1 = Instant::now();
+                match engine.commit(c).await {
+                    Ok(_) => commit_us.push(t1.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            (auth_us, commit_us, errors)
+        }));
+    }
+    let (mut auth, mut commit, mut errors) = (Vec::new(), Vec::new(), 0);
+    for t in tasks {
+        let (a, c, e) = t.await?;
+        auth.extend(a);
+        commit.extend(c);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let commands = redis_commands(&redis_url)
+        .await
+        .saturating_sub(commands_before);
+    // Drain: how long until the ledger has everything.
+    let t_drain = Instant::now();
+    while engine.sync.sync_all().await? > 0 {}
+    let drain_ms = t_drain.elapsed().as_millis();
+    auth.sort_unstable();
+    commit.sort_unstable();
+    let pairs = commit.len() as f64;
+    let lag = engine.metrics.sync_lag_ms.quantiles(&[0.5, 0.99]);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger")
+        .fetch_one(engine.ledger.pool())
+        .await?;
+
+    println!(
+        "tollgate-bench: {seconds}s, {concurrency} callers, {accounts} accounts, Redis {redis_url}"
+    );
+    println!("| metric | value |");
+    println!("|---|---|");
+    println!("| authorize/s | {:.0} |", auth.len() as f64 / elapsed);
+    println!("| authorize+commit pairs/s | {:.0} |", pairs / elapsed);
+    println!(
+        "| authorize p50 / p99 / p99.9 (µs) | {} / {} / {} |",
+        pct(&auth, 0.5),
+        pct(&auth, 0.99),
+        pct(&auth, 0.999)
+    );
+    println!(
+        "| commit p50 / p99 / p99.9 (µs) | {} / {} / {} |",
+        pct(&commit, 0.5),
+        pct(&commit, 0.99),
+        pct(&commit, 0.999)
+    );
+    println!("| errors | {errors} |");
+    println!(
+        "| Redis commands per authorize+commit | {:.2} |",
+        commands as f64 / pairs.max(1.0)
+    );
+    println!(
+        "| sync lag p50 / p99 (ms, histogram bucket bound) | ≤{} / ≤{} |",
+        lag[0], lag[1]
+    );
+    println!("| ledger drain after load (ms) | {drain_ms} |");
+    println!("| ledger rows written | {rows} |");
+
+    // Leave nothing behind: drop the run's keys and database.
+    let client = redis::Client::open(redis_url.as_str())?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{run}:*"))
+        .query_async(&mut c)
+        .await?;
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut c).await?;
+    }
+    engine.ledger.pool().close().await;
+    let admin = sqlx::PgPool::connect(&format!("{pg}/postgres")).await?;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS tollgate_{run} WITH (FORCE)"
+    ))
+    .execute(&admin)
+    .await?;
+    Ok(())
+}

@@ -90,7 +90,7 @@ impl Engine {
             holds: st
                 .holds
                 .into_iter()
-                .map(|(id, rec, exp)| (keys.hold(acct, &id), id, rec, exp))
+                .map(|(id, rec, fp, ares, exp)| (keys.hold(acct, &id), id, rec, fp, ares, exp))
                 .collect(),
         };
         self.store.load(acct, &args).await?;

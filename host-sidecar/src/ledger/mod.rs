@@ -43,8 +43,8 @@ pub struct AccountState {
     pub usage: Vec<(String, String, String, i64, i64)>,
     /// (grant id, order member, remaining)
     pub grants: Vec<(String, String, i64)>,
-    /// (hold id, record json, expires ms)
-    pub holds: Vec<(String, String, i64)>,
+    /// (hold id, record json, fingerprint, authorize answer json, expires ms)
+    pub holds: Vec<(String, String, String, String, i64)>,
     /// When the newest idempotent change of the account happened (unix ms).
     pub last_idempotent_ms: Option<i64>,
 }
@@ -251,7 +251,8 @@ impl Ledger {
         .fetch_all(&self.pool)
         .await?;
         let holds = sqlx::query_as(
-            "SELECT id, record::text, expires_at FROM holds WHERE account_id = $1 AND status = 'open'",
+            "SELECT id, record::text, fp, auth_result::text, expires_at FROM holds
+             WHERE account_id = $1 AND status = 'open'",
         )
         .bind(account)
         .fetch_all(&self.pool)

@@ -92,8 +92,18 @@ fn lock_key(prefix: &str, shard: u32) -> i64 {
     h as i64
 }
 
-/// (account, hold id, key id, credit, expires ms, record json, created ms)
-type NewHold = (String, String, Option<String>, i64, i64, String, i64);
+/// A hold created in this batch.
+struct NewHold {
+    account: String,
+    id: String,
+    key: Option<String>,
+    credit: i64,
+    expires: i64,
+    record: String,
+    fp: String,
+    auth_result: String,
+    created: i64,
+}
 /// Per shard: the (epoch, last applied id) this process last saw.
 type Seen = Arc<Vec<Mutex<Option<(String, String)>>>>;
 
@@ -156,16 +166,17 @@ impl Batch {
                     if fp.is_none() {
                         fp = rec.get("fp").and_then(Value::as_str).map(str::to_string);
                     }
-                    let exp = rec.get("exp").and_then(Value::as_i64).unwrap_or(0);
-                    self.holds_new.push((
-                        e.acct.clone(),
-                        hold.clone(),
-                        e.key.clone(),
-                        e.credit,
-                        exp,
-                        rec.to_string(),
-                        e.at,
-                    ));
+                    self.holds_new.push(NewHold {
+                        account: e.acct.clone(),
+                        id: hold.clone(),
+                        key: e.key.clone(),
+                        credit: e.credit,
+                        expires: rec.get("exp").and_then(Value::as_i64).unwrap_or(0),
+                        record: rec.to_string(),
+                        fp: fp.clone().unwrap_or_default(),
+                        auth_result: e.result.to_string(),
+                        created: e.at,
+                    });
                 }
             }
             "commit" | "release" | "expire" => {
@@ -308,33 +319,80 @@ impl Batch {
             .await?;
         }
 
-        for (acct, id, key, credit, exp, rec, at) in &self.holds_new {
+        if !self.holds_new.is_empty() {
+            // A hold id is created once per idempotency window; keep the last if it repeats.
+            let mut by_id: HashMap<(String, String), NewHold> = HashMap::new();
+            for h in self.holds_new {
+                by_id.insert((h.account.clone(), h.id.clone()), h);
+            }
+            let n = by_id.len();
+            let (mut a, mut id, mut k, mut c, mut e) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let (mut r, mut f, mut ar, mut at) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for h in by_id.into_values() {
+                a.push(h.account);
+                id.push(h.id);
+                k.push(h.key);
+                c.push(h.credit);
+                e.push(h.expires);
+                r.push(h.record);
+                f.push(h.fp);
+                ar.push(h.auth_result);
+                at.push(h.created);
+            }
             sqlx::query(
-                "INSERT INTO holds (account_id, id, key_id, status, credit, expires_at, record, created_at)
-                 VALUES ($1, $2, $3, 'open', $4, $5, $6::jsonb, $7)
+                "INSERT INTO holds (account_id, id, key_id, status, credit, expires_at, record, fp, auth_result, created_at)
+                 SELECT a, id, k, 'open', c, e, r::jsonb, f, ar::jsonb, at
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[],
+                   $7::text[], $8::text[], $9::int8[]) AS t(a, id, k, c, e, r, f, ar, at)
                  ON CONFLICT (account_id, id) DO UPDATE SET key_id = EXCLUDED.key_id, status = 'open',
                    credit = EXCLUDED.credit, expires_at = EXCLUDED.expires_at, record = EXCLUDED.record,
-                   created_at = EXCLUDED.created_at, result = NULL, settle_fp = NULL, resolved_at = NULL",
+                   fp = EXCLUDED.fp, auth_result = EXCLUDED.auth_result, created_at = EXCLUDED.created_at,
+                   result = NULL, settle_fp = NULL, resolved_at = NULL",
             )
-            .bind(acct)
+            .bind(a)
             .bind(id)
-            .bind(key)
-            .bind(credit)
-            .bind(exp)
-            .bind(rec)
+            .bind(k)
+            .bind(c)
+            .bind(e)
+            .bind(r)
+            .bind(f)
+            .bind(ar)
             .bind(at)
             .execute(&mut *tx)
             .await?;
         }
-        for (acct, id, status, result, fp, at) in &self.holds_settled {
+        if !self.holds_settled.is_empty() {
+            let (mut a, mut id, mut st, mut res, mut fp, mut at) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            for (acct, hid, status, result, f, when) in self.holds_settled {
+                a.push(acct);
+                id.push(hid);
+                st.push(status);
+                res.push(result);
+                fp.push(f);
+                at.push(when);
+            }
             sqlx::query(
-                "UPDATE holds SET status = $3, result = $4::jsonb, settle_fp = $5, resolved_at = $6
-                 WHERE account_id = $1 AND id = $2",
+                "UPDATE holds SET status = s.st, result = s.res::jsonb, settle_fp = s.fp, resolved_at = s.at
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])
+                   AS s(a, id, st, res, fp, at)
+                 WHERE holds.account_id = s.a AND holds.id = s.id",
             )
-            .bind(acct)
+            .bind(a)
             .bind(id)
-            .bind(status)
-            .bind(result)
+            .bind(st)
+            .bind(res)
             .bind(fp)
             .bind(at)
             .execute(&mut *tx)

@@ -64,12 +64,15 @@ pub struct SpendArgs<'a> {
     pub fp: &'a str,
     pub checked: bool,
     pub credit: u64,
+    /// Passed as ARGV[2], spliced into records as given.
+    #[serde(skip)]
     pub meters: &'a Meters,
     pub lims: &'a [LuaLimit],
     pub route: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Passed as ARGV[3].
+    #[serde(skip)]
     pub resource: Option<&'a Resource>,
     /// authorize: the hold id and its expiry.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -112,8 +115,8 @@ pub struct LoadArgs {
     pub counters: Vec<(String, i64, i64)>,
     /// [grant id, order member, remaining]
     pub grants: Vec<(String, String, i64)>,
-    /// [hold key, hold id, record json, expires ms]
-    pub holds: Vec<(String, String, String, i64)>,
+    /// [hold key, hold id, record json, fingerprint, authorize answer json, expires ms]
+    pub holds: Vec<(String, String, String, String, String, i64)>,
 }
 
 #[derive(Clone)]
@@ -183,6 +186,12 @@ impl RedisStore {
             .into_iter()
     }
 
+    /// ARGV of authorize and consume: the request, its meters and its resource as JSON.
+    fn spend_argv(a: &SpendArgs<'_>) -> [String; 3] {
+        let resource = a.resource.map(json).unwrap_or_default();
+        [json(a), json(a.meters), resource]
+    }
+
     pub async fn authorize(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
         let hold = a.hold.unwrap_or_default();
         let mut keys = vec![
@@ -194,7 +203,13 @@ impl RedisStore {
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        self.run(&self.scripts.authorize, &keys, &[&json(a)]).await
+        let argv = Self::spend_argv(a);
+        self.run(
+            &self.scripts.authorize,
+            &keys,
+            &[&argv[0], &argv[1], &argv[2]],
+        )
+        .await
     }
 
     pub async fn consume(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
@@ -206,7 +221,13 @@ impl RedisStore {
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        self.run(&self.scripts.consume, &keys, &[&json(a)]).await
+        let argv = Self::spend_argv(a);
+        self.run(
+            &self.scripts.consume,
+            &keys,
+            &[&argv[0], &argv[1], &argv[2]],
+        )
+        .await
     }
 
     pub async fn check(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
@@ -233,7 +254,8 @@ impl RedisStore {
 
     pub async fn commit(&self, acct: &str, a: &SettleArgs<'_>) -> Result<Reply, StoreError> {
         let keys = self.settle_keys(acct, a.hold);
-        self.run(&self.scripts.commit, &keys, &[&json(a)]).await
+        self.run(&self.scripts.commit, &keys, &[&json(a), &json(a.meters)])
+            .await
     }
 
     /// `status` is `released` (a caller cancelled) or `expired` (the sweeper).
