@@ -8,10 +8,7 @@
 -- KEYS[5] grant order             tg:{s}:a:<acct>:go             (lex zset)
 -- KEYS[6] grant remaining         tg:{s}:a:<acct>:gr             (hash gid -> remaining)
 -- KEYS[7..] one usage counter per limit, in the order of lims
--- ARGV[1] JSON {now, acct, key, idem, hold, fp, exp, checked, credit, route, model,
---         lims: [{scope, meter, period, amt, max, end, name}]}
--- ARGV[2] the estimated meters as JSON (recorded as given)
--- ARGV[3] the resource as JSON, or ""
+-- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits)
 -- Returns {kind, json}:
 --   ok       {hold, exp, credits, balance, limit}   the hold was created
 --   replay   the first ok, unchanged                this request id already holds
@@ -19,7 +16,7 @@
 --   conflict ""   the request id was used with a different request
 --   cold     ""   account state not in Redis: load it from the ledger and retry
 --   recheck  ""   just after a cold load: ask PostgreSQL whether this request id was used
-local req = cjson.decode(ARGV[1])
+local req = spend_req()
 local recheck_until = account_state(KEYS[1])
 if recheck_until == nil then return reply('cold') end
 
@@ -61,12 +58,12 @@ for i, l in ipairs(req.lims) do
   ctr[i] = {KEYS[6 + i], l.scope, l.meter, l.period, l.amt, l['end']}
 end
 local rec = jobj({'acct', req.acct, 'key', req.key, 'exp', req.exp, 'credit', req.credit,
-  'draws', jrows(draws), 'ctr', jrows(ctr), 'meters', raw(ARGV[2]), 'route', req.route,
+  'draws', jrows(draws), 'ctr', jrows(ctr), 'meters', raw(req.meters), 'route', req.route,
   'model', req.model, 'at', req.now, 'fp', req.fp})
 redis.call('HSET', KEYS[3], 's', 'open', 'f', req.fp, 'a', res, 'd', rec)
 redis.call('ZADD', KEYS[4], req.exp, req.hold)
 emit(KEYS[2], {'t', 'hold', 'acct', req.acct, 'key', req.key, 'hold', req.hold, 'idem', req.idem,
-  'fp', req.fp, 'at', req.now, 'credit', req.credit, 'meters', raw(ARGV[2]), 'route', req.route,
-  'model', req.model, 'resource', raw(ARGV[3]), 'u', jrows(u), 'g', jrows(g), 'x', jrows(x),
+  'fp', req.fp, 'at', req.now, 'credit', req.credit, 'meters', raw(req.meters), 'route', req.route,
+  'model', req.model, 'resource', raw(req.resource), 'u', jrows(u), 'g', jrows(g), 'x', jrows(x),
   'rec', raw(rec), 'result', raw(res)})
 return reply('ok', res)

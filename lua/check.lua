@@ -4,9 +4,9 @@
 --
 -- KEYS[1] account state hash, KEYS[2] grant order zset, KEYS[3] grant remaining hash,
 -- KEYS[4..] one usage counter per limit
--- ARGV[1] JSON {now, credit, lims}
+-- ARGV as for authorize (see spend_req in lib.lua)
 -- Returns {kind, json}: ok {credits, balance, limit} | deny {reason, limit, credits, balance} | cold
-local req = cjson.decode(ARGV[1])
+local req = spend_req()
 if account_state(KEYS[1]) == nil then return reply('cold') end
 local denied, a, b = eval_limits(req.lims, 4)
 if denied then

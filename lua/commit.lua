@@ -6,8 +6,7 @@
 -- KEYS[1] account state hash   KEYS[2] outbox stream   KEYS[3] hold record (hash)
 -- KEYS[4] open holds zset      KEYS[5] grant order     KEYS[6] grant remaining
 -- (The hold's usage counters are named in the hold record; they share the hash tag.)
--- ARGV[1] JSON {now, hold, fp, meters, credit, idem_ttl_ms}
--- ARGV[2] the actual meters as JSON (recorded as given)
+-- ARGV: see settle_req in lib.lua (now, hold id, fingerprint, credit, ttl, meters)
 -- Returns {kind, json}: ok {hold, status, credits, shortfall, meters} | replay (same) |
 --   resolved {status} (already settled otherwise) | gone (no such hold in Redis) | cold
-return settle_hold(cjson.decode(ARGV[1]), ARGV[2], 'committed')
+return settle_hold(settle_req(), 'committed')

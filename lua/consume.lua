@@ -5,10 +5,9 @@
 -- KEYS[3] idempotency record      tg:{s}:i:<acct>:consume:<idempotency key>  (hash f, a)
 -- KEYS[4] grant order zset        KEYS[5] grant remaining hash
 -- KEYS[6..] one usage counter per limit
--- ARGV[1] JSON {now, acct, key, idem, fp, checked, idem_ttl_ms, credit, lims, route, model}
--- ARGV[2] the meters as JSON      ARGV[3] the resource as JSON, or ""
+-- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits)
 -- Returns {kind, json}: ok {credits, balance, limit} | replay (first ok) | deny | conflict | cold | recheck
-local req = cjson.decode(ARGV[1])
+local req = spend_req()
 local recheck_until = account_state(KEYS[1])
 if recheck_until == nil then return reply('cold') end
 
@@ -42,6 +41,6 @@ local res = jobj({'credits', req.credit, 'balance', balance, 'limit', limit_stat
 redis.call('HSET', KEYS[3], 'f', req.fp, 'a', res)
 redis.call('PEXPIRE', KEYS[3], req.idem_ttl_ms)
 emit(KEYS[2], {'t', 'consume', 'acct', req.acct, 'key', req.key, 'idem', req.idem, 'fp', req.fp,
-  'at', req.now, 'credit', req.credit, 'meters', raw(ARGV[2]), 'route', req.route, 'model', req.model,
-  'resource', raw(ARGV[3]), 'u', jrows(u), 'g', jrows(g), 'x', jrows(x), 'result', raw(res)})
+  'at', req.now, 'credit', req.credit, 'meters', raw(req.meters), 'route', req.route, 'model', req.model,
+  'resource', raw(req.resource), 'u', jrows(u), 'g', jrows(g), 'x', jrows(x), 'result', raw(res)})
 return reply('ok', res)

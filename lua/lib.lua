@@ -60,6 +60,44 @@ local function jrows(rows)
   return raw('[' .. table.concat(out, ',') .. ']')
 end
 
+-- The arguments of authorize, consume and check:
+--   ARGV[1] now  [2] account  [3] key id or ""  [4] idempotency key  [5] request fingerprint
+--   [6] "1" if the ledger was already asked about the idempotency key (after a cold load)
+--   [7] credit  [8] route  [9] model or ""  [10] hold id or ""  [11] hold expiry (ms)
+--   [12] idempotency record ttl (ms)  [13] meters as JSON  [14] resource as JSON or ""
+--   [15] number of limits, then 7 per limit: scope, meter, period, amount, max, period end, name
+-- The counter of limit i is KEYS[first + i - 1] (first is given by each script).
+local function spend_req()
+  local function opt(s) if s == '' then return nil end return s end
+  local req = {
+    now = tonumber(ARGV[1]), acct = ARGV[2], key = opt(ARGV[3]), idem = ARGV[4], fp = ARGV[5],
+    checked = ARGV[6] == '1', credit = tonumber(ARGV[7]), route = ARGV[8], model = opt(ARGV[9]),
+    hold = opt(ARGV[10]), exp = tonumber(ARGV[11]), idem_ttl_ms = tonumber(ARGV[12]),
+    meters = ARGV[13], resource = ARGV[14], lims = {},
+  }
+  local n = tonumber(ARGV[15])
+  for i = 1, n do
+    local b = 15 + (i - 1) * 7
+    req.lims[i] = {scope = ARGV[b + 1], meter = ARGV[b + 2], period = ARGV[b + 3],
+      amt = tonumber(ARGV[b + 4]), max = tonumber(ARGV[b + 5]), ['end'] = tonumber(ARGV[b + 6]),
+      name = ARGV[b + 7]}
+  end
+  return req
+end
+
+-- The arguments of commit and release:
+--   ARGV[1] now  [2] hold id  [3] settle fingerprint  [4] credit  [5] idempotency ttl (ms)
+--   [6] actual meters as JSON  [7] number of meters, then 2 per meter: name, amount
+local function settle_req()
+  local req = {now = tonumber(ARGV[1]), hold = ARGV[2], fp = ARGV[3], credit = tonumber(ARGV[4]),
+    idem_ttl_ms = tonumber(ARGV[5]), meters_json = ARGV[6], meters = {}}
+  local n = tonumber(ARGV[7] or '0')
+  for i = 1, n do
+    req.meters[ARGV[6 + i * 2]] = tonumber(ARGV[7 + i * 2])
+  end
+  return req
+end
+
 -- Grants live in a lex-ordered zset (all scores 0) whose members sort in spending order:
 -- "PPPP|EEEEEEEEEEEEEE|CCCCCCCCCCCCCC|grant_id" = priority, expiry (ms), creation (ms), id.
 -- The remaining amount is in a hash keyed by grant id.
@@ -238,11 +276,11 @@ end
 -- records one event. Shared by commit.lua and release.lua.
 --
 -- KEYS: 1 account state, 2 outbox, 3 hold record, 4 open holds zset, 5 grant order, 6 grant remaining
--- req: {now, hold, fp, meters, credit, idem_ttl_ms}; meters_raw: the same meters as JSON
--- status: committed | released | expired
+-- req: see settle_req; status: committed | released | expired
 local EVENT_OF = {committed = 'commit', released = 'release', expired = 'expire'}
 
-local function settle_hold(req, meters_raw, status)
+local function settle_hold(req, status)
+  local meters_raw = req.meters_json
   if account_state(KEYS[1]) == nil then return reply('cold') end
   local rec = redis.call('HMGET', KEYS[3], 's', 'd', 'sf', 'sr')
   if not rec[1] then return reply('gone') end
@@ -252,8 +290,11 @@ local function settle_hold(req, meters_raw, status)
   end
   local h = cjson.decode(rec[2])
   local committing = status == 'committed'
-  local meters = {}
-  if committing and req.meters then meters = req.meters else meters_raw = '{}' end
+  local meters = req.meters
+  if not committing then
+    meters = {}
+    meters_raw = '{}'
+  end
 
   local u = {}
   for _, c in ipairs(h.ctr or {}) do

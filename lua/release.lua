@@ -3,12 +3,11 @@
 --
 -- KEYS[1] account state hash   KEYS[2] outbox stream   KEYS[3] hold record (hash)
 -- KEYS[4] open holds zset      KEYS[5] grant order     KEYS[6] grant remaining
--- ARGV[1] JSON {now, hold, fp, idem_ttl_ms}
--- ARGV[2] `released` (caller) or `expired` (sweeper)
+-- ARGV: see settle_req in lib.lua, then ARGV[8] `released` (caller) or `expired` (sweeper)
 -- Returns {kind, json}: ok {hold, status, credits: 0, ...} | replay | resolved {status} | gone | cold
-local status = ARGV[2]
+local status = ARGV[8]
 if status ~= 'released' and status ~= 'expired' then return redis.error_reply('bad status') end
-local req = cjson.decode(ARGV[1])
+local req = settle_req()
 if status == 'expired' then
   -- The sweeper races with commits: only expire what is really past its expiry.
   local rec = redis.call('HMGET', KEYS[3], 's', 'd')
@@ -16,4 +15,4 @@ if status == 'expired' then
     return reply('resolved', jobj({'status', 'open'}))
   end
 end
-return settle_hold(req, '{}', status)
+return settle_hold(req, status)

@@ -42,7 +42,7 @@ pub enum StoreError {
 }
 
 /// One limit as the scripts see it: the counter of (scope, meter, period) may reach `max`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct LuaLimit {
     pub scope: String,
     pub meter: String,
@@ -53,36 +53,64 @@ pub struct LuaLimit {
     pub name: String,
 }
 
-/// The argument of authorize / consume / check.
-#[derive(Debug, Serialize)]
+/// The arguments of authorize / consume / check (see `spend_req` in `lua/lib.lua`).
+#[derive(Debug)]
 pub struct SpendArgs<'a> {
     pub now: u64,
     pub acct: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<&'a str>,
     pub idem: &'a str,
     pub fp: &'a str,
     pub checked: bool,
     pub credit: u64,
-    /// Passed as ARGV[2], spliced into records as given.
-    #[serde(skip)]
     pub meters: &'a Meters,
     pub lims: &'a [LuaLimit],
     pub route: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<&'a str>,
-    /// Passed as ARGV[3].
-    #[serde(skip)]
     pub resource: Option<&'a Resource>,
     /// authorize: the hold id and its expiry.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub hold: Option<&'a str>,
     pub exp: u64,
     pub idem_ttl_ms: u64,
 }
 
-/// The argument of commit / release.
-#[derive(Debug, Serialize)]
+impl SpendArgs<'_> {
+    fn argv(&self) -> Vec<String> {
+        let mut v = Vec::with_capacity(15 + self.lims.len() * 7);
+        v.extend([
+            self.now.to_string(),
+            self.acct.to_string(),
+            self.key.unwrap_or_default().to_string(),
+            self.idem.to_string(),
+            self.fp.to_string(),
+            if self.checked { "1" } else { "0" }.to_string(),
+            self.credit.to_string(),
+            self.route.to_string(),
+            self.model.unwrap_or_default().to_string(),
+            self.hold.unwrap_or_default().to_string(),
+            self.exp.to_string(),
+            self.idem_ttl_ms.to_string(),
+            json(self.meters),
+            self.resource.map(json).unwrap_or_default(),
+            self.lims.len().to_string(),
+        ]);
+        for l in self.lims {
+            v.extend([
+                l.scope.clone(),
+                l.meter.clone(),
+                l.period.clone(),
+                l.amt.to_string(),
+                l.max.to_string(),
+                l.end.to_string(),
+                l.name.clone(),
+            ]);
+        }
+        v
+    }
+}
+
+/// The arguments of commit / release (see `settle_req` in `lua/lib.lua`).
+#[derive(Debug)]
 pub struct SettleArgs<'a> {
     pub now: u64,
     pub hold: &'a str,
@@ -90,6 +118,25 @@ pub struct SettleArgs<'a> {
     pub meters: &'a Meters,
     pub credit: u64,
     pub idem_ttl_ms: u64,
+}
+
+impl SettleArgs<'_> {
+    fn argv(&self) -> Vec<String> {
+        let mut v = vec![
+            self.now.to_string(),
+            self.hold.to_string(),
+            self.fp.to_string(),
+            self.credit.to_string(),
+            self.idem_ttl_ms.to_string(),
+            json(self.meters),
+            self.meters.len().to_string(),
+        ];
+        for (m, a) in self.meters {
+            v.push(m.clone());
+            v.push(a.to_string());
+        }
+        v
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -154,14 +201,14 @@ impl RedisStore {
         &self,
         script: &redis::Script,
         keys: &[String],
-        args: &[&str],
+        args: &[String],
     ) -> Result<Reply, StoreError> {
         let mut inv = script.prepare_invoke();
         for k in keys {
             inv.key(k);
         }
         for a in args {
-            inv.arg(*a);
+            inv.arg(a.as_str());
         }
         let mut conn = self.conn.clone();
         let (kind, body): (String, String) = inv.invoke_async(&mut conn).await?;
@@ -186,12 +233,6 @@ impl RedisStore {
             .into_iter()
     }
 
-    /// ARGV of authorize and consume: the request, its meters and its resource as JSON.
-    fn spend_argv(a: &SpendArgs<'_>) -> [String; 3] {
-        let resource = a.resource.map(json).unwrap_or_default();
-        [json(a), json(a.meters), resource]
-    }
-
     pub async fn authorize(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
         let hold = a.hold.unwrap_or_default();
         let mut keys = vec![
@@ -203,13 +244,7 @@ impl RedisStore {
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        let argv = Self::spend_argv(a);
-        self.run(
-            &self.scripts.authorize,
-            &keys,
-            &[&argv[0], &argv[1], &argv[2]],
-        )
-        .await
+        self.run(&self.scripts.authorize, &keys, &a.argv()).await
     }
 
     pub async fn consume(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
@@ -221,13 +256,7 @@ impl RedisStore {
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        let argv = Self::spend_argv(a);
-        self.run(
-            &self.scripts.consume,
-            &keys,
-            &[&argv[0], &argv[1], &argv[2]],
-        )
-        .await
+        self.run(&self.scripts.consume, &keys, &a.argv()).await
     }
 
     pub async fn check(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
@@ -237,7 +266,7 @@ impl RedisStore {
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        self.run(&self.scripts.check, &keys, &[&json(a)]).await
+        self.run(&self.scripts.check, &keys, &a.argv()).await
     }
 
     fn settle_keys(&self, acct: &str, hold: &str) -> Vec<String> {
@@ -254,8 +283,7 @@ impl RedisStore {
 
     pub async fn commit(&self, acct: &str, a: &SettleArgs<'_>) -> Result<Reply, StoreError> {
         let keys = self.settle_keys(acct, a.hold);
-        self.run(&self.scripts.commit, &keys, &[&json(a), &json(a.meters)])
-            .await
+        self.run(&self.scripts.commit, &keys, &a.argv()).await
     }
 
     /// `status` is `released` (a caller cancelled) or `expired` (the sweeper).
@@ -266,8 +294,9 @@ impl RedisStore {
         status: &str,
     ) -> Result<Reply, StoreError> {
         let keys = self.settle_keys(acct, a.hold);
-        self.run(&self.scripts.release, &keys, &[&json(a), status])
-            .await
+        let mut argv = a.argv();
+        argv.push(status.to_string());
+        self.run(&self.scripts.release, &keys, &argv).await
     }
 
     pub async fn grant(&self, a: &GrantArgs<'_>) -> Result<Reply, StoreError> {
@@ -278,7 +307,7 @@ impl RedisStore {
             self.keys.grant_remaining(a.acct),
             self.keys.idempotency(a.acct, "grant", a.gid),
         ];
-        self.run(&self.scripts.grant, &keys, &[&json(a)]).await
+        self.run(&self.scripts.grant, &keys, &[json(a)]).await
     }
 
     pub async fn load(&self, acct: &str, a: &LoadArgs) -> Result<Reply, StoreError> {
@@ -288,6 +317,6 @@ impl RedisStore {
             self.keys.grant_remaining(acct),
             self.keys.holds(self.keys.shard_of(acct)),
         ];
-        self.run(&self.scripts.load, &keys, &[&json(a)]).await
+        self.run(&self.scripts.load, &keys, &[json(a)]).await
     }
 }
