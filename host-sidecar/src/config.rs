@@ -460,6 +460,15 @@ tokens = { credits = 600, per = 1000 }
     }
 
     #[test]
+    fn the_shipped_configuration_is_valid() {
+        let cfg = Config::from_toml(include_str!("../tollgate.toml")).unwrap();
+        assert!(cfg.plans.contains_key("free") && cfg.plans.contains_key("pro"));
+        let m = [("output_tokens".to_string(), 1000)].into_iter().collect();
+        assert_eq!(cfg.price("chat", Some("gpt-4o-mini"), &m), Some(60));
+        assert_eq!(cfg.price("chat", None, &m), Some(600));
+    }
+
+    #[test]
     fn environment_overrides_urls_and_secrets() {
         let mut cfg = Config::from_toml(BASE).unwrap();
         cfg.apply_env(|k| (k == "TOLLGATE_REDIS_URL").then(|| "redis://other:1".to_string()));
