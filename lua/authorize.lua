@@ -28,22 +28,17 @@ end
 if recheck_until > req.now and not req.checked then return reply('recheck') end
 
 local denied, a, b = eval_limits(req.lims, 7)
-if denied then
-  return reply('deny', jobj({'reason', 'limit', 'limit', limit_state(denied, denied.max - a), 'credits', req.credit}))
-end
+if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
 local tight, tight_rem = a, b
 
 local balance, live, expired = nil, nil, nil
 if req.credit > 0 then
   balance, live, expired = read_grants(KEYS[5], KEYS[6], req.now)
-  if balance < req.credit then
-    return reply('deny', jobj({'reason', 'credits', 'limit', limit_state(tight, tight_rem), 'credits', req.credit,
-      'balance', balance}))
-  end
+  if balance < req.credit then return deny('credits', tight, tight_rem, req.credit_s, balance) end
 end
 
 -- Admitted: charge counters, draw credit, record the hold.
-local u = charge_counters(req.lims, 7, req.now)
+local uj, cj = charge_counters(req.lims, 7, req.now)
 local g, x, draws = {}, {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[5], KEYS[6], expired, x)
@@ -51,19 +46,17 @@ if req.credit > 0 then
   balance = balance - req.credit
 end
 
-local res = jobj({'hold', req.hold, 'exp', req.exp, 'credits', req.credit, 'balance', balance,
-  'limit', limit_state(tight, tight_rem)})
-local ctr = {}
-for i, l in ipairs(req.lims) do
-  ctr[i] = {KEYS[6 + i], l.scope, l.meter, l.period, l.amt, l['end']}
-end
-local rec = jobj({'acct', req.acct, 'key', req.key, 'exp', req.exp, 'credit', req.credit,
-  'draws', jrows(draws), 'ctr', jrows(ctr), 'meters', raw(req.meters), 'route', req.route,
-  'model', req.model, 'at', req.now, 'fp', req.fp})
+local res = '{"hold":"' .. req.hold .. '","exp":' .. req.exp_s .. ',"credits":' .. req.credit_s ..
+  fr('balance', balance) .. fr('limit', limit_state(tight, tight_rem)) .. '}'
+local rec = '{"acct":"' .. req.acct .. '"' .. fs('key', req.key) .. ',"exp":' .. req.exp_s ..
+  ',"credit":' .. req.credit_s .. fr('draws', rows_json(draws)) .. fr('ctr', cj) .. ',"meters":' ..
+  req.meters .. ',"route":"' .. req.route .. '"' .. fs('model', req.model) .. ',"at":' .. req.now_s ..
+  ',"fp":"' .. req.fp .. '"}'
 redis.call('HSET', KEYS[3], 's', 'open', 'f', req.fp, 'a', res, 'd', rec)
-redis.call('ZADD', KEYS[4], req.exp, req.hold)
-emit(KEYS[2], {'t', 'hold', 'acct', req.acct, 'key', req.key, 'hold', req.hold, 'idem', req.idem,
-  'fp', req.fp, 'at', req.now, 'credit', req.credit, 'meters', raw(req.meters), 'route', req.route,
-  'model', req.model, 'resource', raw(req.resource), 'u', jrows(u), 'g', jrows(g), 'x', jrows(x),
-  'rec', raw(rec), 'result', raw(res)})
+redis.call('ZADD', KEYS[4], req.exp_s, req.hold)
+emit(KEYS[2], '{"t":"hold","acct":"' .. req.acct .. '"' .. fs('key', req.key) .. ',"hold":"' .. req.hold ..
+  '","idem":"' .. req.idem .. '","fp":"' .. req.fp .. '","at":' .. req.now_s .. ',"credit":' .. req.credit_s ..
+  ',"meters":' .. req.meters .. ',"route":"' .. req.route .. '"' .. fs('model', req.model) ..
+  fr('resource', req.resource) .. fr('u', uj) .. fr('g', rows_json(g)) .. fr('x', rows_json(x)) ..
+  ',"rec":' .. rec .. ',"result":' .. res .. '}')
 return reply('ok', res)

@@ -9,11 +9,8 @@
 local req = spend_req()
 if account_state(KEYS[1]) == nil then return reply('cold') end
 local denied, a, b = eval_limits(req.lims, 4)
-if denied then
-  return reply('deny', jobj({'reason', 'limit', 'limit', limit_state(denied, denied.max - a), 'credits', req.credit}))
-end
+if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
 local balance = read_grants(KEYS[2], KEYS[3], req.now)
-if balance < req.credit then
-  return reply('deny', jobj({'reason', 'credits', 'limit', limit_state(a, b), 'credits', req.credit, 'balance', balance}))
-end
-return reply('ok', jobj({'credits', req.credit, 'balance', balance - req.credit, 'limit', limit_state(a, b)}))
+if balance < req.credit then return deny('credits', a, b, req.credit_s, balance) end
+return reply('ok', '{"credits":' .. req.credit_s .. ',"balance":' .. (balance - req.credit) ..
+  fr('limit', limit_state(a, b)) .. '}')

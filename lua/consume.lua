@@ -19,28 +19,25 @@ end
 if recheck_until > req.now and not req.checked then return reply('recheck') end
 
 local denied, a, b = eval_limits(req.lims, 6)
-if denied then
-  return reply('deny', jobj({'reason', 'limit', 'limit', limit_state(denied, denied.max - a), 'credits', req.credit}))
-end
+if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
 local balance, live, expired = nil, nil, nil
 if req.credit > 0 then
   balance, live, expired = read_grants(KEYS[4], KEYS[5], req.now)
-  if balance < req.credit then
-    return reply('deny', jobj({'reason', 'credits', 'limit', limit_state(a, b), 'credits', req.credit, 'balance', balance}))
-  end
+  if balance < req.credit then return deny('credits', a, b, req.credit_s, balance) end
 end
 
-local u = charge_counters(req.lims, 6, req.now)
+local uj = charge_counters(req.lims, 6, req.now)
 local g, x = {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[4], KEYS[5], expired, x)
   draw(KEYS[4], KEYS[5], live, req.credit, g)
   balance = balance - req.credit
 end
-local res = jobj({'credits', req.credit, 'balance', balance, 'limit', limit_state(a, b)})
+local res = '{"credits":' .. req.credit_s .. fr('balance', balance) .. fr('limit', limit_state(a, b)) .. '}'
 redis.call('HSET', KEYS[3], 'f', req.fp, 'a', res)
 redis.call('PEXPIRE', KEYS[3], req.idem_ttl_ms)
-emit(KEYS[2], {'t', 'consume', 'acct', req.acct, 'key', req.key, 'idem', req.idem, 'fp', req.fp,
-  'at', req.now, 'credit', req.credit, 'meters', raw(req.meters), 'route', req.route, 'model', req.model,
-  'resource', raw(req.resource), 'u', jrows(u), 'g', jrows(g), 'x', jrows(x), 'result', raw(res)})
+emit(KEYS[2], '{"t":"consume","acct":"' .. req.acct .. '"' .. fs('key', req.key) .. ',"idem":"' .. req.idem ..
+  '","fp":"' .. req.fp .. '","at":' .. req.now_s .. ',"credit":' .. req.credit_s .. ',"meters":' .. req.meters ..
+  ',"route":"' .. req.route .. '"' .. fs('model', req.model) .. fr('resource', req.resource) .. fr('u', uj) ..
+  fr('g', rows_json(g)) .. fr('x', rows_json(x)) .. ',"result":' .. res .. '}')
 return reply('ok', res)

@@ -33,7 +33,7 @@ redis.call('HSET', KEYS[5], 'f', req.fp, 'a', res)
 redis.call('PEXPIRE', KEYS[5], req.idem_ttl_ms)
 local grant = jobj({'id', req.gid, 'member', member, 'amount', req.amount, 'priority', req.priority,
   'expires', req.expires, 'source', req.source})
-emit(KEYS[2], {'t', 'grant', 'acct', req.acct, 'idem', req.gid, 'fp', req.fp, 'at', req.now,
+emit(KEYS[2], jobj({'t', 'grant', 'acct', req.acct, 'idem', req.gid, 'fp', req.fp, 'at', req.now,
   'credit', req.amount, 'grant', raw(grant), 'g', jrows({{req.gid, req.amount}}), 'x', jrows(x),
-  'result', raw(res)})
+  'result', raw(res)}))
 return reply('ok', res)

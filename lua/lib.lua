@@ -60,6 +60,17 @@ local function jrows(rows)
   return raw('[' .. table.concat(out, ',') .. ']')
 end
 
+-- Hot paths build JSON with one concatenation expression per object (Lua compiles `a .. b .. c`
+-- into a single allocation); these give the optional `,"key":value` parts.
+local function fs(k, v) -- string value
+  if v == nil then return '' end
+  return ',"' .. k .. '":"' .. v .. '"'
+end
+local function fr(k, v) -- number or ready-made JSON
+  if v == nil or v == '' then return '' end
+  return ',"' .. k .. '":' .. v
+end
+
 -- The arguments of authorize, consume and check:
 --   ARGV[1] now  [2] account  [3] key id or ""  [4] idempotency key  [5] request fingerprint
 --   [6] "1" if the ledger was already asked about the idempotency key (after a cold load)
@@ -69,18 +80,20 @@ end
 -- The counter of limit i is KEYS[first + i - 1] (first is given by each script).
 local function spend_req()
   local function opt(s) if s == '' then return nil end return s end
+  -- Numbers are kept in their argument form too (`*_s`): printing a Lua number costs more
+  -- than everything else a JSON field needs.
   local req = {
-    now = tonumber(ARGV[1]), acct = ARGV[2], key = opt(ARGV[3]), idem = ARGV[4], fp = ARGV[5],
-    checked = ARGV[6] == '1', credit = tonumber(ARGV[7]), route = ARGV[8], model = opt(ARGV[9]),
-    hold = opt(ARGV[10]), exp = tonumber(ARGV[11]), idem_ttl_ms = tonumber(ARGV[12]),
-    meters = ARGV[13], resource = ARGV[14], lims = {},
+    now = tonumber(ARGV[1]), now_s = ARGV[1], acct = ARGV[2], key = opt(ARGV[3]), idem = ARGV[4],
+    fp = ARGV[5], checked = ARGV[6] == '1', credit = tonumber(ARGV[7]), credit_s = ARGV[7],
+    route = ARGV[8], model = opt(ARGV[9]), hold = opt(ARGV[10]), exp = tonumber(ARGV[11]),
+    exp_s = ARGV[11], idem_ttl_ms = ARGV[12], meters = ARGV[13], resource = opt(ARGV[14]), lims = {},
   }
   local n = tonumber(ARGV[15])
   for i = 1, n do
     local b = 15 + (i - 1) * 7
     req.lims[i] = {scope = ARGV[b + 1], meter = ARGV[b + 2], period = ARGV[b + 3],
-      amt = tonumber(ARGV[b + 4]), max = tonumber(ARGV[b + 5]), ['end'] = tonumber(ARGV[b + 6]),
-      name = ARGV[b + 7]}
+      amt = tonumber(ARGV[b + 4]), amt_s = ARGV[b + 4], max = tonumber(ARGV[b + 5]),
+      max_s = ARGV[b + 5], ['end'] = tonumber(ARGV[b + 6]), end_s = ARGV[b + 6], name = ARGV[b + 7]}
   end
   return req
 end
@@ -89,8 +102,8 @@ end
 --   ARGV[1] now  [2] hold id  [3] settle fingerprint  [4] credit  [5] idempotency ttl (ms)
 --   [6] actual meters as JSON  [7] number of meters, then 2 per meter: name, amount
 local function settle_req()
-  local req = {now = tonumber(ARGV[1]), hold = ARGV[2], fp = ARGV[3], credit = tonumber(ARGV[4]),
-    idem_ttl_ms = tonumber(ARGV[5]), meters_json = ARGV[6], meters = {}}
+  local req = {now = tonumber(ARGV[1]), now_s = ARGV[1], hold = ARGV[2], fp = ARGV[3],
+    credit = tonumber(ARGV[4]), idem_ttl_ms = ARGV[5], meters_json = ARGV[6], meters = {}}
   local n = tonumber(ARGV[7] or '0')
   for i = 1, n do
     req.meters[ARGV[6 + i * 2]] = tonumber(ARGV[7 + i * 2])
@@ -215,18 +228,23 @@ local function counter_ttl(pend, now)
 end
 
 -- Adds each limit's amount to its counter; new counters expire an hour after their window.
--- Returns usage deltas {scope, meter, period, delta, end}.
+-- Returns the usage deltas [[scope, meter, period, delta, end], ...] and the counters
+-- [[key, scope, meter, period, amount, end], ...] as JSON (nil when empty).
 local function charge_counters(lims, first, now)
-  local u = {}
+  local u, ctr = {}, {}
   for i, l in ipairs(lims) do
+    local k = KEYS[first + i - 1]
     if l.amt > 0 then
-      local k = KEYS[first + i - 1]
       local v = redis.call('INCRBY', k, l.amt)
       if v == l.amt and l['end'] > 0 then redis.call('PEXPIRE', k, math.max(1, counter_ttl(l['end'], now))) end
-      u[#u + 1] = {l.scope, l.meter, l.period, l.amt, l['end']}
+      u[#u + 1] = '["' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s .. ']'
     end
+    ctr[i] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s .. ']'
   end
-  return u
+  local uj, cj = nil, nil
+  if #u > 0 then uj = '[' .. table.concat(u, ',') .. ']' end
+  if #ctr > 0 then cj = '[' .. table.concat(ctr, ',') .. ']' end
+  return uj, cj
 end
 
 -- Applies a delta to a stored counter (commit/release), never below zero. Returns the delta
@@ -242,16 +260,29 @@ local function adjust_counter(key, delta, pend, now)
   return delta
 end
 
--- The state of a limit as JSON (raw), or nil.
+-- The state of a limit as JSON, or nil.
 local function limit_state(l, remaining)
   if l == nil then return nil end
   if remaining < 0 then remaining = 0 end
-  return raw(jobj({'name', l.name, 'max', l.max, 'remaining', remaining, 'reset_ms', l['end']}))
+  return '{"name":"' .. l.name .. '","max":' .. l.max_s .. ',"remaining":' .. remaining ..
+    ',"reset_ms":' .. l.end_s .. '}'
 end
 
--- Appends one ledger event (a flat key/value list, see jobj) to the shard's outbox.
-local function emit(outbox, kv)
-  redis.call('XADD', outbox, '*', 'e', jobj(kv))
+-- A deny reply.
+local function deny(reason, l, remaining, credit_s, balance)
+  return {'deny', '{"reason":"' .. reason .. '"' .. fr('limit', limit_state(l, remaining)) ..
+    ',"credits":' .. credit_s .. fr('balance', balance) .. '}'}
+end
+
+-- Appends one ledger event (a JSON object) to the shard's outbox.
+local function emit(outbox, event)
+  redis.call('XADD', outbox, '*', 'e', event)
+end
+
+local function rows_json(rows)
+  local j = jrows(rows)
+  if j == nil then return nil end
+  return j[1]
 end
 
 -- An account's state is present only after it was loaded (from the ledger, or empty for a new
@@ -299,8 +330,12 @@ local function settle_hold(req, status)
   local u = {}
   for _, c in ipairs(h.ctr or {}) do
     local d = adjust_counter(c[1], num(meters[c[3]]) - c[5], c[6], req.now)
-    if d ~= 0 then u[#u + 1] = {c[2], c[3], c[4], d, c[6]} end
+    if d ~= 0 then
+      u[#u + 1] = '["' .. c[2] .. '","' .. c[3] .. '","' .. c[4] .. '",' .. d .. ',' .. c[6] .. ']'
+    end
   end
+  local uj = nil
+  if #u > 0 then uj = '[' .. table.concat(u, ',') .. ']' end
 
   local want = 0
   if committing then want = req.credit end
@@ -316,13 +351,14 @@ local function settle_hold(req, status)
     charged = want - left
   end
 
-  local res = jobj({'hold', req.hold, 'status', status, 'credits', charged, 'shortfall', short,
-    'meters', raw(meters_raw)})
+  local res = '{"hold":"' .. req.hold .. '","status":"' .. status .. '","credits":' .. charged ..
+    ',"shortfall":' .. short .. ',"meters":' .. meters_raw .. '}'
   redis.call('HSET', KEYS[3], 's', status, 'sf', req.fp, 'sr', res)
   redis.call('PEXPIRE', KEYS[3], req.idem_ttl_ms)
   redis.call('ZREM', KEYS[4], req.hold)
-  emit(KEYS[2], {'t', EVENT_OF[status], 'acct', h.acct, 'key', h.key, 'hold', req.hold, 'fp', req.fp,
-    'at', req.now, 'credit', charged, 'short', short, 'meters', raw(meters_raw), 'route', h.route,
-    'model', h.model, 'u', jrows(u), 'g', jrows(g), 'x', jrows(x), 'result', raw(res)})
+  emit(KEYS[2], '{"t":"' .. EVENT_OF[status] .. '","acct":"' .. h.acct .. '"' .. fs('key', h.key) ..
+    ',"hold":"' .. req.hold .. '","fp":"' .. req.fp .. '","at":' .. req.now_s .. ',"credit":' .. charged ..
+    ',"short":' .. short .. ',"meters":' .. meters_raw .. fs('route', h.route) .. fs('model', h.model) ..
+    fr('u', uj) .. fr('g', rows_json(g)) .. fr('x', rows_json(x)) .. ',"result":' .. res .. '}')
   return reply('ok', res)
 end
