@@ -6,6 +6,8 @@
 //! ledger in the background on the same two cores.
 //!
 //! Options (all optional): --seconds N (10) --concurrency N (64) --accounts N (1000)
+//! --rate N (total authorize+commit pairs per second to offer; 0 = as fast as possible)
+//! --authorize-only (no commits: holds are left to expire)
 //! URLs: TOLLGATE_REDIS_URL (redis://127.0.0.1:6379), TOLLGATE_BENCH_DATABASE_URL
 //! (postgres://postgres@127.0.0.1:5432); a fresh database and key prefix are made per run.
 
@@ -66,6 +68,8 @@ async fn main() -> anyhow::Result<()> {
     let seconds = arg("--seconds", 10);
     let concurrency = arg("--concurrency", 64) as usize;
     let accounts = arg("--accounts", 1000) as usize;
+    let rate = arg("--rate", 0);
+    let authorize_only = std::env::args().any(|a| a == "--authorize-only");
     let redis_url =
         std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let pg = std::env::var("TOLLGATE_BENCH_DATABASE_URL")
@@ -109,7 +113,18 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let (mut auth_us, mut commit_us, mut errors) = (Vec::new(), Vec::new(), 0u64);
             let mut i = 0u64;
+            // Paced runs: each caller offers rate/concurrency pairs per second.
+            // Callers start spread over one period so their requests do not arrive in bursts.
+            let period = Duration::from_secs_f64(concurrency as f64 / rate.max(1) as f64);
+            let mut pace = (rate > 0).then(|| {
+                let first =
+                    tokio::time::Instant::now() + period.mul_f64(t as f64 / concurrency as f64);
+                tokio::time::interval_at(first, period)
+            });
             while Instant::now() < deadline {
+                if let Some(p) = pace.as_mut() {
+                    p.tick().await;
+                }
                 let acct = format!("a{}", (t as u64 * 7919 + i) % accounts as u64);
                 let idem = format!("t{t}-{i}");
                 i += 1;
@@ -131,6 +146,9 @@ async fn main() -> anyhow::Result<()> {
                     }
                 };
                 auth_us.push(t0.elapsed().as_micros() as u64);
+                if authorize_only {
+                    continue;
+                }
                 let Some(hold_id) = d.hold_id else {
                     errors += 1;
                     continue;
@@ -175,8 +193,18 @@ async fn main() -> anyhow::Result<()> {
         .fetch_one(engine.ledger.pool())
         .await?;
 
+    let offered = if rate > 0 {
+        format!("{rate} pairs/s offered")
+    } else {
+        "unpaced".into()
+    };
+    let mode = if authorize_only {
+        "authorize only"
+    } else {
+        "authorize+commit"
+    };
     println!(
-        "tollgate-bench: {seconds}s, {concurrency} callers, {accounts} accounts, Redis {redis_url}"
+        "tollgate-bench: {mode}, {seconds}s, {concurrency} callers, {accounts} accounts, {offered}, Redis {redis_url}"
     );
     println!("| metric | value |");
     println!("|---|---|");
@@ -195,9 +223,10 @@ async fn main() -> anyhow::Result<()> {
         pct(&commit, 0.999)
     );
     println!("| errors | {errors} |");
+    let ops = (auth.len() + commit.len()) as f64;
     println!(
-        "| Redis commands per authorize+commit | {:.2} |",
-        commands as f64 / pairs.max(1.0)
+        "| Redis commands executed per operation (incl. inside scripts) | {:.2} |",
+        commands as f64 / ops.max(1.0)
     );
     println!(
         "| sync lag p50 / p99 (ms, histogram bucket bound) | ≤{} / ≤{} |",
