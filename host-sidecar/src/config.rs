@@ -214,8 +214,9 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        let mut cfg = Self::from_toml(&text)?;
+        let mut cfg: Config = toml::from_str(&text)?;
         cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -252,6 +253,14 @@ impl Config {
                 "server.listen",
                 format!("{:?} is not host:port", s.listen),
             ));
+        }
+        if let Some(t) = &s.admin_token {
+            if t.len() < 16 {
+                return Err(field_err(
+                    "server.admin_token",
+                    "must be at least 16 characters (or unset to disable the admin API)",
+                ));
+            }
         }
         if !(1..=1024).contains(&s.shards) {
             return Err(field_err("server.shards", "must be 1..=1024"));
@@ -300,6 +309,8 @@ impl Config {
                 .map_err(|e| field_err(format!("prices.{route}"), e.problem))?;
             self.validate_prices(&format!("prices.{route}"), &rp.meters)?;
             for (model, m) in &rp.models {
+                validate_id("model", model)
+                    .map_err(|e| field_err(format!("prices.{route}.models.{model}"), e.problem))?;
                 self.validate_prices(&format!("prices.{route}.models.{model}"), m)?;
             }
         }
@@ -324,7 +335,7 @@ impl Config {
             {
                 return Err(field_err(
                     format!("{field}[{i}]"),
-                    format!("a second limit for {} per {:?}", l.meter, l.window),
+                    format!("a second limit for {} per {}", l.meter, l.window.as_str()),
                 ));
             }
         }
@@ -452,6 +463,10 @@ tokens = { credits = 600, per = 1000 }
                 "windows.day_starts_at",
             ),
             (format!("{BASE}\n[server]\nbogus = 1\n"), "bogus"),
+            (
+                format!("{BASE}\n[server]\nadmin_token = \"\"\n"),
+                "server.admin_token",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::from_toml(&text).unwrap_err().to_string();

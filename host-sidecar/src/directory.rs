@@ -1,12 +1,17 @@
-//! Who is calling: API keys and accounts, read from PostgreSQL and cached in memory for a short
-//! TTL (`server.account_cache_ttl_ms`) so the hot path never waits on the database. Unknown keys
-//! are cached too (negatively), so a flood of bad keys does not reach PostgreSQL either.
+//! Who is calling: API keys and accounts, read from PostgreSQL and cached in memory so the hot
+//! path never waits on the database.
+//!
+//! An entry is fresh for `server.account_cache_ttl_ms`. After that it is still served while one
+//! background task re-reads it (stale-while-revalidate), so a busy key never pays a database
+//! round trip on the request path; an entry older than [`STALE_FACTOR`] × TTL is re-read inline.
+//! Unknown keys are cached too (negatively), so a flood of bad keys does not reach PostgreSQL.
 //! Changes made through this sidecar's admin API invalidate its cache at once; other sidecars
-//! see them within the TTL.
+//! see them within about two TTLs.
 
 use crate::ledger::{AccountRow, KeyRow, Ledger};
 use chrono_tz::Tz;
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,15 +26,30 @@ pub struct Account {
 /// Past this many entries a cache is cleared rather than grown further.
 const MAX_ENTRIES: usize = 200_000;
 
-/// A cached lookup: when it was made, and what it found (None = known absent).
-type Entry<V> = (Instant, Option<Arc<V>>);
+/// How many TTLs a stale entry may still be served while it is refreshed in the background.
+const STALE_FACTOR: u32 = 10;
+
+/// A cached lookup: when it was read, what it found (None = known absent), and whether a
+/// refresh is under way.
+struct Entry<V> {
+    at: Instant,
+    value: Option<Arc<V>>,
+    refreshing: bool,
+}
+
+enum Lookup<V> {
+    Fresh(Option<Arc<V>>),
+    /// Serve this, and refresh it in the background.
+    Stale(Option<Arc<V>>),
+    Miss,
+}
 
 struct Cache<K, V> {
     ttl: Duration,
     map: Mutex<HashMap<K, Entry<V>>>,
 }
 
-impl<K: Eq + Hash + Clone, V> Cache<K, V> {
+impl<K: Eq + Hash + Clone + Send + 'static, V: Send + Sync + 'static> Cache<K, V> {
     fn new(ttl: Duration) -> Self {
         Self {
             ttl,
@@ -37,19 +57,47 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
         }
     }
 
-    /// `Some(entry)` when cached and fresh (the entry itself may be "absent").
-    fn get(&self, k: &K) -> Option<Option<Arc<V>>> {
-        let map = self.map.lock().ok()?;
-        let (at, v) = map.get(k)?;
-        (at.elapsed() < self.ttl).then(|| v.clone())
+    fn lookup(&self, k: &K) -> Lookup<V> {
+        let Ok(mut map) = self.map.lock() else {
+            return Lookup::Miss;
+        };
+        let Some(e) = map.get_mut(k) else {
+            return Lookup::Miss;
+        };
+        let age = e.at.elapsed();
+        if age < self.ttl {
+            Lookup::Fresh(e.value.clone())
+        } else if age < self.ttl * STALE_FACTOR && !e.refreshing {
+            e.refreshing = true;
+            Lookup::Stale(e.value.clone())
+        } else if age < self.ttl * STALE_FACTOR {
+            Lookup::Fresh(e.value.clone())
+        } else {
+            Lookup::Miss
+        }
     }
 
-    fn put(&self, k: K, v: Option<Arc<V>>) {
+    fn put(&self, k: K, value: Option<Arc<V>>) {
         if let Ok(mut map) = self.map.lock() {
             if map.len() >= MAX_ENTRIES {
                 map.clear();
             }
-            map.insert(k, (Instant::now(), v));
+            map.insert(
+                k,
+                Entry {
+                    at: Instant::now(),
+                    value,
+                    refreshing: false,
+                },
+            );
+        }
+    }
+
+    fn unmark(&self, k: &K) {
+        if let Ok(mut map) = self.map.lock() {
+            if let Some(e) = map.get_mut(k) {
+                e.refreshing = false;
+            }
         }
     }
 
@@ -64,13 +112,47 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
             map.clear();
         }
     }
+
+    /// The cached value, or `load`'s (cached for next time).
+    async fn get_or_load<F, Fut>(
+        self: &Arc<Self>,
+        k: K,
+        load: F,
+    ) -> Result<Option<Arc<V>>, sqlx::Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, sqlx::Error>> + Send + 'static,
+    {
+        match self.lookup(&k) {
+            Lookup::Fresh(v) => Ok(v),
+            Lookup::Stale(v) => {
+                let cache = Arc::clone(self);
+                let fut = load();
+                tokio::spawn(async move {
+                    match fut.await {
+                        Ok(fresh) => cache.put(k, fresh.map(Arc::new)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "directory refresh failed; serving the cached entry");
+                            cache.unmark(&k);
+                        }
+                    }
+                });
+                Ok(v)
+            }
+            Lookup::Miss => {
+                let v = load().await?.map(Arc::new);
+                self.put(k, v.clone());
+                Ok(v)
+            }
+        }
+    }
 }
 
 pub struct Directory {
     ledger: Ledger,
     pepper: String,
-    accounts: Cache<String, Account>,
-    keys: Cache<[u8; 32], KeyRow>,
+    accounts: Arc<Cache<String, Account>>,
+    keys: Arc<Cache<[u8; 32], KeyRow>>,
 }
 
 impl Directory {
@@ -78,8 +160,8 @@ impl Directory {
         Self {
             ledger,
             pepper,
-            accounts: Cache::new(ttl),
-            keys: Cache::new(ttl),
+            accounts: Arc::new(Cache::new(ttl)),
+            keys: Arc::new(Cache::new(ttl)),
         }
     }
 
@@ -88,25 +170,24 @@ impl Directory {
     }
 
     pub async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, sqlx::Error> {
-        if let Some(hit) = self.accounts.get(&id.to_string()) {
-            return Ok(hit);
-        }
-        let acct = self.ledger.account(id).await?.map(|row| {
-            let tz = row.timezone.parse().unwrap_or(Tz::UTC);
-            Arc::new(Account { row, tz })
-        });
-        self.accounts.put(id.to_string(), acct.clone());
-        Ok(acct)
+        let ledger = self.ledger.clone();
+        let owned = id.to_string();
+        self.accounts
+            .get_or_load(id.to_string(), move || async move {
+                Ok(ledger.account(&owned).await?.map(|row| {
+                    let tz = row.timezone.parse().unwrap_or(Tz::UTC);
+                    Account { row, tz }
+                }))
+            })
+            .await
     }
 
     pub async fn key(&self, api_key: &str) -> Result<Option<Arc<KeyRow>>, sqlx::Error> {
         let hash = self.hash_key(api_key);
-        if let Some(hit) = self.keys.get(&hash) {
-            return Ok(hit);
-        }
-        let key = self.ledger.key_by_hash(&hash).await?.map(Arc::new);
-        self.keys.put(hash, key.clone());
-        Ok(key)
+        let ledger = self.ledger.clone();
+        self.keys
+            .get_or_load(hash, move || async move { ledger.key_by_hash(&hash).await })
+            .await
     }
 
     pub fn forget_account(&self, id: &str) {

@@ -82,7 +82,7 @@ async fn warn_unless_noeviction(redis: &store::RedisStore) {
         Ok(v) if v.get(1).map(String::as_str) == Some("noeviction") => {}
         Ok(v) => tracing::warn!(
             policy = v.get(1).map(String::as_str).unwrap_or("?"),
-            "Redis maxmemory-policy should be noeviction: evicted usage is reloaded from the ledger, but only after the fact"
+            "Redis maxmemory-policy must be noeviction: an evicted counter or grant would be forgotten"
         ),
         Err(_) => tracing::warn!("cannot read Redis maxmemory-policy; make sure it is noeviction"),
     }

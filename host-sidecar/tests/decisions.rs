@@ -187,7 +187,8 @@ async fn holds_commit_less_or_more_resolve_once_and_expire() {
     );
     let hold = d["hold_id"].as_str().unwrap().to_string();
     assert_eq!(hold, "acme/h1");
-    let commit = json!({"hold_id": hold, "route": "paid", "meters": {"requests": 1, "tokens": 20}});
+    // No route given: priced with the route the hold was authorized on (`paid`).
+    let commit = json!({"hold_id": hold, "meters": {"requests": 1, "tokens": 20}});
     let (s, c) = env.post("/v1/commit", &commit).await;
     assert_eq!(s, 200, "{c}");
     assert_eq!(

@@ -164,7 +164,7 @@ async fn after_a_burst_of_mixed_operations_the_ledger_equals_redis() {
                         let hold_id = open.swap_remove(rng.random_range(0..open.len()));
                         let c = CommitRequest {
                             hold_id,
-                            route: "paid".into(),
+                            route: Some("paid".into()),
                             meters: [("tokens".to_string(), rng.random_range(0..40))]
                                 .into_iter()
                                 .collect(),

@@ -71,9 +71,10 @@ pub fn default_route() -> String {
 #[serde(deny_unknown_fields)]
 pub struct CommitRequest {
     pub hold_id: String,
-    /// Route and model the usage is priced with (as in the authorize request).
-    #[serde(default = "default_route")]
-    pub route: String,
+    /// Route and model the usage is priced with. When `route` is absent, the route and model
+    /// the hold was authorized with are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     #[serde(default)]
@@ -205,7 +206,8 @@ pub struct ErrorBody {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorDetail {
-    /// Stable machine-readable code, e.g. `invalid_request`, `unknown_account`.
+    /// Stable machine-readable code: `invalid_request`, `not_found`, `conflict`, `unauthorized`,
+    /// `unavailable` or `internal`.
     pub code: String,
     pub message: String,
 }
@@ -317,7 +319,9 @@ pub fn split_hold_id(hold_id: &str) -> Result<(&str, &str), InvalidField> {
 impl CommitRequest {
     pub fn validate(&self) -> Result<(), InvalidField> {
         split_hold_id(&self.hold_id)?;
-        validate_id("route", &self.route)?;
+        if let Some(r) = &self.route {
+            validate_id("route", r)?;
+        }
         if let Some(m) = &self.model {
             validate_id("model", m)?;
         }

@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.redis.url = redis_url.clone();
     cfg.redis.key_prefix = run.clone();
     cfg.postgres.url = format!("{pg}/tollgate_{run}");
-    cfg.server.admin_token = Some("bench".into());
+    cfg.server.admin_token = Some("bench-admin-token-unused".into());
     let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;
     let _bg = tollgate_sidecar::spawn_background(&engine);
 
@@ -155,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let c = CommitRequest {
                     hold_id,
-                    route: "default".into(),
+                    route: Some("default".into()),
                     meters: [("requests".to_string(), 1), ("tokens".to_string(), 321)]
                         .into_iter()
                         .collect(),

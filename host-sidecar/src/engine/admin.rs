@@ -240,10 +240,14 @@ impl Engine {
                 idem_ttl_ms: self.idem_ttl_ms(),
             };
             match self.store.grant(&args).await? {
-                Reply::Ok(b) | Reply::Replay(b) => {
+                Reply::Ok(b) => {
                     self.metrics.granted.inc();
                     self.sync_wake.notify_one();
                     return Ok((serde_json::from_str(&b).unwrap_or_default(), false));
+                }
+                Reply::Replay(b) => {
+                    self.metrics.idempotent_replays.inc();
+                    return Ok((serde_json::from_str(&b).unwrap_or_default(), true));
                 }
                 Reply::Cold => self.cold_load(account).await?,
                 Reply::Conflict => {

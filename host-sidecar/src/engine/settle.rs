@@ -39,12 +39,43 @@ impl Engine {
     pub async fn commit(&self, req: CommitRequest) -> Result<(Settlement, bool), ApiError> {
         req.validate()?;
         self.check_meters(&req.meters)?;
-        let credit = self.price(&req.route, req.model.as_deref(), &req.meters, req.credits)?;
+        let (route, model) = match &req.route {
+            Some(r) => (r.clone(), req.model.clone()),
+            None => self.hold_route(&req.hold_id).await?,
+        };
+        let credit = self.price(&route, model.as_deref(), &req.meters, req.credits)?;
         let mut meters = req.meters.clone();
         meters.insert("credits".into(), credit);
         let fp = fingerprint(&("commit", &meters));
         self.settle(&req.hold_id, "committed", &meters, credit, &fp)
             .await
+    }
+
+    /// The route and model a hold was authorized with (from Redis, else the ledger).
+    async fn hold_route(&self, hold_id: &str) -> Result<(String, Option<String>), ApiError> {
+        #[derive(Deserialize)]
+        struct RouteOf {
+            route: Option<String>,
+            model: Option<String>,
+        }
+        let (acct, _) = split_hold_id(hold_id)?;
+        let mut conn = self.store.conn();
+        let rec: Option<String> = conn
+            .hget(self.store.keys.hold(acct, hold_id), "d")
+            .await
+            .map_err(crate::store::StoreError::from)?;
+        let rec = match rec {
+            Some(r) => Some(r),
+            None => self.ledger.hold_record(acct, hold_id).await?,
+        };
+        let r: Option<RouteOf> = rec.and_then(|r| serde_json::from_str(&r).ok());
+        Ok(match r {
+            Some(RouteOf {
+                route: Some(route),
+                model,
+            }) => (route, model),
+            _ => (tollgate_protocol::default_route(), None),
+        })
     }
 
     pub async fn release(&self, hold_id: &str) -> Result<(Settlement, bool), ApiError> {

@@ -89,6 +89,10 @@ impl Engine {
             self.metrics.idempotent_replays.inc();
         } else if op != Op::Check {
             match d.reason {
+                None if op == Op::Consume => {
+                    self.metrics.allowed.inc();
+                    self.metrics.consumed.inc();
+                }
                 None => self.metrics.allowed.inc(),
                 Some(DenyReason::Limit) => self.metrics.denied_limit.inc(),
                 Some(DenyReason::Credits) => self.metrics.denied_credits.inc(),

@@ -305,6 +305,18 @@ impl Ledger {
         }))
     }
 
+    pub async fn hold_record(
+        &self,
+        account: &str,
+        hold_id: &str,
+    ) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT record::text FROM holds WHERE account_id = $1 AND id = $2")
+            .bind(account)
+            .bind(hold_id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
     pub async fn grant_exists(&self, account: &str, grant_id: &str) -> Result<bool, sqlx::Error> {
         let n: i64 =
             sqlx::query_scalar("SELECT count(*) FROM grants WHERE account_id = $1 AND id = $2")
