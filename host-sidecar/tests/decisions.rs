@@ -448,11 +448,25 @@ async fn credit_spends_by_priority_then_expiry_and_expired_credit_is_never_spent
     let _ = env.account("acme", "open", "UTC").await;
     let hour = 3_600_000;
     env.grant("acme", "late", 100, json!({})).await;
-    env.grant("acme", "soon", 100, json!({"expires_at_ms": NOON + hour})).await;
-    env.grant("acme", "first", 50, json!({"priority": 10})).await;
-    env.grant("acme", "promo", 100, json!({"priority": 0, "expires_at_ms": NOON + hour / 6})).await;
-    let (s, v) = env.grant("acme", "stale", 100, json!({"expires_at_ms": NOON - 1})).await;
-    assert_eq!((s, v["balance"].clone()), (201, json!(350)), "an already expired grant adds nothing");
+    env.grant("acme", "soon", 100, json!({"expires_at_ms": NOON + hour}))
+        .await;
+    env.grant("acme", "first", 50, json!({"priority": 10}))
+        .await;
+    env.grant(
+        "acme",
+        "promo",
+        100,
+        json!({"priority": 0, "expires_at_ms": NOON + hour / 6}),
+    )
+    .await;
+    let (s, v) = env
+        .grant("acme", "stale", 100, json!({"expires_at_ms": NOON - 1}))
+        .await;
+    assert_eq!(
+        (s, v["balance"].clone()),
+        (201, json!(350)),
+        "an already expired grant adds nothing"
+    );
     let spend = |idem: &str, credits: u64| json!({"account": "acme", "idempotency_key": idem, "credits": credits});
 
     // Priority 0 first.
@@ -465,15 +479,28 @@ async fn credit_spends_by_priority_then_expiry_and_expired_credit_is_never_spent
     let (_, v) = env.post("/v1/consume", &spend("c2", 120)).await;
     assert_eq!(v["balance"], 130);
     let (_, v) = env.post("/v1/consume", &spend("c3", 131)).await;
-    assert_eq!((v["status"].clone(), v["balance"].clone()), (json!(402), json!(130)));
+    assert_eq!(
+        (v["status"].clone(), v["balance"].clone()),
+        (json!(402), json!(130))
+    );
 
     env.sync().await;
-    let grants: Vec<(String, i64, i64)> =
-        sqlx::query_as("SELECT id, remaining, expired FROM grants WHERE account_id = 'acme' ORDER BY id")
-            .fetch_all(env.engine().ledger.pool())
-            .await
-            .unwrap();
-    let want = [("first", 0, 0), ("late", 100, 0), ("promo", 0, 70), ("soon", 30, 0), ("stale", 0, 100)];
-    let got: Vec<(&str, i64, i64)> = grants.iter().map(|(i, r, x)| (i.as_str(), *r, *x)).collect();
+    let grants: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT id, remaining, expired FROM grants WHERE account_id = 'acme' ORDER BY id",
+    )
+    .fetch_all(env.engine().ledger.pool())
+    .await
+    .unwrap();
+    let want = [
+        ("first", 0, 0),
+        ("late", 100, 0),
+        ("promo", 0, 70),
+        ("soon", 30, 0),
+        ("stale", 0, 100),
+    ];
+    let got: Vec<(&str, i64, i64)> = grants
+        .iter()
+        .map(|(i, r, x)| (i.as_str(), *r, *x))
+        .collect();
     assert_eq!(got, want);
 }
