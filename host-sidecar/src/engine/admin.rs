@@ -1,6 +1,6 @@
 //! Accounts, keys, grants and reports: what the admin API and the operator's tools call.
 
-use super::{fingerprint, Caller, Engine, Resolved};
+use super::{fingerprint, not_loaded, unexpected, Caller, Engine, Resolved};
 use crate::config::LimitSpec;
 use crate::error::ApiError;
 use crate::ledger::{AccountRow, KeyRow};
@@ -256,16 +256,10 @@ impl Engine {
                         g.grant_id
                     )))
                 }
-                other => {
-                    return Err(ApiError::Internal(format!(
-                        "unexpected script reply {other:?}"
-                    )))
-                }
+                other => return Err(unexpected(other)),
             }
         }
-        Err(ApiError::Unavailable(format!(
-            "state of account {account:?} could not be loaded into Redis"
-        )))
+        Err(not_loaded(account))
     }
 
     /// Spendable credit now, from Redis (the real-time truth): the check script with nothing to
@@ -299,16 +293,10 @@ impl Engine {
                     return Ok(v.get("balance").and_then(|b| b.as_u64()).unwrap_or(0));
                 }
                 Reply::Cold => self.cold_load(account).await?,
-                other => {
-                    return Err(ApiError::Internal(format!(
-                        "unexpected script reply {other:?}"
-                    )))
-                }
+                other => return Err(unexpected(other)),
             }
         }
-        Err(ApiError::Unavailable(format!(
-            "state of account {account:?} could not be loaded into Redis"
-        )))
+        Err(not_loaded(account))
     }
 
     /// The current window of every limit of the account, or of one of its keys.

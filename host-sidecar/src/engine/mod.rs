@@ -65,6 +65,18 @@ pub(crate) fn denial(reason: DenyReason, account: Option<String>) -> Decision {
     }
 }
 
+/// A script kept answering `cold` after loads: the account's state did not stick in Redis.
+pub(crate) fn not_loaded(acct: &str) -> ApiError {
+    ApiError::Unavailable(format!(
+        "state of account {acct:?} could not be loaded into Redis"
+    ))
+}
+
+/// A script answered something its caller does not expect: a bug, reported as a 500.
+pub(crate) fn unexpected(reply: crate::store::Reply) -> ApiError {
+    ApiError::Internal(format!("unexpected script reply {reply:?}"))
+}
+
 /// A short stable digest of what a request asks, to tell a replay from a reuse of its key.
 pub(crate) fn fingerprint(parts: &impl serde::Serialize) -> String {
     let bytes = serde_json::to_vec(parts).unwrap_or_default();

@@ -1,6 +1,6 @@
 //! commit and release of holds, and the sweeper that expires holds nobody settled.
 
-use super::{fingerprint, Engine};
+use super::{fingerprint, not_loaded, unexpected, Engine};
 use crate::error::ApiError;
 use crate::store::{Reply, SettleArgs};
 use redis::AsyncCommands;
@@ -168,16 +168,10 @@ impl Engine {
                         _ => Err(ApiError::NotFound(format!("unknown hold {hold_id:?}"))),
                     }
                 }
-                other => {
-                    return Err(ApiError::Internal(format!(
-                        "unexpected script reply {other:?}"
-                    )))
-                }
+                other => return Err(unexpected(other)),
             }
         }
-        Err(ApiError::Unavailable(format!(
-            "state of account {acct:?} could not be loaded into Redis"
-        )))
+        Err(not_loaded(acct))
     }
 
     /// Expires every hold past its expiry, in every shard. Safe to run on several sidecars at

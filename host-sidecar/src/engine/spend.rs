@@ -1,6 +1,6 @@
 //! authorize (hold), consume (charge now) and check (change nothing).
 
-use super::{fingerprint, Caller, Engine, Resolved};
+use super::{fingerprint, not_loaded, unexpected, Caller, Engine, Resolved};
 use crate::error::ApiError;
 use crate::store::{Reply, SpendArgs};
 use serde::Deserialize;
@@ -171,16 +171,10 @@ impl Engine {
                         req.idempotency_key
                     )))
                 }
-                other => {
-                    return Err(ApiError::Internal(format!(
-                        "unexpected script reply {other:?}"
-                    )))
-                }
+                other => return Err(unexpected(other)),
             }
         }
-        Err(ApiError::Unavailable(format!(
-            "state of account {acct:?} could not be loaded into Redis"
-        )))
+        Err(not_loaded(acct))
     }
 
     fn decision(&self, acct: &str, body: &str, now: u64) -> Result<Decision, ApiError> {
