@@ -119,23 +119,24 @@ pub fn current_period(
             end_ms: 0,
         },
         Window::Minute | Window::Hour => {
-            let start = if window == Window::Minute {
-                local.with_second(0).and_then(|t| t.with_nanosecond(0))
-            } else {
-                local
-                    .with_minute(0)
-                    .and_then(|t| t.with_second(0))
-                    .and_then(|t| t.with_nanosecond(0))
+            // Measured back from the instant, not from the wall clock: when a DST change repeats
+            // an hour, its two passes are different periods (the id carries the UTC offset).
+            let hour = window == Window::Hour;
+            let mut into = u64::from(local.second()) * 1000
+                + u64::from((local.nanosecond() / 1_000_000).min(999));
+            if hour {
+                into += u64::from(local.minute()) * 60_000;
             }
-            .unwrap_or(local);
-            let (step, fmt) = if window == Window::Minute {
-                (Duration::minutes(1), "i:%Y-%m-%dT%H:%M")
+            let into = into.min(now_ms);
+            let start = now - Duration::milliseconds(into as i64);
+            let (len, fmt) = if hour {
+                (3_600_000, "h:%Y-%m-%dT%H%z")
             } else {
-                (Duration::hours(1), "h:%Y-%m-%dT%H")
+                (60_000, "i:%Y-%m-%dT%H:%M%z")
             };
             Period {
                 id: start.format(fmt).to_string(),
-                end_ms: ms(resolve(tz, start + step)),
+                end_ms: now_ms - into + len,
             }
         }
         Window::Day | Window::Week | Window::Month => {
@@ -228,5 +229,27 @@ mod tests {
         assert_eq!(p.end_ms, at("2026-03-09T04:00:00Z"));
         let h = current_period(Window::Hour, at("2026-03-08T06:30:00Z"), tz, &s, 1); // 01:30 EST
         assert_eq!(h.end_ms, at("2026-03-08T07:00:00Z")); // 03:00 EDT, the gap skipped
+        assert_eq!(h.id, "h:2026-03-08T01-0500");
+    }
+
+    #[test]
+    fn a_repeated_hour_is_two_periods() {
+        let tz: Tz = "America/New_York".parse().unwrap();
+        let s = WindowSettings::default();
+        // 01:30 EDT, then 01:30 EST an hour later.
+        let first = current_period(Window::Hour, at("2026-11-01T05:30:00Z"), tz, &s, 1);
+        let second = current_period(Window::Hour, at("2026-11-01T06:30:00Z"), tz, &s, 1);
+        assert_ne!(first.id, second.id);
+        assert_eq!(first.end_ms, at("2026-11-01T06:00:00Z"));
+        assert_eq!(second.end_ms, at("2026-11-01T07:00:00Z"));
+        let m = current_period(Window::Minute, at("2026-11-01T06:30:59.999Z"), tz, &s, 1);
+        assert_eq!(
+            (m.id.as_str(), m.end_ms),
+            ("i:2026-11-01T01:30-0500", at("2026-11-01T06:31:00Z"))
+        );
+        // Half-hour offsets: the local hour, not the UTC one.
+        let kolkata: Tz = "Asia/Kolkata".parse().unwrap();
+        let h = current_period(Window::Hour, at("2026-11-22T10:45:00Z"), kolkata, &s, 1); // 16:15 IST
+        assert_eq!(h.end_ms, at("2026-11-22T11:30:00Z"));
     }
 }

@@ -525,7 +525,11 @@ async fn two_sync_workers_apply_every_change_exactly_once() {
     let env = Env::new(2).await;
     let _ = env.account("acme", "basic", "UTC").await; // 100 requests a day
     let _ = env.account("beta", "monthly", "UTC").await;
-    let workers: Vec<_> = env.sidecars.iter().flat_map(|s| tollgate_sidecar::spawn_background(&s.engine)).collect();
+    let workers: Vec<_> = env
+        .sidecars
+        .iter()
+        .flat_map(|s| tollgate_sidecar::spawn_background(&s.engine))
+        .collect();
     let calls = (0..600).map(|i| {
         let acct = if i % 2 == 0 { "acme" } else { "beta" };
         let body = json!({"account": acct, "idempotency_key": format!("c{i}"), "meters": {"requests": 1, "tokens": 3}});
@@ -533,12 +537,23 @@ async fn two_sync_workers_apply_every_change_exactly_once() {
         async move { env.post_to(i, "/v1/consume", &body).await }
     });
     let results = futures::future::join_all(calls).await;
-    let allowed = results.iter().filter(|(_, v, _)| v["allowed"] == true).count();
-    assert_eq!(allowed, 400, "acme stops at 100 of its 300; beta takes all 300");
+    let allowed = results
+        .iter()
+        .filter(|(_, v, _)| v["allowed"] == true)
+        .count();
+    assert_eq!(
+        allowed, 400,
+        "acme stops at 100 of its 300; beta takes all 300"
+    );
     // Wait for quiescence: both workers drain the outboxes.
     let mut rows = 0;
     for _ in 0..200 {
-        rows = env.pg_i64("SELECT count(*) FROM ledger WHERE kind = 'consume' AND account_id <> $1", "-").await;
+        rows = env
+            .pg_i64(
+                "SELECT count(*) FROM ledger WHERE kind = 'consume' AND account_id <> $1",
+                "-",
+            )
+            .await;
         if rows == 400 {
             break;
         }
@@ -548,8 +563,22 @@ async fn two_sync_workers_apply_every_change_exactly_once() {
         w.abort();
     }
     assert_eq!(rows, 400);
-    assert_eq!(env.pg_i64("SELECT sum(used)::int8 FROM usage WHERE account_id = $1", "acme").await, 100);
-    assert_eq!(env.pg_i64("SELECT sum(used)::int8 FROM usage WHERE account_id = $1", "beta").await, 900);
+    assert_eq!(
+        env.pg_i64(
+            "SELECT sum(used)::int8 FROM usage WHERE account_id = $1",
+            "acme"
+        )
+        .await,
+        100
+    );
+    assert_eq!(
+        env.pg_i64(
+            "SELECT sum(used)::int8 FROM usage WHERE account_id = $1",
+            "beta"
+        )
+        .await,
+        900
+    );
     assert_eq!(env.used("acme", "account:requests:day").await, 100);
     assert_eq!(env.used("beta", "account:tokens:month").await, 900);
 }
