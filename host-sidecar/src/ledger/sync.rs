@@ -77,6 +77,9 @@ struct GrantInfo {
     source: String,
 }
 
+/// How many shards one worker applies concurrently (each holds one PostgreSQL connection).
+const SHARDS_AT_ONCE: usize = 4;
+
 /// A stream entry id `ms-seq`, ordered numerically.
 pub fn parse_stream_id(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
@@ -588,19 +591,25 @@ impl SyncWorker {
         }
     }
 
-    /// One pass over every shard; returns the number of events applied.
+    /// One pass over every shard; returns the number of events applied. Shards are independent
+    /// streams with their own cursors, so a few are applied at once: while one waits on
+    /// PostgreSQL, another reads Redis.
     pub async fn sync_all(&self) -> Result<usize, SyncError> {
-        let mut total = 0;
-        for shard in 0..self.redis.keys.shards() {
-            loop {
-                let n = self.sync_shard(shard).await?;
-                total += n;
-                if n < self.batch {
-                    break;
+        use futures::stream::{self, StreamExt, TryStreamExt};
+        stream::iter(0..self.redis.keys.shards())
+            .map(|shard| async move {
+                let mut total = 0;
+                loop {
+                    let n = self.sync_shard(shard).await?;
+                    total += n;
+                    if n < self.batch {
+                        return Ok::<usize, SyncError>(total);
+                    }
                 }
-            }
-        }
-        Ok(total)
+            })
+            .buffer_unordered(SHARDS_AT_ONCE)
+            .try_fold(0, |acc, n| async move { Ok(acc + n) })
+            .await
     }
 
     /// Runs until the process ends: a pass every `interval`, sooner when woken.
