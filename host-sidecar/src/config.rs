@@ -275,6 +275,11 @@ impl Config {
                 return Err(field_err(name, "must be positive"));
             }
         }
+        // Counters live an hour past their window (lua/lib.lua COUNTER_GRACE_MS): a hold must be
+        // settled while the counters it charged still exist.
+        if s.hold_ttl_secs > 3600 {
+            return Err(field_err("server.hold_ttl_secs", "must be at most 3600"));
+        }
         if s.idempotency_ttl_secs < s.hold_ttl_secs {
             return Err(field_err(
                 "server.idempotency_ttl_secs",
