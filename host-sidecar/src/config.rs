@@ -13,15 +13,19 @@ use tollgate_protocol::{validate_id, MAX_AMOUNT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    // The causes are part of the message (not `source`s), so a printed chain says it once.
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("invalid configuration: {0}")]
-    Parse(#[from] toml::de::Error),
+    Parse(toml::de::Error),
     #[error("invalid configuration: {field}: {problem}")]
     Field { field: String, problem: String },
+}
+
+impl From<toml::de::Error> for ConfigError {
+    fn from(e: toml::de::Error) -> Self {
+        ConfigError::Parse(e)
+    }
 }
 
 fn field_err(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -210,9 +214,9 @@ pub struct RoutePrice {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         let mut cfg: Config = toml::from_str(&text)?;
         cfg.apply_env(|k| std::env::var(k).ok());

@@ -440,6 +440,44 @@ async fn plan_changes_apply_on_the_next_request() {
         allowed += usize::from(v["allowed"] == true);
     }
     assert_eq!(allowed, 5);
+
+    // Disabling the account refuses its keys on the next request; enabling it restores them.
+    let patch = |body: serde_json::Value| {
+        env.http
+            .patch(format!("{}/admin/accounts/acme", env.base(0)))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(
+        patch(json!({"disabled": true})).await.unwrap().status(),
+        200
+    );
+    let (_, v) = env
+        .post(
+            "/v1/authorize",
+            &authorize_body(&key, "off", json!({"requests": 1})),
+        )
+        .await;
+    assert_eq!(
+        (v["allowed"].clone(), v["status"].clone()),
+        (json!(false), json!(403))
+    );
+    assert_eq!(
+        patch(json!({"disabled": false, "plan": "basic"}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let (_, v) = env
+        .post(
+            "/v1/authorize",
+            &authorize_body(&key, "on", json!({"requests": 1})),
+        )
+        .await;
+    assert_eq!(v["allowed"], true);
+    assert_eq!(patch(json!({"plan": "gold"})).await.unwrap().status(), 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
