@@ -129,11 +129,11 @@ local function read_grants(zkey, hkey, now)
   local members = redis.call('ZRANGE', zkey, 0, -1)
   local live, expired, total = {}, {}, 0
   if #members == 0 then return 0, live, expired end
-  local gids = {}
-  for i, m in ipairs(members) do gids[i] = (grant_parts(m)) end
+  local gids, exps = {}, {}
+  for i, m in ipairs(members) do gids[i], exps[i] = grant_parts(m) end
   local rems = redis.call('HMGET', hkey, unpack(gids))
   for i, m in ipairs(members) do
-    local gid, exp = grant_parts(m)
+    local gid, exp = gids[i], exps[i]
     local rem = num(rems[i])
     if exp <= now then
       expired[#expired + 1] = {gid, m, rem}
@@ -188,8 +188,8 @@ local function give_back(zkey, hkey, draws, amount, now, gout, xout)
       gout[#gout + 1] = {gid, back}
       if exp <= now then
         xout[#xout + 1] = {gid, back}
-      else
-        redis.call('HINCRBY', hkey, gid, back)
+      elseif redis.call('HINCRBY', hkey, gid, back) == back then
+        -- The draw had exhausted the grant and taken it out of the order: put it back.
         redis.call('ZADD', zkey, 0, m)
       end
       draws[i][2] = amt - back
@@ -279,10 +279,12 @@ local function emit(outbox, event)
   redis.call('XADD', outbox, '*', 'e', event)
 end
 
+-- [[string, number], ...] (grant deltas, expiries, draws) as JSON, or nil when empty.
 local function rows_json(rows)
-  local j = jrows(rows)
-  if j == nil then return nil end
-  return j[1]
+  if #rows == 0 then return nil end
+  local out = {}
+  for i, r in ipairs(rows) do out[i] = '["' .. r[1] .. '",' .. r[2] .. ']' end
+  return '[' .. table.concat(out, ',') .. ']'
 end
 
 -- An account's state is present only after it was loaded (from the ledger, or empty for a new
