@@ -15,7 +15,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
-use tollgate_protocol::{CommitRequest, GrantRequest, ReleaseRequest, SpendRequest};
+use tollgate_protocol::{
+    CommitBatch, CommitBatchResult, CommitOutcome, CommitRequest, ErrorDetail, GrantRequest,
+    ReleaseRequest, SpendRequest, MAX_BATCH,
+};
 
 type St = State<Arc<Engine>>;
 type Body = Result<Bytes, BytesRejection>;
@@ -25,6 +28,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
         .route("/v1/authorize", post(authorize))
         .route("/v1/commit", post(commit))
+        .route("/v1/commit/batch", post(commit_batch))
         .route("/v1/release", post(release))
         .route("/v1/consume", post(consume))
         .route("/v1/check", post(check))
@@ -127,6 +131,38 @@ async fn check(State(e): St, body: Body) -> Response {
 async fn commit(State(e): St, body: Body) -> Response {
     let r = async { e.commit(parse::<CommitRequest>(body)?).await }.await;
     respond(&e, r, false)
+}
+
+async fn commit_batch(State(e): St, body: Body) -> Response {
+    let r = async {
+        let batch = parse::<CommitBatch>(body)?;
+        if batch.commits.is_empty() || batch.commits.len() > MAX_BATCH {
+            return Err(ApiError::Invalid(format!("commits: 1..={MAX_BATCH} items")));
+        }
+        let outcomes =
+            futures::future::join_all(batch.commits.into_iter().map(|c| e.commit(c))).await;
+        let results = outcomes
+            .into_iter()
+            .map(|o| match o {
+                Ok((s, _)) => CommitOutcome::Settled(s),
+                Err(err) => {
+                    if err.status().is_server_error() {
+                        e.metrics.internal_errors.inc();
+                    }
+                    CommitOutcome::Failed {
+                        status: err.status().as_u16(),
+                        error: ErrorDetail {
+                            code: err.code().to_string(),
+                            message: err.to_string(),
+                        },
+                    }
+                }
+            })
+            .collect();
+        Ok(CommitBatchResult { results })
+    }
+    .await;
+    respond(&e, fresh(r), false)
 }
 
 async fn release(State(e): St, body: Body) -> Response {

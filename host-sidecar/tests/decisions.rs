@@ -542,3 +542,41 @@ async fn credit_spends_by_priority_then_expiry_and_expired_credit_is_never_spent
         .collect();
     assert_eq!(got, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_in_a_batch_are_settled_one_by_one() {
+    let env = Env::new(1).await;
+    let key = env.account("acme", "tokens", "UTC").await;
+    for i in 0..3 {
+        env.post(
+            "/v1/authorize",
+            &authorize_body(&key, &format!("b{i}"), json!({"requests": 1, "tokens": 10})),
+        )
+        .await;
+    }
+    assert_eq!(env.used("acme", "account:tokens:day").await, 30);
+    let batch = json!({"commits": [
+        {"hold_id": "acme/b0", "meters": {"requests": 1, "tokens": 4}},
+        {"hold_id": "acme/nope", "meters": {"tokens": 1}},
+        {"hold_id": "acme/b2", "meters": {"requests": 1, "tokens": 0}},
+    ]});
+    let (s, v) = env.post("/v1/commit/batch", &batch).await;
+    assert_eq!(s, 200, "{v}");
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r.len(), 3);
+    assert_eq!(
+        (r[0]["status"].clone(), r[0]["hold_id"].clone()),
+        (json!("committed"), json!("acme/b0"))
+    );
+    assert_eq!(
+        (r[1]["status"].clone(), r[1]["error"]["code"].clone()),
+        (json!(404), json!("not_found"))
+    );
+    assert_eq!(r[2]["status"], "committed");
+    assert_eq!(env.used("acme", "account:tokens:day").await, 14);
+    // The batch is idempotent item by item.
+    let (_, again) = env.post("/v1/commit/batch", &batch).await;
+    assert_eq!(again, v);
+    let (s, _) = env.post("/v1/commit/batch", &json!({"commits": []})).await;
+    assert_eq!(s, 400);
+}

@@ -83,6 +83,29 @@ pub struct CommitRequest {
     pub credits: u64,
 }
 
+/// Several commits in one call (the filter batches its settlements). At most
+/// [`MAX_BATCH`] items; each is applied on its own, in any order, and answered in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitBatch {
+    pub commits: Vec<CommitRequest>,
+}
+
+pub const MAX_BATCH: usize = 1000;
+
+/// One item's answer in a batch: the settlement, or the error it would have had alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CommitOutcome {
+    Settled(Settlement),
+    Failed { status: u16, error: ErrorDetail },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitBatchResult {
+    pub results: Vec<CommitOutcome>,
+}
+
 /// Cancel a hold; everything it reserved is returned.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
