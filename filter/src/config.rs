@@ -1,0 +1,455 @@
+//! The filter's configuration: JSON from Envoy's plugin configuration, validated once in
+//! `on_configure`. A bad configuration is refused with a message naming the field, e.g.
+//! `routes[2].charges.output_tokens.cap: must be at least default`.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use tollgate_protocol::{validate_id, MAX_AMOUNT};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+fn err(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// What to do when the sidecar cannot answer in time (unreachable, slow, 5xx).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Let the request through uncharged.
+    Open,
+    /// Answer 503.
+    Closed,
+}
+
+/// Where the caller's API key is.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum KeySource {
+    /// A request header, e.g. `x-api-key`.
+    Header(String),
+    /// `Authorization: Bearer <key>`.
+    Bearer,
+}
+
+/// What to do with a request that matches no route, or has no key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    Pass,
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sidecar {
+    /// Envoy cluster of the sidecar.
+    pub cluster: String,
+    /// `:authority` of the callouts.
+    #[serde(default = "default_authority")]
+    pub authority: String,
+    /// Envoy's own timeout for one callout.
+    #[serde(default = "default_callout_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_authority() -> String {
+    "tollgate-sidecar".into()
+}
+fn default_callout_timeout() -> u64 {
+    200
+}
+
+/// How an estimated amount for one meter is found before the request goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Charge {
+    /// A fixed amount per request.
+    #[serde(default)]
+    pub fixed: Option<u64>,
+    /// A top-level field of the JSON request body (e.g. `max_tokens`), capped at `cap`.
+    #[serde(default)]
+    pub body_field: Option<String>,
+    /// Used when the body has no such field (or is not JSON).
+    #[serde(default)]
+    pub default: u64,
+    #[serde(default)]
+    pub cap: Option<u64>,
+}
+
+/// Where the actual usage comes from after the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The estimate is final: nothing is measured.
+    Estimate,
+    /// The JSON `usage` object, OpenAI or Anthropic shape; SSE streams (`text/event-stream`)
+    /// are read event by event.
+    Body,
+    /// A response header holding a number.
+    Header,
+    /// The response body's size in bytes.
+    Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    pub source: UsageSource,
+    /// For `header`: its name; for `header` and `bytes`: the meter it measures.
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub meter: Option<String>,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Usage {
+            source: UsageSource::Estimate,
+            header: None,
+            meter: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Sent to the sidecar, which prices the usage by it.
+    pub name: String,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub path_exact: Option<String>,
+    /// Overrides the filter-wide failure mode.
+    #[serde(default)]
+    pub failure_mode: Option<FailureMode>,
+    /// Meter -> how its estimate is found.
+    #[serde(default)]
+    pub charges: BTreeMap<String, Charge>,
+    #[serde(default)]
+    pub usage: Usage,
+    /// A JSON body field naming the model (e.g. `model`), sent for pricing.
+    #[serde(default)]
+    pub model_field: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    pub sidecar: Sidecar,
+    /// The longest a request waits for a decision; then the failure mode applies.
+    #[serde(default = "default_deadline")]
+    pub deadline_ms: u64,
+    #[serde(default = "default_failure_mode")]
+    pub failure_mode: FailureMode,
+    pub key: KeySource,
+    #[serde(default = "default_reject")]
+    pub missing_key: Unmatched,
+    #[serde(default = "default_pass")]
+    pub unmatched: Unmatched,
+    /// Upstream statuses that release the hold instead of charging.
+    #[serde(default = "default_release_statuses")]
+    pub release_statuses: Vec<u16>,
+    /// Most bytes of a response body read for usage; past it the estimate is charged.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Commits are sent in batches of at most this many, at least every `commit_interval_ms`.
+    #[serde(default = "default_batch")]
+    pub commit_batch: usize,
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval_ms: u64,
+    pub routes: Vec<Route>,
+}
+
+fn default_deadline() -> u64 {
+    100
+}
+fn default_failure_mode() -> FailureMode {
+    FailureMode::Closed
+}
+fn default_reject() -> Unmatched {
+    Unmatched::Reject
+}
+fn default_pass() -> Unmatched {
+    Unmatched::Pass
+}
+fn default_release_statuses() -> Vec<u16> {
+    vec![500, 502, 503, 504]
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+fn default_batch() -> usize {
+    100
+}
+fn default_commit_interval() -> u64 {
+    100
+}
+
+impl FilterConfig {
+    /// Parses and validates; the error names the field.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let cfg: FilterConfig = serde_json::from_slice(bytes)
+            .map_err(|e| err("configuration", format!("invalid JSON: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.sidecar.cluster.is_empty() {
+            return Err(err("sidecar.cluster", "must not be empty"));
+        }
+        if !(1..=60_000).contains(&self.sidecar.timeout_ms) {
+            return Err(err("sidecar.timeout_ms", "must be 1..=60000"));
+        }
+        if !(1..=60_000).contains(&self.deadline_ms) {
+            return Err(err("deadline_ms", "must be 1..=60000"));
+        }
+        if let KeySource::Header(h) = &self.key {
+            if h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase() || b == b' ') {
+                return Err(err("key.header", "must be a lower-case header name"));
+            }
+        }
+        if let Some(s) = self
+            .release_statuses
+            .iter()
+            .find(|s| !(100..=599).contains(*s))
+        {
+            return Err(err(
+                "release_statuses",
+                format!("{s} is not an HTTP status"),
+            ));
+        }
+        if self.max_body_bytes == 0 || self.max_body_bytes > 64 << 20 {
+            return Err(err("max_body_bytes", "must be 1..=67108864"));
+        }
+        if !(1..=tollgate_protocol::MAX_BATCH).contains(&self.commit_batch) {
+            return Err(err("commit_batch", "must be 1..=1000"));
+        }
+        if self.commit_interval_ms == 0 {
+            return Err(err("commit_interval_ms", "must be positive"));
+        }
+        if self.routes.is_empty() {
+            return Err(err("routes", "declare at least one route"));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            r.validate(&format!("routes[{i}]"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Route {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        validate_id("name", &self.name).map_err(|e| err(format!("{at}.name"), e.problem))?;
+        if self.path_prefix.is_some() && self.path_exact.is_some() {
+            return Err(err(
+                format!("{at}.path_exact"),
+                "give path_prefix or path_exact, not both",
+            ));
+        }
+        for (field, p) in [
+            ("path_prefix", &self.path_prefix),
+            ("path_exact", &self.path_exact),
+        ] {
+            if let Some(p) = p {
+                if !p.starts_with('/') {
+                    return Err(err(format!("{at}.{field}"), "must start with /"));
+                }
+            }
+        }
+        if self.charges.is_empty() {
+            return Err(err(format!("{at}.charges"), "declare at least one meter"));
+        }
+        for (meter, c) in &self.charges {
+            let f = format!("{at}.charges.{meter}");
+            validate_id("meter", meter).map_err(|e| err(&f, e.problem))?;
+            match (c.fixed, &c.body_field) {
+                (Some(_), Some(_)) => return Err(err(&f, "give fixed or body_field, not both")),
+                (None, None) => return Err(err(&f, "give fixed or body_field")),
+                _ => {}
+            }
+            for (name, v) in [
+                ("fixed", c.fixed),
+                ("default", Some(c.default)),
+                ("cap", c.cap),
+            ] {
+                if v.is_some_and(|v| v > MAX_AMOUNT) {
+                    return Err(err(
+                        format!("{f}.{name}"),
+                        format!("must be at most {MAX_AMOUNT}"),
+                    ));
+                }
+            }
+            if c.cap.is_some_and(|cap| cap < c.default) {
+                return Err(err(format!("{f}.cap"), "must be at least default"));
+            }
+        }
+        let u = &self.usage;
+        match u.source {
+            UsageSource::Header if u.header.is_none() => {
+                return Err(err(
+                    format!("{at}.usage.header"),
+                    "required when source is header",
+                ))
+            }
+            UsageSource::Header | UsageSource::Bytes => match &u.meter {
+                Some(m) if self.charges.contains_key(m) => {}
+                Some(m) => {
+                    return Err(err(
+                        format!("{at}.usage.meter"),
+                        format!("{m:?} must also be in charges (its counter is made at authorize)"),
+                    ))
+                }
+                None => {
+                    return Err(err(
+                        format!("{at}.usage.meter"),
+                        "required for header and bytes",
+                    ))
+                }
+            },
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether a request matches this route. Hosts compare case-insensitively without a port.
+    pub fn matches(&self, method: &str, host: &str, path: &str) -> bool {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        });
+        self.method
+            .as_deref()
+            .is_none_or(|m| m.eq_ignore_ascii_case(method))
+            && self
+                .host
+                .as_deref()
+                .is_none_or(|h| h.eq_ignore_ascii_case(host))
+            && self.path_exact.as_deref().is_none_or(|p| p == path)
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|p| path.starts_with(p))
+    }
+}
+
+impl FilterConfig {
+    /// The first route that matches.
+    pub fn route_for(&self, method: &str, host: &str, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(method, host, path))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{
+        "sidecar": {"cluster": "tollgate"},
+        "key": {"header": "x-api-key"},
+        "routes": [
+            {"name": "chat", "method": "POST", "path_prefix": "/v1/chat/",
+             "charges": {"requests": {"fixed": 1},
+                         "output_tokens": {"body_field": "max_tokens", "default": 256, "cap": 4096}},
+             "usage": {"source": "body"}, "model_field": "model"},
+            {"name": "files", "host": "files.example.com",
+             "charges": {"bytes": {"fixed": 0}}, "usage": {"source": "bytes", "meter": "bytes"}}
+        ]
+    }"#;
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let c = FilterConfig::parse(GOOD.as_bytes()).unwrap();
+        assert_eq!(c.deadline_ms, 100);
+        assert_eq!(c.failure_mode, FailureMode::Closed);
+        assert_eq!(c.routes[0].charges["output_tokens"].cap, Some(4096));
+        assert_eq!(c.key, KeySource::Header("x-api-key".into()));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            ("{", "configuration"),
+            (
+                r#"{"sidecar":{"cluster":""},"key":"bearer","routes":[]}"#,
+                "sidecar.cluster",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c"},"key":"bearer","routes":[]}"#,
+                "routes",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c"},"key":{"header":"X-Key"},"routes":[{"name":"a","charges":{"requests":{"fixed":1}}}]}"#,
+                "key.header",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c"},"key":"bearer","routes":[{"name":"a b","charges":{"requests":{"fixed":1}}}]}"#,
+                "routes[0].name",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c"},"key":"bearer","routes":[{"name":"a","charges":{"t":{"body_field":"max_tokens","default":10,"cap":5}}}]}"#,
+                "routes[0].charges.t.cap",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c"},"key":"bearer","routes":[{"name":"a","charges":{"t":{}}}]}"#,
+                "routes[0].charges.t",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c"},"key":"bearer","routes":[{"name":"a","charges":{"t":{"fixed":1}},"usage":{"source":"bytes","meter":"b"}}]}"#,
+                "routes[0].usage.meter",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c"},"key":"bearer","routes":[{"name":"a","charges":{"t":{"fixed":1}}}],"bogus":1}"#,
+                "bogus",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = FilterConfig::parse(text.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains(field), "{e} does not name {field}");
+        }
+    }
+
+    #[test]
+    fn routes_match_method_host_and_path() {
+        let c = FilterConfig::parse(GOOD.as_bytes()).unwrap();
+        assert_eq!(
+            c.route_for("POST", "api", "/v1/chat/completions?x=1")
+                .unwrap()
+                .name,
+            "chat"
+        );
+        assert!(c.route_for("GET", "api", "/v1/chat/completions").is_none());
+        assert_eq!(
+            c.route_for("GET", "FILES.example.com:8443", "/a")
+                .unwrap()
+                .name,
+            "files"
+        );
+        assert!(c.route_for("GET", "other", "/a").is_none());
+    }
+}

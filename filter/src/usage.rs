@@ -1,0 +1,384 @@
+//! Measuring actual usage from a response, incrementally: bodies arrive in chunks of any size,
+//! split at any byte, and may be huge, truncated or not JSON at all. Nothing here panics or
+//! buffers more than its cap; a body that cannot be read yields an error and the caller settles
+//! at the estimate.
+//!
+//! Shapes understood (the `usage` object):
+//! - OpenAI: `prompt_tokens`, `completion_tokens`, `total_tokens`, `prompt_tokens_details.cached_tokens`
+//!   — in a JSON body, or in the last `data:` event of a stream (`stream_options.include_usage`).
+//! - Anthropic: `input_tokens`, `output_tokens`, `cache_read_input_tokens` — in a JSON body, or in
+//!   a stream's `message_start` (`message.usage`) and `message_delta` (`usage`) events.
+
+use serde_json::Value;
+
+/// Token counts found in a response; later events override earlier ones.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+    pub cached_tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageError {
+    /// The body was larger than the cap.
+    TooLarge,
+    /// The body (or every event) was not JSON.
+    Malformed,
+    /// Readable, but no usage object in it.
+    Missing,
+}
+
+impl TokenUsage {
+    fn is_empty(&self) -> bool {
+        self.input_tokens.is_none() && self.output_tokens.is_none() && self.total_tokens.is_none()
+    }
+
+    /// Merges a `usage` object of either shape.
+    fn absorb(&mut self, u: &Value) {
+        let n = |k: &str| u.get(k).and_then(Value::as_u64);
+        if let Some(v) = n("prompt_tokens").or_else(|| n("input_tokens")) {
+            self.input_tokens = Some(v);
+        }
+        if let Some(v) = n("completion_tokens").or_else(|| n("output_tokens")) {
+            self.output_tokens = Some(v);
+        }
+        if let Some(v) = n("total_tokens") {
+            self.total_tokens = Some(v);
+        }
+        let cached = u
+            .get("prompt_tokens_details")
+            .and_then(|d| d.get("cached_tokens"))
+            .and_then(Value::as_u64)
+            .or_else(|| n("cache_read_input_tokens"));
+        if let Some(v) = cached {
+            self.cached_tokens = Some(v);
+        }
+    }
+
+    /// Finds usage in one JSON document (a whole body or one stream event).
+    fn absorb_document(&mut self, doc: &Value) {
+        if let Some(u) = doc.get("usage").filter(|u| u.is_object()) {
+            self.absorb(u);
+        }
+        if let Some(u) = doc
+            .get("message")
+            .and_then(|m| m.get("usage"))
+            .filter(|u| u.is_object())
+        {
+            self.absorb(u);
+        }
+    }
+
+    /// The amount for one of the route's meters, if this usage says it.
+    pub fn meter(&self, name: &str) -> Option<u64> {
+        match name {
+            "input_tokens" => self.input_tokens,
+            "output_tokens" => self.output_tokens,
+            "cached_tokens" => self.cached_tokens,
+            "tokens" | "total_tokens" => {
+                self.total_tokens
+                    .or(match (self.input_tokens, self.output_tokens) {
+                        (None, None) => None,
+                        (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
+                    })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A non-streaming JSON body, buffered up to `cap` bytes.
+pub struct JsonBody {
+    buf: Vec<u8>,
+    cap: usize,
+    too_large: bool,
+}
+
+impl JsonBody {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            cap,
+            too_large: false,
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.too_large {
+            return;
+        }
+        if self.buf.len().saturating_add(chunk.len()) > self.cap {
+            self.too_large = true;
+            self.buf = Vec::new();
+            return;
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    pub fn finish(self) -> Result<TokenUsage, UsageError> {
+        if self.too_large {
+            return Err(UsageError::TooLarge);
+        }
+        let doc: Value = serde_json::from_slice(&self.buf).map_err(|_| UsageError::Malformed)?;
+        let mut u = TokenUsage::default();
+        u.absorb_document(&doc);
+        if u.is_empty() {
+            Err(UsageError::Missing)
+        } else {
+            Ok(u)
+        }
+    }
+}
+
+/// A `text/event-stream` body, read line by line as chunks arrive. Only the current line is
+/// buffered (up to `max_line` bytes; a longer line is skipped), so a stream of any length costs
+/// constant memory.
+pub struct SseBody {
+    line: Vec<u8>,
+    max_line: usize,
+    skipping: bool,
+    usage: TokenUsage,
+    events: u64,
+    unreadable: u64,
+    skipped_lines: u64,
+}
+
+impl SseBody {
+    pub fn new(max_line: usize) -> Self {
+        Self {
+            line: Vec::new(),
+            max_line,
+            skipping: false,
+            usage: TokenUsage::default(),
+            events: 0,
+            unreadable: 0,
+            skipped_lines: 0,
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        while let Some(pos) = rest.iter().position(|b| *b == b'\n') {
+            let (head, tail) = rest.split_at(pos);
+            self.push(head);
+            self.end_line();
+            rest = tail.get(1..).unwrap_or_default();
+        }
+        self.push(rest);
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if self.skipping {
+            return;
+        }
+        if self.line.len().saturating_add(bytes.len()) > self.max_line {
+            self.skipping = true;
+            self.skipped_lines += 1;
+            self.line = Vec::new();
+            return;
+        }
+        self.line.extend_from_slice(bytes);
+    }
+
+    fn end_line(&mut self) {
+        if !self.skipping {
+            let line = std::mem::take(&mut self.line);
+            self.handle(&line);
+        }
+        self.skipping = false;
+        self.line.clear();
+    }
+
+    fn handle(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return; // event:, id:, comments and blank lines carry no usage
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data == b"[DONE]" || data.is_empty() {
+            return;
+        }
+        self.events += 1;
+        match serde_json::from_slice::<Value>(data) {
+            Ok(doc) => self.usage.absorb_document(&doc),
+            Err(_) => self.unreadable += 1,
+        }
+    }
+
+    /// Events seen, unreadable events, over-long lines skipped.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (self.events, self.unreadable, self.skipped_lines)
+    }
+
+    pub fn finish(mut self) -> Result<TokenUsage, UsageError> {
+        if !self.line.is_empty() || self.skipping {
+            self.end_line(); // a last line without its newline
+        }
+        if !self.usage.is_empty() {
+            return Ok(self.usage);
+        }
+        if self.events > 0 && self.unreadable == self.events {
+            return Err(UsageError::Malformed);
+        }
+        if self.skipped_lines > 0 {
+            return Err(UsageError::TooLarge);
+        }
+        Err(UsageError::Missing)
+    }
+}
+
+/// A usage header's value: a non-negative integer, nothing else.
+pub fn header_amount(value: &str) -> Option<u64> {
+    let v = value.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse()
+        .ok()
+        .filter(|n| *n <= tollgate_protocol::MAX_AMOUNT)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const OPENAI_JSON: &str = r#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46,"prompt_tokens_details":{"cached_tokens":4}}}"#;
+    const ANTHROPIC_JSON: &str = r#"{"id":"m","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":10,"output_tokens":20,"cache_read_input_tokens":3}}"#;
+    const OPENAI_SSE: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"he\"}}],\"usage\":null}\n\n\
+data: {\"choices\":[{\"delta\":{\"content\":\"llo\"}}],\"usage\":null}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n\
+data: [DONE]\n\n";
+    const ANTHROPIC_SSE: &str = "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\r\n\r\n\
+event: content_block_delta\r\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"Hi\"}}\r\n\r\n\
+event: message_delta\r\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\r\n\r\n\
+event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
+
+    fn json(body: &str) -> Result<TokenUsage, UsageError> {
+        let mut j = JsonBody::new(1 << 20);
+        j.feed(body.as_bytes());
+        j.finish()
+    }
+
+    fn sse_chunks(body: &[u8], cuts: &[usize]) -> Result<TokenUsage, UsageError> {
+        let mut s = SseBody::new(64 * 1024);
+        let mut at = 0;
+        for &c in cuts {
+            let c = c.clamp(at, body.len());
+            s.feed(&body[at..c]);
+            at = c;
+        }
+        s.feed(&body[at..]);
+        s.finish()
+    }
+
+    #[test]
+    fn json_bodies_of_both_shapes() {
+        let o = json(OPENAI_JSON).unwrap();
+        assert_eq!(
+            (
+                o.meter("input_tokens"),
+                o.meter("output_tokens"),
+                o.meter("tokens")
+            ),
+            (Some(12), Some(34), Some(46))
+        );
+        assert_eq!(o.cached_tokens, Some(4));
+        let a = json(ANTHROPIC_JSON).unwrap();
+        assert_eq!(
+            (
+                a.meter("input_tokens"),
+                a.meter("output_tokens"),
+                a.meter("tokens")
+            ),
+            (Some(10), Some(20), Some(30))
+        );
+        assert_eq!(a.cached_tokens, Some(3));
+    }
+
+    #[test]
+    fn broken_bodies_are_errors_not_panics() {
+        assert_eq!(
+            json(r#"{"usage": {"prompt_tokens": 1"#),
+            Err(UsageError::Malformed)
+        );
+        assert_eq!(json(r#"{"choices": []}"#), Err(UsageError::Missing));
+        assert_eq!(
+            json(r#"{"usage": {"prompt_tokens": -1}}"#),
+            Err(UsageError::Missing)
+        );
+        let mut j = JsonBody::new(10);
+        j.feed(OPENAI_JSON.as_bytes());
+        assert_eq!(j.finish(), Err(UsageError::TooLarge));
+        let mut s = SseBody::new(16);
+        s.feed(OPENAI_SSE.as_bytes());
+        assert_eq!(s.finish(), Err(UsageError::TooLarge));
+        assert_eq!(
+            sse_chunks(b"data: {nope\n\ndata: [x\n\n", &[]),
+            Err(UsageError::Malformed)
+        );
+        assert_eq!(header_amount(" 42 "), Some(42));
+        for bad in ["", "-1", "4.2", "1e3", "99999999999999999999"] {
+            assert_eq!(header_amount(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn streams_of_both_shapes_at_every_split() {
+        for (body, want) in [(OPENAI_SSE, (7, 2)), (ANTHROPIC_SSE, (25, 15))] {
+            let b = body.as_bytes();
+            for cut in 0..=b.len() {
+                let u = sse_chunks(b, &[cut]).unwrap();
+                assert_eq!(
+                    (u.input_tokens.unwrap(), u.output_tokens.unwrap()),
+                    want,
+                    "cut at {cut}"
+                );
+            }
+            // Byte by byte.
+            let cuts: Vec<usize> = (0..b.len()).collect();
+            assert!(sse_chunks(b, &cuts).is_ok());
+        }
+        // A final event without its newline still counts.
+        let u = sse_chunks(
+            b"data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":5}}",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(u.output_tokens, Some(5));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_split_of_a_stream_reads_the_same(cuts in proptest::collection::vec(0usize..700, 0..12)) {
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            let a = sse_chunks(ANTHROPIC_SSE.as_bytes(), &cuts).unwrap();
+            prop_assert_eq!((a.input_tokens, a.output_tokens), (Some(25), Some(15)));
+            let o = sse_chunks(OPENAI_SSE.as_bytes(), &cuts).unwrap();
+            prop_assert_eq!(o.total_tokens, Some(9));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..2048),
+                                       cuts in proptest::collection::vec(0usize..2048, 0..8)) {
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            let _ = sse_chunks(&body, &cuts);
+            let mut j = JsonBody::new(1024);
+            j.feed(&body);
+            let _ = j.finish();
+        }
+
+        #[test]
+        fn arbitrary_sse_lines_never_panic(lines in proptest::collection::vec("(data: |event: |: )?[ -~]{0,80}", 0..40)) {
+            let body = lines.join("\n");
+            let _ = sse_chunks(body.as_bytes(), &[body.len() / 2]);
+        }
+    }
+}
