@@ -1,13 +1,29 @@
-//! Tollgate's proxy-wasm filter (issue 3, in progress).
+//! Tollgate's proxy-wasm filter: runs in every Envoy worker, asks the sidecar before a request
+//! goes upstream, and settles the actual usage after the response.
 //!
-//! What exists so far are the filter's pure parts, unit-tested natively:
-//! - [`config`]: the plugin configuration, validated with errors that name the field, and route
-//!   matching (method, host, path prefix or exact);
-//! - [`usage`]: incremental usage extraction from JSON bodies and SSE streams (OpenAI and
-//!   Anthropic shapes), usage headers, with size caps and no panics on any input.
+//! - [`config`]: the plugin configuration (validated; errors name the field) and route matching.
+//! - [`http`]: one request's pipeline — key, estimate, authorize callout, local replies, usage
+//!   measurement, settlement.
+//! - [`root`]: the tick that enforces decision deadlines and sends settlements in batches.
+//! - [`usage`]: incremental usage extraction (JSON bodies, SSE streams, headers), panic-free.
+//! - [`reply`], [`shared`]: local replies and RateLimit headers; state shared within a VM.
 //!
-//! The proxy-wasm contexts (authorize callout, deadline on tick, local replies, batched commits)
-//! and the wasmtime host that tests the compiled `.wasm` come next.
+//! No `unwrap`, `expect`, `panic` or indexing in this crate (denied by clippy in Cargo.toml):
+//! a panic would take the request, or the whole VM, down.
+//!
+//! Status (issue 3 in progress): the pure parts are unit- and property-tested natively; the
+//! proxy-wasm contexts build for `wasm32-wasip1` and await the wasmtime harness tests.
 
 pub mod config;
+pub mod http;
+pub mod reply;
+pub mod root;
+pub mod shared;
 pub mod usage;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
+        Box::<root::Root>::default()
+    });
+}}

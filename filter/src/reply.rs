@@ -1,0 +1,81 @@
+//! Local replies the filter sends instead of forwarding, and the RateLimit headers it adds.
+
+use proxy_wasm::hostcalls;
+use tollgate_protocol::{Decision, DenyReason, LimitState};
+
+/// `RateLimit-Limit`, `-Remaining`, `-Reset` (seconds) for the tightest limit of a decision.
+pub fn ratelimit_headers(limit: &LimitState, now_ms: u64) -> [(&'static str, String); 3] {
+    let reset = if limit.reset_ms == 0 {
+        0
+    } else {
+        limit.reset_ms.saturating_sub(now_ms).div_ceil(1000)
+    };
+    [
+        ("ratelimit-limit", limit.max.to_string()),
+        ("ratelimit-remaining", limit.remaining.to_string()),
+        ("ratelimit-reset", reset.to_string()),
+    ]
+}
+
+fn body(code: &str, message: &str, limit: Option<&str>) -> Vec<u8> {
+    let mut err = serde_json::json!({ "code": code, "message": message });
+    if let (Some(l), Some(obj)) = (limit, err.as_object_mut()) {
+        obj.insert("limit".into(), serde_json::Value::String(l.into()));
+    }
+    serde_json::to_vec(&serde_json::json!({ "error": err })).unwrap_or_default()
+}
+
+fn send(status: u32, extra: &[(&str, String)], body: &[u8]) {
+    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    headers.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+    let _ = hostcalls::send_http_response(status, headers, Some(body));
+}
+
+/// The sidecar could not decide in time and the route fails closed.
+pub fn unavailable() {
+    send(
+        503,
+        &[],
+        &body(
+            "unavailable",
+            "usage limits cannot be checked right now; retry shortly",
+            None,
+        ),
+    );
+}
+
+/// A request refused before asking the sidecar (no key, no route).
+pub fn reject(status: u32, code: &str, message: &str) {
+    send(status, &[], &body(code, message, None));
+}
+
+/// A denial from the sidecar: 429 (limit), 402 (credits), 401 (unknown key), 403 (disabled).
+pub fn denied(d: &Decision, now_ms: u64) {
+    let (code, message) = match d.reason {
+        Some(DenyReason::Limit) => ("rate_limited", "a usage limit was reached"),
+        Some(DenyReason::Credits) => (
+            "insufficient_credits",
+            "not enough credits for this request",
+        ),
+        Some(DenyReason::Unauthenticated) => ("invalid_api_key", "the API key is not valid"),
+        Some(DenyReason::Disabled) => ("forbidden", "this API key or account is disabled"),
+        None => ("denied", "request denied"),
+    };
+    let mut extra: Vec<(&str, String)> = Vec::new();
+    if let Some(s) = d.retry_after_s {
+        extra.push(("retry-after", s.to_string()));
+    }
+    if let Some(l) = &d.limit {
+        extra.extend(ratelimit_headers(l, now_ms));
+    }
+    let status = if (400..=599).contains(&d.status) {
+        u32::from(d.status)
+    } else {
+        429
+    };
+    send(
+        status,
+        &extra,
+        &body(code, message, d.limit.as_ref().map(|l| l.name.as_str())),
+    );
+}

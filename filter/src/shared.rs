@@ -1,0 +1,105 @@
+//! State shared by the root context and the request contexts of one VM (one Envoy worker):
+//! the configuration, requests waiting for a decision (so the root's tick can enforce the
+//! deadline), settlements waiting to be sent in a batch, and metric ids.
+//!
+//! Everything runs on the worker's single thread, so `Rc<RefCell<_>>` is enough; borrows are
+//! never held across a host call that could re-enter the filter.
+
+use crate::config::{FailureMode, FilterConfig};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use tollgate_protocol::CommitRequest;
+
+/// A settlement to send to the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    Commit(CommitRequest),
+    Release(String),
+}
+
+/// A request paused for its decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Waiting {
+    pub deadline_ms: u64,
+    pub mode: FailureMode,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub allowed: u32,
+    pub denied: u32,
+    pub failed_open: u32,
+    pub failed_closed: u32,
+    pub passed: u32,
+    pub rejected: u32,
+    pub commits_batched: u32,
+    pub commit_batches: u32,
+    pub settle_dropped: u32,
+    pub usage_errors: u32,
+    pub callout_ms: u32,
+}
+
+impl Metrics {
+    /// Defines the metrics with the host; a metric the host refuses is simply not recorded.
+    pub fn define() -> Self {
+        let c = |name: &str| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0);
+        Metrics {
+            allowed: c("tollgate.allowed"),
+            denied: c("tollgate.denied"),
+            failed_open: c("tollgate.failed_open"),
+            failed_closed: c("tollgate.failed_closed"),
+            passed: c("tollgate.passed"),
+            rejected: c("tollgate.rejected"),
+            commits_batched: c("tollgate.commits_batched"),
+            commit_batches: c("tollgate.commit_batches"),
+            settle_dropped: c("tollgate.settle_dropped"),
+            usage_errors: c("tollgate.usage_errors"),
+            callout_ms: hostcalls::define_metric(MetricType::Histogram, "tollgate.callout_ms")
+                .unwrap_or(0),
+        }
+    }
+}
+
+pub fn bump(metric: u32) {
+    if metric != 0 {
+        let _ = hostcalls::increment_metric(metric, 1);
+    }
+}
+
+pub fn record(metric: u32, value: u64) {
+    if metric != 0 {
+        let _ = hostcalls::record_metric(metric, value);
+    }
+}
+
+pub struct Shared {
+    pub config: Rc<FilterConfig>,
+    pub metrics: Metrics,
+    /// context id -> its deadline, while it waits for the sidecar.
+    pub waiting: BTreeMap<u32, Waiting>,
+    pub settles: VecDeque<(Settle, u8)>,
+    /// Makes request ids unique within this VM.
+    pub counter: u64,
+    pub seed: u64,
+}
+
+pub type SharedRef = Rc<RefCell<Shared>>;
+
+/// Unix time in milliseconds from the host (0 if it will not say).
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A random 64-bit seed from the host's WASI random source (via std's hash keys).
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.finish()
+}
