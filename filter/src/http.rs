@@ -57,16 +57,21 @@ pub struct Request {
     response_bytes: u64,
 }
 
-fn req_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+/// A header's value. Read as bytes: the SDK's string getter panics on a value that is not
+/// UTF-8, which a client controls.
+pub fn header(map: MapType, name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(map, name)
         .ok()
         .flatten()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+fn req_header(name: &str) -> Option<String> {
+    header(MapType::HttpRequestHeaders, name)
 }
 
 fn resp_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
-        .ok()
-        .flatten()
+    header(MapType::HttpResponseHeaders, name)
 }
 
 /// The estimate of one meter from the (JSON) request body, capped.
@@ -305,9 +310,7 @@ impl Context for Request {
             self.shared.borrow().metrics.callout_ms,
             now.saturating_sub(self.asked_ms),
         );
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
+        let status = header(MapType::HttpCallResponseHeaders, ":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
         let decision: Option<Decision> = if status == 200 {

@@ -42,9 +42,7 @@ impl Context for Root {
         let Some(batch) = self.inflight.remove(&token) else {
             return;
         };
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
+        let status = crate::http::header(MapType::HttpCallResponseHeaders, ":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
         let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
