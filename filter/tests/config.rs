@@ -1,5 +1,6 @@
 //! The plugin configuration: validation that names the field, and route matching.
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+use proptest::prelude::*;
 use tollgate_filter::config::*;
 
 const GOOD: &str = r#"{
@@ -84,4 +85,28 @@ fn routes_match_method_host_and_path() {
         "files"
     );
     assert!(c.route_for("GET", "other", "/a").is_none());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// Arbitrary bytes are refused with an error, never a panic.
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = FilterConfig::parse(&bytes);
+    }
+
+    /// A valid configuration with one byte changed parses or is refused with a field; a route
+    /// it accepts still matches without panicking.
+    #[test]
+    fn mutated_configurations_never_panic(at in 0usize..2000, byte in any::<u8>(), path in "[ -~]{0,40}") {
+        let mut bytes = GOOD.as_bytes().to_vec();
+        let i = at % bytes.len();
+        bytes[i] = byte;
+        if let Ok(c) = FilterConfig::parse(&bytes) {
+            let _ = c.route_for("POST", "api:x", &path);
+        } else {
+            prop_assert!(!FilterConfig::parse(&bytes).unwrap_err().field.is_empty());
+        }
+    }
 }

@@ -143,20 +143,20 @@ fn engine_and_module(path: &str) -> Result<&'static (Engine, Module)> {
     config.consume_fuel(true);
     let engine = Engine::new(&config)?;
     let bytes = std::fs::read(path).with_context(|| {
-        format!("cannot read the filter at {path}: build it with ./tg test (or cargo build --release --target wasm32-wasip1 -p tollgate-filter)")
+        format!("cannot read the filter at {path}: build it with ./tg test (or cargo build --profile wasm --target wasm32-wasip1 -p tollgate-filter)")
     })?;
     let module = Module::new(&engine, bytes)?;
     Ok(CACHE.get_or_init(|| (engine, module)))
 }
 
-/// Where the compiled filter is: `TOLLGATE_FILTER_WASM`, else the target directory's release build.
+/// Where the compiled filter is: `TOLLGATE_FILTER_WASM`, else the target directory.s `wasm` profile build.
 pub fn wasm_path() -> String {
     if let Ok(p) = std::env::var("TOLLGATE_FILTER_WASM") {
         return p;
     }
     let target = std::env::var("CARGO_TARGET_DIR")
         .unwrap_or_else(|_| format!("{}/../target", env!("CARGO_MANIFEST_DIR")));
-    format!("{target}/wasm32-wasip1/release/tollgate_filter.wasm")
+    format!("{target}/wasm32-wasip1/wasm/tollgate_filter.wasm")
 }
 
 /// Memory helpers usable from inside host functions.

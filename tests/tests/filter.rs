@@ -362,6 +362,13 @@ fn sse_streams_of_both_shapes_split_at_awkward_boundaries() {
             "chunks of {size}"
         );
     }
+    // Non-streaming Anthropic JSON, in odd chunks.
+    let anthropic = br#"{"id":"m","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":10,"output_tokens":20}}"#;
+    let m = stream(&mut f, "aj", "application/json", anthropic, 11);
+    assert_eq!(
+        m,
+        json!({"requests": 1, "input_tokens": 10, "output_tokens": 20})
+    );
     assert_eq!(f.metric("tollgate.usage_errors"), 0);
 }
 
