@@ -96,6 +96,7 @@ pub struct State {
     metric_names: Vec<String>,
     metrics: HashMap<String, i64>,
     shared: HashMap<String, (Vec<u8>, u32)>,
+    queues: Vec<(String, std::collections::VecDeque<Vec<u8>>)>,
     rng: u64,
 }
 
@@ -338,6 +339,58 @@ fn host_call(caller: &mut Caller<'_, State>, name: &str, a: &[Val]) -> Result<i3
             s.shared.insert(key, (value, current + 1));
             OK
         }
+        // Shared queues: ids are 1-based indexes; one VM, so the vm id is ignored.
+        "proxy_register_shared_queue" | "proxy_resolve_shared_queue" => {
+            let (name_at, ret) = if name == "proxy_register_shared_queue" {
+                (0, 2)
+            } else {
+                (2, 4)
+            };
+            let qname = String::from_utf8_lossy(&read(caller, i(a, name_at), i(a, name_at + 1))?)
+                .into_owned();
+            let s = caller.data_mut();
+            let id = match s.queues.iter().position(|(n, _)| *n == qname) {
+                Some(p) => p + 1,
+                None if name == "proxy_register_shared_queue" => {
+                    s.queues.push((qname, Default::default()));
+                    s.queues.len()
+                }
+                None => return Ok(NOT_FOUND),
+            };
+            write_u32(caller, i(a, ret), id as u32)?;
+            OK
+        }
+        "proxy_enqueue_shared_queue" => {
+            let value = read(caller, i(a, 1), i(a, 2))?;
+            match caller
+                .data_mut()
+                .queues
+                .get_mut((i(a, 0) as usize).wrapping_sub(1))
+            {
+                Some((_, q)) => {
+                    q.push_back(value);
+                    OK
+                }
+                None => NOT_FOUND,
+            }
+        }
+        "proxy_dequeue_shared_queue" => {
+            let item = match caller
+                .data_mut()
+                .queues
+                .get_mut((i(a, 0) as usize).wrapping_sub(1))
+            {
+                Some((_, q)) => q.pop_front(),
+                None => return Ok(NOT_FOUND),
+            };
+            match item {
+                Some(v) => {
+                    give(caller, &v, i(a, 1), i(a, 2))?;
+                    OK
+                }
+                None => 7, // Empty
+            }
+        }
         "proxy_continue_stream" => {
             if i(a, 0) == 0 {
                 caller.data_mut().stream().resumed += 1;
@@ -485,6 +538,7 @@ impl Filter {
             metric_names: Vec::new(),
             metrics: HashMap::new(),
             shared: HashMap::new(),
+            queues: Vec::new(),
             rng: 0x2545_f491_4f6c_dd1d,
         };
         let mut store = Store::new(engine, state);
