@@ -97,6 +97,8 @@ pub struct State {
     metrics: HashMap<String, i64>,
     shared: HashMap<String, (Vec<u8>, u32)>,
     queues: Vec<(String, std::collections::VecDeque<Vec<u8>>)>,
+    /// Properties by path (segments joined with NUL, as the ABI serializes them).
+    properties: HashMap<Vec<u8>, Vec<u8>>,
     rng: u64,
 }
 
@@ -315,7 +317,24 @@ fn host_call(caller: &mut Caller<'_, State>, name: &str, a: &[Val]) -> Result<i3
             }
             OK
         }
-        "proxy_get_property" | "proxy_set_property" => NOT_FOUND,
+        "proxy_get_property" => {
+            let path = read(caller, i(a, 0), i(a, 1))?;
+            let path = path.strip_suffix(&[0]).unwrap_or(&path).to_vec();
+            match caller.data().properties.get(&path).cloned() {
+                Some(v) => {
+                    give(caller, &v, i(a, 2), i(a, 3))?;
+                    OK
+                }
+                None => NOT_FOUND,
+            }
+        }
+        "proxy_set_property" => {
+            let path = read(caller, i(a, 0), i(a, 1))?;
+            let path = path.strip_suffix(&[0]).unwrap_or(&path).to_vec();
+            let value = read(caller, i(a, 2), i(a, 3))?;
+            caller.data_mut().properties.insert(path, value);
+            OK
+        }
         "proxy_get_shared_data" => {
             let key = String::from_utf8_lossy(&read(caller, i(a, 0), i(a, 1))?).into_owned();
             match caller.data().shared.get(&key).cloned() {
@@ -539,6 +558,7 @@ impl Filter {
             metrics: HashMap::new(),
             shared: HashMap::new(),
             queues: Vec::new(),
+            properties: HashMap::new(),
             rng: 0x2545_f491_4f6c_dd1d,
         };
         let mut store = Store::new(engine, state);
@@ -747,6 +767,12 @@ impl Filter {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
+    }
+
+    /// Sets a property the filter can read (`["request", "id"]` etc.).
+    pub fn set_property(&mut self, path: &[&str], value: &[u8]) {
+        let key = path.join("\0").into_bytes();
+        self.store.data_mut().properties.insert(key, value.to_vec());
     }
 
     pub fn metric(&self, name: &str) -> i64 {
