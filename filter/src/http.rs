@@ -399,8 +399,11 @@ impl HttpContext for Request {
             r.charges.values().any(|c| c.body_field.is_some()) || r.model_field.is_some()
         });
         if needs_body && !end_of_stream {
+            // Envoy turns Pause here into StopAllIteration, which also withholds the body from
+            // this filter. So the headers go on (the upstream request starts) and the body is
+            // held back in on_http_request_body until the decision; a denial resets it.
             self.phase = Phase::ReadingBody;
-            return Action::Pause;
+            return Action::Continue;
         }
         self.authorize()
     }

@@ -11,6 +11,8 @@
 //! response headers 2, call response headers 6. Buffers: request body 0, response body 1, call
 //! response body 4, plugin configuration 7.
 
+pub mod envoy;
+
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::HashMap;
 use std::sync::OnceLock;
