@@ -205,3 +205,57 @@ async fn wait_for_balance(engine: &tollgate_sidecar::engine::Engine, acct: &str,
     }
     panic!("balance of {acct} is {last}, expected {want}");
 }
+
+/// The sidecar is down: a fail-closed route answers 503 and a fail-open route passes, each
+/// within the deadline (here 300 ms; a connect failure usually resolves sooner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_envoy_with_the_sidecar_down_each_route_fails_its_own_way() {
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_port = up.local_addr().unwrap().port();
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", post(upstream))
+        .route("/open/x", post(upstream));
+    tokio::spawn(async move { axum::serve(up, app).await });
+    let nobody = wasm_host::envoy::free_port(); // nothing listens here
+    let cfg = json!({
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 250},
+        "deadline_ms": 300,
+        "key": {"header": "x-api-key"},
+        "routes": [
+            {"name": "chat", "path_prefix": "/v1/chat/", "failure_mode": "closed",
+             "charges": {"requests": {"fixed": 1}}},
+            {"name": "open", "path_prefix": "/open/", "failure_mode": "open",
+             "charges": {"requests": {"fixed": 1}}}
+        ]
+    })
+    .to_string();
+    let envoy = Envoy::start(up_port, nobody, &wasm_host::wasm_path(), &cfg).expect("envoy starts");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    for (path, want) in [("/v1/chat/completions", 503u16), ("/open/x", 200)] {
+        let started = std::time::Instant::now();
+        let r = http
+            .post(format!("http://127.0.0.1:{}{path}", envoy.port))
+            .header("x-api-key", "tg_whatever")
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(r.status(), want, "{path}: {}", envoy.log());
+        assert!(
+            took < Duration::from_millis(300 + 200),
+            "{path} took {took:?}"
+        );
+        if want == 503 {
+            assert_eq!(
+                r.json::<Value>().await.unwrap()["error"]["code"],
+                "unavailable"
+            );
+        }
+    }
+    assert_eq!(envoy.stat("wasmcustom.tollgate.failed_closed"), Some(1));
+    assert_eq!(envoy.stat("wasmcustom.tollgate.failed_open"), Some(1));
+}
