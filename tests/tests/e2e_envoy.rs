@@ -41,6 +41,32 @@ async fn upstream(body: String) -> axum::response::Response {
     }
 }
 
+/// A stream that sends one event and then stalls: the client gives up mid-stream.
+async fn stalled_stream() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let first = format!(
+        "data: {}\n\n",
+        json!({"choices": [{"delta": {"content": "He"}}], "usage": null})
+    );
+    let events = futures::stream::unfold(0u8, move |n| {
+        let first = first.clone();
+        async move {
+            match n {
+                0 => Some((Ok::<_, std::io::Error>(first), 1)),
+                _ => {
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                    None
+                }
+            }
+        }
+    });
+    (
+        [("content-type", "text/event-stream")],
+        axum::body::Body::from_stream(events),
+    )
+        .into_response()
+}
+
 fn filter_config(sidecar_cluster: &str) -> String {
     json!({
         "sidecar": {"cluster": sidecar_cluster, "timeout_ms": 2000},
@@ -79,7 +105,9 @@ async fn through_envoy_allow_settle_429_and_402() {
 
     let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up_port = up.local_addr().unwrap().port();
-    let app = axum::Router::new().route("/v1/chat/completions", post(upstream));
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", post(upstream))
+        .route("/v1/chat/stalled", post(stalled_stream));
     tokio::spawn(async move { axum::serve(up, app).await });
 
     let mut keys = Vec::new();
