@@ -12,6 +12,7 @@
 //! response body 4, plugin configuration 7.
 
 pub mod envoy;
+pub mod mock;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::HashMap;

@@ -2,7 +2,6 @@
 //! and PostgreSQL) and a mock OpenAI-style upstream: allowed, settled from JSON and from SSE at
 //! the same price, 429 with RateLimit headers and Retry-After, 402.
 
-use axum::routing::post;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,50 +21,6 @@ requests = 1
 input_tokens = 1
 output_tokens = 1
 "#;
-
-/// An OpenAI-style chat endpoint: JSON, or SSE when the request asks to stream.
-async fn upstream(body: String) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let usage = json!({"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30});
-    if body.contains("\"stream\":true") {
-        let events = format!(
-            "data: {}\n\ndata: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
-            json!({"choices": [{"delta": {"content": "Hel"}}], "usage": null}),
-            json!({"choices": [{"delta": {"content": "lo"}}], "usage": null}),
-            json!({"choices": [], "usage": usage}),
-        );
-        ([("content-type", "text/event-stream")], events).into_response()
-    } else {
-        axum::Json(json!({"choices": [{"message": {"content": "Hello"}}], "usage": usage}))
-            .into_response()
-    }
-}
-
-/// A stream that sends one event and then stalls: the client gives up mid-stream.
-async fn stalled_stream() -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let first = format!(
-        "data: {}\n\n",
-        json!({"choices": [{"delta": {"content": "He"}}], "usage": null})
-    );
-    let events = futures::stream::unfold(0u8, move |n| {
-        let first = first.clone();
-        async move {
-            match n {
-                0 => Some((Ok::<_, std::io::Error>(first), 1)),
-                _ => {
-                    tokio::time::sleep(Duration::from_secs(20)).await;
-                    None
-                }
-            }
-        }
-    });
-    (
-        [("content-type", "text/event-stream")],
-        axum::body::Body::from_stream(events),
-    )
-        .into_response()
-}
 
 fn filter_config(sidecar_cluster: &str) -> String {
     json!({
@@ -103,12 +58,7 @@ async fn through_envoy_allow_settle_429_and_402() {
     let sidecar_port = sidecar.local_addr().unwrap().port();
     tokio::spawn(tollgate_sidecar::serve(engine.clone(), sidecar));
 
-    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_port = up.local_addr().unwrap().port();
-    let app = axum::Router::new()
-        .route("/v1/chat/completions", post(upstream))
-        .route("/v1/chat/stalled", post(stalled_stream));
-    tokio::spawn(async move { axum::serve(up, app).await });
+    let up_port = wasm_host::mock::start().await.unwrap();
 
     let mut keys = Vec::new();
     for (id, credits) in [("acme", 1000u64), ("poor", 0)] {
@@ -238,21 +188,16 @@ async fn wait_for_balance(engine: &tollgate_sidecar::engine::Engine, acct: &str,
 /// within the deadline (here 300 ms; a connect failure usually resolves sooner).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_envoy_with_the_sidecar_down_each_route_fails_its_own_way() {
-    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_port = up.local_addr().unwrap().port();
-    let app = axum::Router::new()
-        .route("/v1/chat/completions", post(upstream))
-        .route("/open/x", post(upstream));
-    tokio::spawn(async move { axum::serve(up, app).await });
+    let up_port = wasm_host::mock::start().await.unwrap();
     let nobody = wasm_host::envoy::free_port(); // nothing listens here
     let cfg = json!({
         "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 250},
         "deadline_ms": 300,
         "key": {"header": "x-api-key"},
         "routes": [
-            {"name": "chat", "path_prefix": "/v1/chat/", "failure_mode": "closed",
+            {"name": "chat", "host": "closed.test", "failure_mode": "closed",
              "charges": {"requests": {"fixed": 1}}},
-            {"name": "open", "path_prefix": "/open/", "failure_mode": "open",
+            {"name": "open", "host": "open.test", "failure_mode": "open",
              "charges": {"requests": {"fixed": 1}}}
         ]
     })
@@ -262,10 +207,15 @@ async fn through_envoy_with_the_sidecar_down_each_route_fails_its_own_way() {
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    for (path, want) in [("/v1/chat/completions", 503u16), ("/open/x", 200)] {
+    for (host, want) in [("closed.test", 503u16), ("open.test", 200)] {
+        let path = host;
         let started = std::time::Instant::now();
         let r = http
-            .post(format!("http://127.0.0.1:{}{path}", envoy.port))
+            .post(format!(
+                "http://127.0.0.1:{}/v1/chat/completions",
+                envoy.port
+            ))
+            .header("host", host)
             .header("x-api-key", "tg_whatever")
             .json(&json!({}))
             .send()
