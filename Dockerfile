@@ -1,0 +1,23 @@
+# The sidecar image. Build steps are the commands CI runs (./tg builds the same targets);
+# the runtime image is small and runs as a non-root user.
+#   docker build -t tollgate-sidecar .
+#   docker run -e TOLLGATE_REDIS_URL=... -e TOLLGATE_DATABASE_URL=... -e TOLLGATE_ADMIN_TOKEN=... tollgate-sidecar
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN rustup target add wasm32-wasip1 \
+ && cargo build --release --bin tollgate-sidecar \
+ && cargo build --profile wasm --target wasm32-wasip1 -p tollgate-filter
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home /nonexistent tollgate
+COPY --from=build /src/target/release/tollgate-sidecar /usr/local/bin/tollgate-sidecar
+COPY --from=build /src/host-sidecar/tollgate.toml /etc/tollgate/tollgate.toml
+# The filter, for an Istio WasmPlugin (or any Envoy) to fetch: see envoy/istio/.
+COPY --from=build /src/target/wasm32-wasip1/wasm/tollgate_filter.wasm /usr/share/tollgate/tollgate_filter.wasm
+USER 10001
+ENV TOLLGATE_CONFIG=/etc/tollgate/tollgate.toml TOLLGATE_LISTEN=0.0.0.0:8700
+EXPOSE 8700
+ENTRYPOINT ["/usr/local/bin/tollgate-sidecar"]
