@@ -108,7 +108,7 @@ async fn through_envoy_allow_settle_429_and_402() {
     assert_eq!(r.headers()["ratelimit-remaining"], "2");
     assert_eq!(
         r.json::<Value>().await.unwrap()["choices"][0]["message"]["content"],
-        "Hello"
+        "Hello from the mock"
     );
     wait_for_balance(&engine, "acme", 969).await;
 
