@@ -256,19 +256,24 @@ impl Request {
         let mut meters = self.estimate.clone();
         let usage_meter = route.usage.meter.clone();
         let mut failed = false;
+        let mut output_text = None;
         match std::mem::replace(&mut self.measure, Measure::Estimate) {
             Measure::Estimate => {}
-            Measure::Json(j) => match j.finish() {
-                Ok(u) => meters
+            Measure::Json(j) => match j.finish_with_text() {
+                (Ok(u), _) => meters
                     .iter_mut()
                     .for_each(|(m, v)| *v = u.meter(m).unwrap_or(*v)),
-                Err(_) => failed = true,
+                // No usage object: the sidecar counts the text's tokens.
+                (Err(_), Some(text)) => output_text = Some(text),
+                (Err(_), None) => failed = true,
             },
-            Measure::Sse(s) => match s.finish() {
-                Ok(u) => meters
+            Measure::Sse(s) => match s.finish_with_text() {
+                (Ok(u), _) => meters
                     .iter_mut()
                     .for_each(|(m, v)| *v = u.meter(m).unwrap_or(*v)),
-                Err(_) => failed = true,
+                // No usage object (or the stream was cut before it): the sidecar counts the text.
+                (Err(_), Some(text)) => output_text = Some(text),
+                (Err(_), None) => failed = true,
             },
             Measure::Header(Some(v)) => {
                 if let Some(m) = usage_meter {
@@ -292,11 +297,21 @@ impl Request {
             model: self.model.clone(),
             meters,
             credits: 0,
+            output_text,
         }));
     }
 }
 
 impl Context for Request {
+    /// Called when the stream is torn down, whatever ended it. Envoy skips `on_log` for a stream
+    /// reset before it completed (a client that went away mid-stream), so settling here is what
+    /// keeps such a request from waiting for its hold to expire.
+    fn on_done(&mut self) -> bool {
+        self.shared.borrow_mut().waiting.remove(&self.id);
+        self.settle();
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         _token: u32,
@@ -494,7 +509,8 @@ impl HttpContext for Request {
         Action::Continue
     }
 
-    /// Called at the end of every stream, also when the client went away: always settle.
+    /// Called at the end of a completed stream (after `on_done` in some hosts, before it in
+    /// others): settling twice is harmless, [`Request::settle`] runs once.
     fn on_log(&mut self) {
         self.shared.borrow_mut().waiting.remove(&self.id);
         self.settle();

@@ -11,8 +11,9 @@
 //! No `unwrap`, `expect`, `panic` or indexing in this crate (denied by clippy in Cargo.toml):
 //! a panic would take the request, or the whole VM, down.
 //!
-//! Status (issue 3 in progress): the pure parts are unit- and property-tested natively; the
-//! proxy-wasm contexts build for `wasm32-wasip1` and await the wasmtime harness tests.
+//! Tests: the pure parts are unit- and property-tested natively (`filter/tests/`); the compiled
+//! `.wasm` runs in our wasmtime proxy-wasm host (`tests/tests/filter.rs`) and in a real Envoy
+//! (`tests/tests/e2e_envoy.rs`).
 
 pub mod config;
 pub mod http;

@@ -89,6 +89,51 @@ impl TokenUsage {
     }
 }
 
+/// Most text kept from a response for counting its tokens when it carries no usage.
+pub const MAX_TEXT: usize = 512 * 1024;
+
+/// Appends the generated text in one document (a whole body or one stream event), both shapes:
+/// OpenAI `choices[].message.content` / `choices[].delta.content`, Anthropic `content[].text` /
+/// `delta.text`. Returns false once the text would pass [`MAX_TEXT`].
+fn collect_text(doc: &Value, out: &mut String) -> bool {
+    let mut push = |t: &str| {
+        if out.len() + t.len() > MAX_TEXT {
+            return false;
+        }
+        out.push_str(t);
+        true
+    };
+    let mut ok = true;
+    if let Some(choices) = doc.get("choices").and_then(Value::as_array) {
+        for c in choices {
+            for path in [["message", "content"], ["delta", "content"]] {
+                if let Some(t) = c
+                    .get(path[0])
+                    .and_then(|m| m.get(path[1]))
+                    .and_then(Value::as_str)
+                {
+                    ok &= push(t);
+                }
+            }
+        }
+    }
+    if let Some(blocks) = doc.get("content").and_then(Value::as_array) {
+        for b in blocks {
+            if let Some(t) = b.get("text").and_then(Value::as_str) {
+                ok &= push(t);
+            }
+        }
+    }
+    if let Some(t) = doc
+        .get("delta")
+        .and_then(|d| d.get("text"))
+        .and_then(Value::as_str)
+    {
+        ok &= push(t);
+    }
+    ok
+}
+
 /// A non-streaming JSON body, buffered up to `cap` bytes.
 pub struct JsonBody {
     buf: Vec<u8>,
@@ -118,17 +163,28 @@ impl JsonBody {
     }
 
     pub fn finish(self) -> Result<TokenUsage, UsageError> {
+        self.finish_with_text().0
+    }
+
+    /// The usage, and the generated text when there was no usage (to count it instead).
+    pub fn finish_with_text(self) -> (Result<TokenUsage, UsageError>, Option<String>) {
         if self.too_large {
-            return Err(UsageError::TooLarge);
+            return (Err(UsageError::TooLarge), None);
         }
-        let doc: Value = serde_json::from_slice(&self.buf).map_err(|_| UsageError::Malformed)?;
+        let Ok(doc) = serde_json::from_slice::<Value>(&self.buf) else {
+            return (Err(UsageError::Malformed), None);
+        };
         let mut u = TokenUsage::default();
         u.absorb_document(&doc);
-        if u.is_empty() {
-            Err(UsageError::Missing)
-        } else {
-            Ok(u)
+        if !u.is_empty() {
+            return (Ok(u), None);
         }
+        let mut text = String::new();
+        let complete = collect_text(&doc, &mut text);
+        (
+            Err(UsageError::Missing),
+            (complete && !text.is_empty()).then_some(text),
+        )
     }
 }
 
@@ -143,6 +199,8 @@ pub struct SseBody {
     events: u64,
     unreadable: u64,
     skipped_lines: u64,
+    text: String,
+    text_complete: bool,
 }
 
 impl SseBody {
@@ -155,6 +213,8 @@ impl SseBody {
             events: 0,
             unreadable: 0,
             skipped_lines: 0,
+            text: String::new(),
+            text_complete: true,
         }
     }
 
@@ -202,7 +262,12 @@ impl SseBody {
         }
         self.events += 1;
         match serde_json::from_slice::<Value>(data) {
-            Ok(doc) => self.usage.absorb_document(&doc),
+            Ok(doc) => {
+                self.usage.absorb_document(&doc);
+                if self.text_complete {
+                    self.text_complete = collect_text(&doc, &mut self.text);
+                }
+            }
             Err(_) => self.unreadable += 1,
         }
     }
@@ -212,12 +277,34 @@ impl SseBody {
         (self.events, self.unreadable, self.skipped_lines)
     }
 
-    pub fn finish(mut self) -> Result<TokenUsage, UsageError> {
+    /// The generated text seen so far, if all of it was kept (and the stream had no usage, the
+    /// caller counts it instead).
+    pub fn text(&self) -> Option<&str> {
+        (self.text_complete && self.skipped_lines == 0 && !self.text.is_empty())
+            .then_some(self.text.as_str())
+    }
+
+    pub fn finish(self) -> Result<TokenUsage, UsageError> {
+        self.finish_with_text().0
+    }
+
+    /// The usage, and the generated text when there was no usage (to count it instead) — also
+    /// for a stream cut short, whose text is all the client received.
+    pub fn finish_with_text(mut self) -> (Result<TokenUsage, UsageError>, Option<String>) {
         if !self.line.is_empty() || self.skipping {
             self.end_line(); // a last line without its newline
         }
+        let usage = self.usage_result();
+        let text = match usage {
+            Err(UsageError::Missing) => self.text().map(str::to_string),
+            _ => None,
+        };
+        (usage, text)
+    }
+
+    fn usage_result(&mut self) -> Result<TokenUsage, UsageError> {
         if !self.usage.is_empty() {
-            return Ok(self.usage);
+            return Ok(std::mem::take(&mut self.usage));
         }
         if self.events > 0 && self.unreadable == self.events {
             return Err(UsageError::Malformed);

@@ -138,3 +138,29 @@ proptest! {
         let _ = sse_chunks(body.as_bytes(), &[body.len() / 2]);
     }
 }
+
+#[test]
+fn without_usage_the_generated_text_is_kept_for_counting() {
+    let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\ndata: [DONE]\n\n";
+    let mut s = SseBody::new(1024);
+    for c in sse.as_bytes().chunks(5) {
+        s.feed(c);
+    }
+    assert_eq!(s.text(), Some("Hello"));
+    assert_eq!(s.finish(), Err(UsageError::Missing));
+    let anthropic = "data: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi there\"}}\n\n";
+    let mut s = SseBody::new(1024);
+    s.feed(anthropic.as_bytes());
+    assert_eq!(s.text(), Some("Hi there"));
+    let mut j = JsonBody::new(4096);
+    j.feed(br#"{"choices":[{"message":{"content":"Bonjour"}}]}"#);
+    let (r, text) = j.finish_with_text();
+    assert_eq!(
+        (r, text.as_deref()),
+        (Err(UsageError::Missing), Some("Bonjour"))
+    );
+    // With usage, no text is needed.
+    let mut j = JsonBody::new(4096);
+    j.feed(OPENAI_JSON.as_bytes());
+    assert!(j.finish_with_text().1.is_none());
+}

@@ -81,7 +81,14 @@ pub struct CommitRequest {
     pub meters: Meters,
     #[serde(default)]
     pub credits: u64,
+    /// The text the response carried, when it had no `usage` object: the sidecar counts its
+    /// tokens with the model's tokenizer and charges them as `output_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_text: Option<String>,
 }
+
+/// Longest `output_text` a commit may carry.
+pub const MAX_OUTPUT_TEXT: usize = 1 << 20;
 
 /// Several commits in one call (the filter batches its settlements). At most
 /// [`MAX_BATCH`] items; each is applied on its own, in any order, and answered in order.
@@ -349,6 +356,16 @@ impl CommitRequest {
             validate_id("model", m)?;
         }
         validate_meters(&self.meters)?;
+        if self
+            .output_text
+            .as_ref()
+            .is_some_and(|t| t.len() > MAX_OUTPUT_TEXT)
+        {
+            return Err(invalid(
+                "output_text",
+                format!("longer than {MAX_OUTPUT_TEXT} bytes"),
+            ));
+        }
         validate_amount("credits", self.credits)
     }
 }

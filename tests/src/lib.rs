@@ -12,6 +12,7 @@
 //! response body 4, plugin configuration 7.
 
 pub mod envoy;
+pub mod load;
 pub mod mock;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -701,6 +702,15 @@ impl Filter {
     pub fn finish(&mut self, ctx: u32) -> Result<()> {
         self.enter(ctx);
         self.call("proxy_on_log", &[ctx as i32])?;
+        self.call("proxy_on_done", &[ctx as i32])?;
+        self.call("proxy_on_delete", &[ctx as i32])?;
+        Ok(())
+    }
+
+    /// The stream is reset before it completed (the client went away mid-response): Envoy calls
+    /// on_done and on_delete but not on_log.
+    pub fn reset(&mut self, ctx: u32) -> Result<()> {
+        self.enter(ctx);
         self.call("proxy_on_done", &[ctx as i32])?;
         self.call("proxy_on_delete", &[ctx as i32])?;
         Ok(())

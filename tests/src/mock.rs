@@ -43,7 +43,9 @@ async fn completions(headers: HeaderMap, body: String) -> Response {
     }
 }
 
-async fn stalled() -> Response {
+/// Like a real API it reads the whole request first (the filter holds the body back until the
+/// request is authorized), then sends one event and stalls.
+async fn stalled(_body: String) -> Response {
     let first = format!(
         "data: {}\n\n",
         json!({"choices": [{"delta": {"content": "He"}}], "usage": null})

@@ -391,9 +391,17 @@ fn truncated_malformed_and_huge_bodies_settle_at_the_estimate() {
         stream(&mut f, "h", "application/json", &huge, 65536),
         estimate
     );
-    let cut_stream = &OPENAI_SSE.as_bytes()[..60]; // the client went away mid-stream
+    // A stream cut before its usage event settles at the estimate too, but it carries the text
+    // it delivered for the sidecar to count (a_stream_reset_mid_response_...): no usage error.
+    let cut_stream = &OPENAI_SSE.as_bytes()[..60];
     assert_eq!(
         stream(&mut f, "s", "text/event-stream", cut_stream, 9),
+        estimate
+    );
+    // A cut stream with no text at all is a usage error, settled at the estimate.
+    let no_text = "data: {\"choices\":[],\"usage\":null}\n\n";
+    assert_eq!(
+        stream(&mut f, "n", "text/event-stream", no_text.as_bytes(), 9),
         estimate
     );
     assert_eq!(f.metric("tollgate.usage_errors"), 4);
@@ -492,4 +500,49 @@ fn instructions_per_allowed_request() {
             assert!(used > 1000, "the measurement measures something");
         }
     }
+}
+
+#[test]
+fn a_stream_without_usage_sends_its_text_to_be_counted() {
+    let mut f = load();
+    let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"Hello\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\" world\"}}]}\n\ndata: [DONE]\n\n";
+    let (ctx, call) = chat(&mut f, "nu", r#"{"max_tokens":64}"#);
+    f.answer(call.token, 200, &allowed("acme/nu")).unwrap();
+    f.response_headers(
+        ctx,
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+    )
+    .unwrap();
+    for c in sse.as_bytes().chunks(7) {
+        f.response_body(ctx, c, false).unwrap();
+    }
+    f.response_body(ctx, b"", true).unwrap();
+    f.finish(ctx).unwrap();
+    let calls = flush(&mut f);
+    let commit = &calls[0].json()["commits"][0];
+    assert_eq!(commit["output_text"], "Hello world");
+    assert_eq!(f.metric("tollgate.usage_errors"), 0);
+}
+
+#[test]
+fn a_stream_reset_mid_response_is_settled_with_what_it_carried() {
+    let mut f = load();
+    let first = "data: {\"choices\":[{\"delta\":{\"content\":\"He\"}}],\"usage\":null}\n\n";
+    let (ctx, call) = chat(&mut f, "cut", r#"{"max_tokens":40,"stream":true}"#);
+    f.answer(call.token, 200, &allowed("acme/cut")).unwrap();
+    f.response_headers(
+        ctx,
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+    )
+    .unwrap();
+    f.response_body(ctx, first.as_bytes(), false).unwrap();
+    // No on_log: Envoy skips it for a stream reset before completion.
+    f.reset(ctx).unwrap();
+    let calls = flush(&mut f);
+    assert_eq!(calls.len(), 1, "one settlement callout");
+    let commit = &calls[0].json()["commits"][0];
+    assert_eq!(commit["hold_id"], "acme/cut");
+    assert_eq!(commit["output_text"], "He", "{commit}");
 }

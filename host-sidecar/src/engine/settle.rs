@@ -43,8 +43,14 @@ impl Engine {
             Some(r) => (r.clone(), req.model.clone()),
             None => self.hold_route(&req.hold_id).await?,
         };
-        let credit = self.price(&route, model.as_deref(), &req.meters, req.credits)?;
         let mut meters = req.meters.clone();
+        if let Some(text) = &req.output_text {
+            // No usage object: the output is counted here, with the model's tokenizer.
+            if let Some(out) = meters.get_mut("output_tokens") {
+                *out = crate::tokens::count_async(model.as_deref(), text).await;
+            }
+        }
+        let credit = self.price(&route, model.as_deref(), &meters, req.credits)?;
         meters.insert("credits".into(), credit);
         let fp = fingerprint(&("commit", &meters));
         self.settle(&req.hold_id, "committed", &meters, credit, &fp)
