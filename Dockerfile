@@ -2,6 +2,8 @@
 # the runtime image is small and runs as a non-root user.
 #   docker build -t tollgate-sidecar .
 #   docker run -e TOLLGATE_REDIS_URL=... -e TOLLGATE_DATABASE_URL=... -e TOLLGATE_ADMIN_TOKEN=... tollgate-sidecar
+# Without the two URLs it runs on the embedded store with its SQLite ledger in /var/lib/tollgate
+# (mount a volume there to keep it).
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
@@ -12,12 +14,15 @@ RUN rustup target add wasm32-wasip1 \
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --home /nonexistent tollgate
+ && useradd --system --uid 10001 --home /nonexistent tollgate \
+ && mkdir -p /var/lib/tollgate && chown 10001 /var/lib/tollgate
 COPY --from=build /src/target/release/tollgate-sidecar /usr/local/bin/tollgate-sidecar
 COPY --from=build /src/host-sidecar/tollgate.toml /etc/tollgate/tollgate.toml
 # The filter, for an Istio WasmPlugin (or any Envoy) to fetch: see envoy/istio/.
 COPY --from=build /src/target/wasm32-wasip1/wasm/tollgate_filter.wasm /usr/share/tollgate/tollgate_filter.wasm
 USER 10001
-ENV TOLLGATE_CONFIG=/etc/tollgate/tollgate.toml TOLLGATE_LISTEN=0.0.0.0:8700
+ENV TOLLGATE_CONFIG=/etc/tollgate/tollgate.toml TOLLGATE_LISTEN=0.0.0.0:8700 \
+    TOLLGATE_SQLITE_PATH=/var/lib/tollgate/ledger.sqlite
+VOLUME /var/lib/tollgate
 EXPOSE 8700
 ENTRYPOINT ["/usr/local/bin/tollgate-sidecar"]

@@ -421,11 +421,8 @@ async fn readyz(State(e): St) -> Response {
         .query_async::<String>(&mut conn)
         .await
         .is_ok();
-    let pg_ok = sqlx::query("SELECT 1")
-        .execute(e.ledger.pool())
-        .await
-        .is_ok();
-    let status = if redis_ok && pg_ok {
+    let ledger_ok = e.ledger.ping().await.is_ok();
+    let status = if redis_ok && ledger_ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -433,7 +430,12 @@ async fn readyz(State(e): St) -> Response {
     let word = |ok: bool| if ok { "ok" } else { "down" };
     (
         status,
-        Json(serde_json::json!({ "redis": word(redis_ok), "postgres": word(pg_ok) })),
+        Json(serde_json::json!({
+            "store": e.store.kind(),
+            "redis": word(redis_ok),
+            "ledger": e.ledger.kind(),
+            "postgres": word(ledger_ok),
+        })),
     )
         .into_response()
 }

@@ -97,8 +97,9 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `TOLLGATE_REDIS_URL` overrides.
-    pub url: String,
+    /// `redis://…`; absent (and no `TOLLGATE_REDIS_URL`): the embedded in-process store, for a
+    /// first run and single-node installs.
+    pub url: Option<String>,
     /// Prefix of every key; lets several installations (or test runs) share one Redis.
     pub key_prefix: String,
 }
@@ -106,7 +107,7 @@ pub struct RedisConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
-            url: "redis://127.0.0.1:6379".into(),
+            url: None,
             key_prefix: "tg".into(),
         }
     }
@@ -115,16 +116,20 @@ impl Default for RedisConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
-    /// `TOLLGATE_DATABASE_URL` overrides.
-    pub url: String,
+    /// `postgres://…`; absent (and no `TOLLGATE_DATABASE_URL`): the embedded SQLite ledger at
+    /// `sqlite_path`.
+    pub url: Option<String>,
     pub max_connections: u32,
+    /// The embedded ledger's file (`TOLLGATE_SQLITE_PATH` overrides), used when `url` is absent.
+    pub sqlite_path: String,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
-            url: "postgres://postgres@127.0.0.1:5432/tollgate".into(),
+            url: None,
             max_connections: 8,
+            sqlite_path: "tollgate-ledger.sqlite".into(),
         }
     }
 }
@@ -233,11 +238,15 @@ impl Config {
 
     /// URLs and secrets from the environment win over the file.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        let set = |v: String| (!v.is_empty()).then_some(v);
         if let Some(v) = get("TOLLGATE_REDIS_URL") {
-            self.redis.url = v;
+            self.redis.url = set(v);
         }
         if let Some(v) = get("TOLLGATE_DATABASE_URL") {
-            self.postgres.url = v;
+            self.postgres.url = set(v);
+        }
+        if let Some(v) = get("TOLLGATE_SQLITE_PATH") {
+            self.postgres.sqlite_path = v;
         }
         if let Some(v) = get("TOLLGATE_ADMIN_TOKEN") {
             self.server.admin_token = Some(v);
@@ -292,6 +301,28 @@ impl Config {
         }
         if self.sync.batch == 0 || self.sync.batch > 50_000 {
             return Err(field_err("sync.batch", "must be 1..=50000"));
+        }
+        if let Some(u) = &self.redis.url {
+            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                return Err(field_err(
+                    "redis.url",
+                    "must start with redis:// or rediss:// (or be absent for the embedded store)",
+                ));
+            }
+        }
+        if let Some(u) = &self.postgres.url {
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                return Err(field_err(
+                    "postgres.url",
+                    "must start with postgres:// (or be absent for the embedded SQLite ledger)",
+                ));
+            }
+        }
+        if self.postgres.url.is_none() && self.postgres.sqlite_path.trim().is_empty() {
+            return Err(field_err(
+                "postgres.sqlite_path",
+                "must name a file when postgres.url is absent",
+            ));
         }
         validate_id("redis.key_prefix", &self.redis.key_prefix)
             .map_err(|e| field_err("redis.key_prefix", e.problem))?;
@@ -496,6 +527,30 @@ tokens = { credits = 600, per = 1000 }
     fn environment_overrides_urls_and_secrets() {
         let mut cfg = Config::from_toml(BASE).unwrap();
         cfg.apply_env(|k| (k == "TOLLGATE_REDIS_URL").then(|| "redis://other:1".to_string()));
-        assert_eq!(cfg.redis.url, "redis://other:1");
+        assert_eq!(cfg.redis.url.as_deref(), Some("redis://other:1"));
+        assert_eq!(cfg.postgres.url, None, "no URL: the embedded ledger");
+        cfg.apply_env(|k| (k == "TOLLGATE_REDIS_URL").then(String::new));
+        assert_eq!(
+            cfg.redis.url, None,
+            "an empty variable selects the embedded store"
+        );
+    }
+
+    #[test]
+    fn a_store_url_of_the_wrong_kind_is_refused() {
+        let mut cfg = Config::from_toml(BASE).unwrap();
+        cfg.redis.url = Some("postgres://x".into());
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("redis.url"));
+        let mut cfg = Config::from_toml(BASE).unwrap();
+        cfg.postgres.url = Some("mysql://x".into());
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("postgres.url"));
     }
 }

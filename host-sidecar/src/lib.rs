@@ -1,5 +1,6 @@
 //! Tollgate sidecar: decides atomically in Redis (one Lua script per operation) whether a caller
-//! may spend, and keeps PostgreSQL as the durable ledger.
+//! may spend, and keeps PostgreSQL as the durable ledger. With neither configured it runs the
+//! same scripts in an embedded key space and keeps the ledger in SQLite.
 //!
 //! Layout, from the request inwards:
 //! - [`api`]: HTTP routes (axum) and their error bodies ([`error`]).
@@ -19,6 +20,7 @@ pub mod error;
 pub mod ledger;
 pub mod metrics;
 pub mod store;
+pub mod tokens;
 pub mod windows;
 
 use clock::Clock;
@@ -28,26 +30,60 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
-/// Connects to Redis and PostgreSQL (running migrations) and builds the engine.
+/// Connects to Redis and PostgreSQL (running migrations), or opens the embedded store and
+/// SQLite ledger where no URL is given, and builds the engine.
 pub async fn build_engine(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Engine>> {
-    let cfg = Arc::new(cfg);
-    let windows = cfg.window_settings()?;
+    let (store, ledger) = open_backends(&cfg).await?;
+    engine_on(cfg, clock, store, ledger)
+}
+
+/// The store and the ledger `cfg` names.
+pub async fn open_backends(cfg: &Config) -> anyhow::Result<(store::Store, ledger::Ledger)> {
     let keys = store::keys::Keyspace::new(&cfg.redis.key_prefix, cfg.server.shards);
-    let redis = store::RedisStore::connect(&cfg.redis.url, keys)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {}: {e}", cfg.redis.url))?;
-    warn_unless_noeviction(&redis).await;
+    let store = match &cfg.redis.url {
+        Some(url) => {
+            let r = store::Store::connect(url, keys)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {url}: {e}"))?;
+            warn_unless_noeviction(&r).await;
+            r
+        }
+        None => {
+            tracing::info!("no Redis URL: using the embedded in-process store (single node)");
+            store::Store::embedded(keys)
+        }
+    };
+    let ledger_url = match &cfg.postgres.url {
+        Some(url) => url.clone(),
+        None => {
+            tracing::info!(path = %cfg.postgres.sqlite_path, "no PostgreSQL URL: using the embedded SQLite ledger");
+            format!("sqlite://{}", cfg.postgres.sqlite_path)
+        }
+    };
     let ledger = ledger::Ledger::connect(
-        &cfg.postgres.url,
+        &ledger_url,
         cfg.postgres.max_connections,
         &cfg.redis.key_prefix,
     )
     .await
     .map_err(|e| anyhow::anyhow!("cannot open the ledger database: {e}"))?;
+    Ok((store, ledger))
+}
+
+/// An engine on a store and ledger that are already open (several engines may share them, as
+/// several sidecars share one Redis and one PostgreSQL).
+pub fn engine_on(
+    cfg: Config,
+    clock: Arc<dyn Clock>,
+    store: store::Store,
+    ledger: ledger::Ledger,
+) -> anyhow::Result<Arc<Engine>> {
+    let cfg = Arc::new(cfg);
+    let windows = cfg.window_settings()?;
     let metrics = Arc::new(metrics::Metrics::default());
     let sync = ledger::sync::SyncWorker::new(
         ledger.clone(),
-        redis.clone(),
+        store.clone(),
         cfg.sync.batch,
         metrics.clone(),
         clock.clone(),
@@ -60,7 +96,7 @@ pub async fn build_engine(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<
     Ok(Arc::new(Engine {
         cfg,
         windows,
-        store: redis,
+        store,
         ledger,
         sync,
         directory,
@@ -71,7 +107,7 @@ pub async fn build_engine(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<
 }
 
 /// Redis is the real-time truth: if it evicts keys under memory pressure, usage is forgotten.
-async fn warn_unless_noeviction(redis: &store::RedisStore) {
+async fn warn_unless_noeviction(redis: &store::Store) {
     let mut conn = redis.conn();
     let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
         .arg("GET")

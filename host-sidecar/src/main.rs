@@ -47,10 +47,25 @@ async fn run() -> anyhow::Result<()> {
     let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;
     let _tasks = tollgate_sidecar::spawn_background(&engine);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
-    tracing::info!(%listen, config = %path.display(), "tollgate sidecar ready");
+    tracing::info!(
+        %listen,
+        config = %path.display(),
+        store = engine.store.kind(),
+        ledger = engine.ledger.kind(),
+        "tollgate sidecar ready"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = tollgate_sidecar::serve(engine, listener) => r?,
-        _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+        r = tollgate_sidecar::serve(engine.clone(), listener) => r?,
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+        _ = term.recv() => tracing::info!("terminated: shutting down"),
     }
+    // Whatever the store holds that the ledger does not yet have goes there now: with the
+    // embedded store this is the difference between a clean stop and losing the sync lag.
+    match engine.sync.sync_all().await {
+        Ok(n) => tracing::info!(events = n, "ledger synced"),
+        Err(e) => tracing::warn!(error = %e, "final ledger sync failed"),
+    }
+    engine.ledger.close().await;
     Ok(())
 }

@@ -2,581 +2,576 @@
 //! idempotency, hold lifecycle, window rollover. Each test asserts outcomes in Redis (through the
 //! API) and, after sync, in the ledger.
 
+#[macro_use]
 mod common;
 
 use common::*;
 use futures::future::join_all;
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_concurrent_authorizes_on_two_sidecars_admit_exactly_the_limit() {
-    let env = Env::new(2).await;
-    let key = env.account("acme", "basic", "UTC").await; // 100 requests per day
-    let calls = (0..1000).map(|i| {
-        let body = authorize_body(&key, &format!("req-{i}"), json!({"requests": 1}));
-        let env = &env;
-        async move { env.post_to(i, "/v1/authorize", &body).await }
-    });
-    let results = join_all(calls).await;
-    let allowed = results
-        .iter()
-        .filter(|(s, v, _)| *s == 200 && v["allowed"] == true)
-        .count();
-    let denied: Vec<_> = results
-        .iter()
-        .filter(|(_, v, _)| v["allowed"] == false)
-        .collect();
-    assert_eq!(allowed, 100);
-    assert_eq!(denied.len(), 900);
-    assert!(denied
-        .iter()
-        .all(|(s, v, _)| *s == 200 && v["status"] == 429 && v["reason"] == "limit"));
-    assert_eq!(denied[0].1["limit"]["name"], "account:requests:day");
-    assert_eq!(denied[0].1["limit"]["remaining"], 0);
-    assert_eq!(env.used("acme", "account:requests:day").await, 100);
-
-    env.sync().await;
-    let used = env
-        .pg_i64(
-            "SELECT sum(used)::int8 FROM usage WHERE account_id = $1",
-            "acme",
-        )
-        .await;
-    let holds = env
-        .pg_i64(
-            "SELECT count(*) FROM ledger WHERE account_id = $1 AND kind = 'hold'",
-            "acme",
-        )
-        .await;
-    assert_eq!((used, holds), (100, 100));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_concurrent_spends_never_take_the_balance_below_zero() {
-    let env = Env::new(2).await;
-    let key = env.account("acme", "open", "UTC").await;
-    assert_eq!(env.grant("acme", "pack-1", 995, json!({})).await.0, 201);
-    // route `paid`: 10 credits per request -> 99 fit in 995.
-    let calls = (0..1000).map(|i| {
-        let body = json!({"api_key": key, "idempotency_key": format!("r{i}"), "route": "paid", "meters": {"requests": 1}});
-        let env = &env;
-        async move { env.post_to(i, "/v1/authorize", &body).await }
-    });
-    let results = join_all(calls).await;
-    let allowed = results
-        .iter()
-        .filter(|(_, v, _)| v["allowed"] == true)
-        .count();
-    assert_eq!(allowed, 99);
-    assert!(results
-        .iter()
-        .filter(|(_, v, _)| v["allowed"] == false)
-        .all(|(_, v, _)| v["status"] == 402 && v["reason"] == "credits" && v["balance"] == 5));
-    assert_eq!(env.balance("acme").await, 5);
-    env.sync().await;
-    let rem = env
-        .pg_i64(
-            "SELECT sum(remaining)::int8 FROM grants WHERE account_id = $1",
-            "acme",
-        )
-        .await;
-    assert_eq!(rem, 5);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_short_on_one_meter_or_on_credit_charges_nothing() {
-    let env = Env::new(1).await;
-    let key = env.account("acme", "tokens", "UTC").await; // 10 requests, 100 tokens per day
-    env.grant("acme", "g1", 1000, json!({})).await;
-    let ok = json!({"api_key": key, "idempotency_key": "a", "route": "paid", "meters": {"requests": 1, "tokens": 90}});
-    let (_, v) = env.post("/v1/authorize", &ok).await;
-    assert_eq!(v["allowed"], true, "{v}");
-    let before = (
-        env.used("acme", "account:requests:day").await,
-        env.balance("acme").await,
-    );
-    assert_eq!(before, (1, 900));
-
-    // Tokens short (90 + 20 > 100) while requests and credit would fit.
-    let short = json!({"api_key": key, "idempotency_key": "b", "route": "paid", "meters": {"requests": 1, "tokens": 20}});
-    let (_, v) = env.post("/v1/authorize", &short).await;
-    assert_eq!(
-        (v["allowed"].clone(), v["reason"].clone()),
-        (json!(false), json!("limit"))
-    );
-    assert_eq!(v["limit"]["name"], "account:tokens:day");
-    assert_eq!(v["limit"]["remaining"], 10);
-    // Credit short (needs 10 + 5 + extra 900) while both meters fit.
-    let broke = json!({"api_key": key, "idempotency_key": "c", "route": "paid", "credits": 900, "meters": {"requests": 1, "tokens": 5}});
-    let (_, v) = env.post("/v1/authorize", &broke).await;
-    assert_eq!(
-        (v["status"].clone(), v["reason"].clone()),
-        (json!(402), json!("credits"))
-    );
-    let after = (
-        env.used("acme", "account:requests:day").await,
-        env.balance("acme").await,
-    );
-    assert_eq!(after, before);
-    assert_eq!(env.used("acme", "account:tokens:day").await, 90);
-    env.sync().await;
-    assert_eq!(env.ledger_rows("acme").await, 2); // the grant and the one hold
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_idempotency_key_charges_once_and_answers_the_same() {
-    let env = Env::new(2).await;
-    let key = env.account("acme", "basic", "UTC").await;
-    let body = authorize_body(&key, "trace-1", json!({"requests": 1}));
-    let mut answers = Vec::new();
-    for i in 0..5 {
-        answers.push(env.post_to(i, "/v1/authorize", &body).await);
-    }
-    assert!(
-        answers
+conformance! {
+    async fn a_thousand_concurrent_authorizes_on_two_sidecars_admit_exactly_the_limit(backend: Backend) {
+        let env = Env::on(backend, 2).await;
+        let key = env.account("acme", "basic", "UTC").await; // 100 requests per day
+        let calls = (0..1000).map(|i| {
+            let body = authorize_body(&key, &format!("req-{i}"), json!({"requests": 1}));
+            let env = &env;
+            async move { env.post_to(i, "/v1/authorize", &body).await }
+        });
+        let results = join_all(calls).await;
+        let allowed = results
             .iter()
-            .all(|(s, v, _)| *s == 200 && *v == answers[0].1),
-        "{answers:?}"
-    );
-    assert_eq!(answers.iter().filter(|(_, _, replay)| *replay).count(), 4);
-    assert_eq!(env.used("acme", "account:requests:day").await, 1);
+            .filter(|(s, v, _)| *s == 200 && v["allowed"] == true)
+            .count();
+        let denied: Vec<_> = results
+            .iter()
+            .filter(|(_, v, _)| v["allowed"] == false)
+            .collect();
+        assert_eq!(allowed, 100);
+        assert_eq!(denied.len(), 900);
+        assert!(denied
+            .iter()
+            .all(|(s, v, _)| *s == 200 && v["status"] == 429 && v["reason"] == "limit"));
+        assert_eq!(denied[0].1["limit"]["name"], "account:requests:day");
+        assert_eq!(denied[0].1["limit"]["remaining"], 0);
+        assert_eq!(env.used("acme", "account:requests:day").await, 100);
 
-    // Concurrently: one new key, five copies at once.
-    let body = authorize_body(&key, "trace-2", json!({"requests": 1}));
-    let answers = join_all((0..5).map(|i| {
-        let (env, body) = (&env, &body);
-        async move { env.post_to(i, "/v1/authorize", body).await }
-    }))
-    .await;
-    assert!(answers
-        .iter()
-        .all(|(_, v, _)| *v == answers[0].1 && v["allowed"] == true));
-    assert_eq!(answers.iter().filter(|(_, _, replay)| !*replay).count(), 1);
-    assert_eq!(env.used("acme", "account:requests:day").await, 2);
-
-    // Same key, different request: refused, nothing charged.
-    let other = authorize_body(&key, "trace-2", json!({"requests": 3}));
-    let (s, v) = env.post("/v1/authorize", &other).await;
-    assert_eq!(s, 409, "{v}");
-    assert_eq!(v["error"]["code"], "conflict");
-    assert_eq!(env.used("acme", "account:requests:day").await, 2);
-
-    // consume: the same.
-    let c = json!({"account": "acme", "idempotency_key": "job-1", "meters": {"requests": 2}});
-    let (a, b) = (
-        env.post("/v1/consume", &c).await,
-        env.post("/v1/consume", &c).await,
-    );
-    assert_eq!(a, b);
-    assert_eq!(env.used("acme", "account:requests:day").await, 4);
-    env.sync().await;
-    assert_eq!(env.ledger_rows("acme").await, 3);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn holds_commit_less_or_more_resolve_once_and_expire() {
-    let env = Env::new(1).await;
-    let key = env.account("acme", "tokens", "UTC").await;
-    env.grant("acme", "g1", 1000, json!({})).await;
-    let auth = |idem: &str, tokens: u64| json!({"api_key": key, "idempotency_key": idem, "route": "paid", "meters": {"requests": 1, "tokens": tokens}});
-    // Estimate 50 tokens (60 credits held); actual 20 tokens -> 30 credits.
-    let (_, d) = env.post("/v1/authorize", &auth("h1", 50)).await;
-    assert_eq!(
-        (d["credits"].clone(), d["balance"].clone()),
-        (json!(60), json!(940))
-    );
-    let hold = d["hold_id"].as_str().unwrap().to_string();
-    assert_eq!(hold, "acme/h1");
-    // No route given: priced with the route the hold was authorized on (`paid`).
-    let commit = json!({"hold_id": hold, "meters": {"requests": 1, "tokens": 20}});
-    let (s, c) = env.post("/v1/commit", &commit).await;
-    assert_eq!(s, 200, "{c}");
-    assert_eq!(
-        (c["status"].clone(), c["credits"].clone()),
-        (json!("committed"), json!(30))
-    );
-    assert_eq!(env.used("acme", "account:tokens:day").await, 20);
-    assert_eq!(env.balance("acme").await, 970);
-    assert_eq!(
-        env.post("/v1/commit", &commit).await,
-        (200, c.clone()),
-        "a repeat is a replay"
-    );
-    let (s, v) = env.post("/v1/release", &json!({"hold_id": hold})).await;
-    assert_eq!(
-        (
-            s,
-            v["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("committed")
-        ),
-        (409, true)
-    );
-
-    // Release, then a commit is refused.
-    let (_, d) = env.post("/v1/authorize", &auth("h2", 30)).await;
-    let hold2 = d["hold_id"].as_str().unwrap().to_string();
-    assert_eq!(env.used("acme", "account:tokens:day").await, 50);
-    let (s, r) = env.post("/v1/release", &json!({"hold_id": hold2})).await;
-    assert_eq!(
-        (s, r["status"].clone(), r["credits"].clone()),
-        (200, json!("released"), json!(0))
-    );
-    assert_eq!(env.used("acme", "account:tokens:day").await, 20);
-    assert_eq!(env.balance("acme").await, 970);
-    let (s, _) = env
-        .post(
-            "/v1/commit",
-            &json!({"hold_id": hold2, "route": "paid", "meters": {"tokens": 1}}),
-        )
-        .await;
-    assert_eq!(s, 409);
-
-    // Commit more than held: drawn now; the usage counter records what was used.
-    let (_, d) = env.post("/v1/authorize", &auth("h3", 10)).await;
-    let hold3 = d["hold_id"].as_str().unwrap().to_string();
-    let (_, c) = env
-        .post(
-            "/v1/commit",
-            &json!({"hold_id": hold3, "route": "paid", "meters": {"requests": 1, "tokens": 40}}),
-        )
-        .await;
-    assert_eq!(c["credits"], 50);
-    assert_eq!(env.balance("acme").await, 920);
-    assert_eq!(env.used("acme", "account:tokens:day").await, 60);
-
-    // Never settled: the sweeper expires it after hold_ttl (60 s) and returns everything.
-    let (_, d) = env.post("/v1/authorize", &auth("h4", 30)).await;
-    assert_eq!(d["allowed"], true);
-    assert_eq!(env.used("acme", "account:tokens:day").await, 90);
-    assert_eq!(env.engine().sweep_once().await.unwrap(), 0, "not due yet");
-    env.clock.advance_ms(61_000);
-    assert_eq!(env.engine().sweep_once().await.unwrap(), 1);
-    assert_eq!(env.used("acme", "account:tokens:day").await, 60);
-    assert_eq!(env.balance("acme").await, 920);
-    let (s, _) = env
-        .post(
-            "/v1/commit",
-            &json!({"hold_id": "acme/h4", "route": "paid", "meters": {"tokens": 1}}),
-        )
-        .await;
-    assert_eq!(s, 409, "an expired hold cannot be committed");
-
-    env.sync().await;
-    let st = |id: &'static str| {
-        let env = &env;
-        async move {
-            sqlx::query_scalar::<_, String>(
-                "SELECT status FROM holds WHERE account_id = 'acme' AND id = $1",
+        env.sync().await;
+        let used = env
+            .sql_i64(
+                "SELECT CAST(sum(used) AS BIGINT) FROM usage WHERE account_id = $1",
+                "acme",
             )
-            .bind(id)
-            .fetch_one(env.engine().ledger.pool())
-            .await
-            .unwrap()
+            .await;
+        let holds = env
+            .sql_i64(
+                "SELECT count(*) FROM ledger WHERE account_id = $1 AND kind = 'hold'",
+                "acme",
+            )
+            .await;
+        assert_eq!((used, holds), (100, 100));
+    }
+
+    async fn a_thousand_concurrent_spends_never_take_the_balance_below_zero(backend: Backend) {
+        let env = Env::on(backend, 2).await;
+        let key = env.account("acme", "open", "UTC").await;
+        assert_eq!(env.grant("acme", "pack-1", 995, json!({})).await.0, 201);
+        // route `paid`: 10 credits per request -> 99 fit in 995.
+        let calls = (0..1000).map(|i| {
+            let body = json!({"api_key": key, "idempotency_key": format!("r{i}"), "route": "paid", "meters": {"requests": 1}});
+            let env = &env;
+            async move { env.post_to(i, "/v1/authorize", &body).await }
+        });
+        let results = join_all(calls).await;
+        let allowed = results
+            .iter()
+            .filter(|(_, v, _)| v["allowed"] == true)
+            .count();
+        assert_eq!(allowed, 99);
+        assert!(results
+            .iter()
+            .filter(|(_, v, _)| v["allowed"] == false)
+            .all(|(_, v, _)| v["status"] == 402 && v["reason"] == "credits" && v["balance"] == 5));
+        assert_eq!(env.balance("acme").await, 5);
+        env.sync().await;
+        let rem = env
+            .sql_i64(
+                "SELECT CAST(sum(remaining) AS BIGINT) FROM grants WHERE account_id = $1",
+                "acme",
+            )
+            .await;
+        assert_eq!(rem, 5);
+    }
+
+    async fn a_request_short_on_one_meter_or_on_credit_charges_nothing(backend: Backend) {
+        let env = Env::on(backend, 1).await;
+        let key = env.account("acme", "tokens", "UTC").await; // 10 requests, 100 tokens per day
+        env.grant("acme", "g1", 1000, json!({})).await;
+        let ok = json!({"api_key": key, "idempotency_key": "a", "route": "paid", "meters": {"requests": 1, "tokens": 90}});
+        let (_, v) = env.post("/v1/authorize", &ok).await;
+        assert_eq!(v["allowed"], true, "{v}");
+        let before = (
+            env.used("acme", "account:requests:day").await,
+            env.balance("acme").await,
+        );
+        assert_eq!(before, (1, 900));
+
+        // Tokens short (90 + 20 > 100) while requests and credit would fit.
+        let short = json!({"api_key": key, "idempotency_key": "b", "route": "paid", "meters": {"requests": 1, "tokens": 20}});
+        let (_, v) = env.post("/v1/authorize", &short).await;
+        assert_eq!(
+            (v["allowed"].clone(), v["reason"].clone()),
+            (json!(false), json!("limit"))
+        );
+        assert_eq!(v["limit"]["name"], "account:tokens:day");
+        assert_eq!(v["limit"]["remaining"], 10);
+        // Credit short (needs 10 + 5 + extra 900) while both meters fit.
+        let broke = json!({"api_key": key, "idempotency_key": "c", "route": "paid", "credits": 900, "meters": {"requests": 1, "tokens": 5}});
+        let (_, v) = env.post("/v1/authorize", &broke).await;
+        assert_eq!(
+            (v["status"].clone(), v["reason"].clone()),
+            (json!(402), json!("credits"))
+        );
+        let after = (
+            env.used("acme", "account:requests:day").await,
+            env.balance("acme").await,
+        );
+        assert_eq!(after, before);
+        assert_eq!(env.used("acme", "account:tokens:day").await, 90);
+        env.sync().await;
+        assert_eq!(env.ledger_rows("acme").await, 2); // the grant and the one hold
+    }
+
+    async fn the_same_idempotency_key_charges_once_and_answers_the_same(backend: Backend) {
+        let env = Env::on(backend, 2).await;
+        let key = env.account("acme", "basic", "UTC").await;
+        let body = authorize_body(&key, "trace-1", json!({"requests": 1}));
+        let mut answers = Vec::new();
+        for i in 0..5 {
+            answers.push(env.post_to(i, "/v1/authorize", &body).await);
         }
-    };
-    assert_eq!(st("acme/h1").await, "committed");
-    assert_eq!(st("acme/h2").await, "released");
-    assert_eq!(st("acme/h4").await, "expired");
-    let rem = env
-        .pg_i64(
-            "SELECT sum(remaining)::int8 FROM grants WHERE account_id = $1",
-            "acme",
-        )
-        .await;
-    assert_eq!(rem, 920);
-}
+        assert!(
+            answers
+                .iter()
+                .all(|(s, v, _)| *s == 200 && *v == answers[0].1),
+            "{answers:?}"
+        );
+        assert_eq!(answers.iter().filter(|(_, _, replay)| *replay).count(), 4);
+        assert_eq!(env.used("acme", "account:requests:day").await, 1);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_day_limit_resets_at_local_midnight_of_the_account() {
-    let env = Env::new(1).await;
-    let key = env.account("sh", "tokens", "Asia/Shanghai").await; // 10 requests per day
-                                                                  // 2026-11-22T15:59:00Z is 23:59 in Shanghai.
-    env.clock.set(NOON + 3 * 3_600_000 + 59 * 60_000);
-    for i in 0..10 {
+        // Concurrently: one new key, five copies at once.
+        let body = authorize_body(&key, "trace-2", json!({"requests": 1}));
+        let answers = join_all((0..5).map(|i| {
+            let (env, body) = (&env, &body);
+            async move { env.post_to(i, "/v1/authorize", body).await }
+        }))
+        .await;
+        assert!(answers
+            .iter()
+            .all(|(_, v, _)| *v == answers[0].1 && v["allowed"] == true));
+        assert_eq!(answers.iter().filter(|(_, _, replay)| !*replay).count(), 1);
+        assert_eq!(env.used("acme", "account:requests:day").await, 2);
+
+        // Same key, different request: refused, nothing charged.
+        let other = authorize_body(&key, "trace-2", json!({"requests": 3}));
+        let (s, v) = env.post("/v1/authorize", &other).await;
+        assert_eq!(s, 409, "{v}");
+        assert_eq!(v["error"]["code"], "conflict");
+        assert_eq!(env.used("acme", "account:requests:day").await, 2);
+
+        // consume: the same.
+        let c = json!({"account": "acme", "idempotency_key": "job-1", "meters": {"requests": 2}});
+        let (a, b) = (
+            env.post("/v1/consume", &c).await,
+            env.post("/v1/consume", &c).await,
+        );
+        assert_eq!(a, b);
+        assert_eq!(env.used("acme", "account:requests:day").await, 4);
+        env.sync().await;
+        assert_eq!(env.ledger_rows("acme").await, 3);
+    }
+
+    async fn holds_commit_less_or_more_resolve_once_and_expire(backend: Backend) {
+        let env = Env::on(backend, 1).await;
+        let key = env.account("acme", "tokens", "UTC").await;
+        env.grant("acme", "g1", 1000, json!({})).await;
+        let auth = |idem: &str, tokens: u64| json!({"api_key": key, "idempotency_key": idem, "route": "paid", "meters": {"requests": 1, "tokens": tokens}});
+        // Estimate 50 tokens (60 credits held); actual 20 tokens -> 30 credits.
+        let (_, d) = env.post("/v1/authorize", &auth("h1", 50)).await;
+        assert_eq!(
+            (d["credits"].clone(), d["balance"].clone()),
+            (json!(60), json!(940))
+        );
+        let hold = d["hold_id"].as_str().unwrap().to_string();
+        assert_eq!(hold, "acme/h1");
+        // No route given: priced with the route the hold was authorized on (`paid`).
+        let commit = json!({"hold_id": hold, "meters": {"requests": 1, "tokens": 20}});
+        let (s, c) = env.post("/v1/commit", &commit).await;
+        assert_eq!(s, 200, "{c}");
+        assert_eq!(
+            (c["status"].clone(), c["credits"].clone()),
+            (json!("committed"), json!(30))
+        );
+        assert_eq!(env.used("acme", "account:tokens:day").await, 20);
+        assert_eq!(env.balance("acme").await, 970);
+        assert_eq!(
+            env.post("/v1/commit", &commit).await,
+            (200, c.clone()),
+            "a repeat is a replay"
+        );
+        let (s, v) = env.post("/v1/release", &json!({"hold_id": hold})).await;
+        assert_eq!(
+            (
+                s,
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("committed")
+            ),
+            (409, true)
+        );
+
+        // Release, then a commit is refused.
+        let (_, d) = env.post("/v1/authorize", &auth("h2", 30)).await;
+        let hold2 = d["hold_id"].as_str().unwrap().to_string();
+        assert_eq!(env.used("acme", "account:tokens:day").await, 50);
+        let (s, r) = env.post("/v1/release", &json!({"hold_id": hold2})).await;
+        assert_eq!(
+            (s, r["status"].clone(), r["credits"].clone()),
+            (200, json!("released"), json!(0))
+        );
+        assert_eq!(env.used("acme", "account:tokens:day").await, 20);
+        assert_eq!(env.balance("acme").await, 970);
+        let (s, _) = env
+            .post(
+                "/v1/commit",
+                &json!({"hold_id": hold2, "route": "paid", "meters": {"tokens": 1}}),
+            )
+            .await;
+        assert_eq!(s, 409);
+
+        // Commit more than held: drawn now; the usage counter records what was used.
+        let (_, d) = env.post("/v1/authorize", &auth("h3", 10)).await;
+        let hold3 = d["hold_id"].as_str().unwrap().to_string();
+        let (_, c) = env
+            .post(
+                "/v1/commit",
+                &json!({"hold_id": hold3, "route": "paid", "meters": {"requests": 1, "tokens": 40}}),
+            )
+            .await;
+        assert_eq!(c["credits"], 50);
+        assert_eq!(env.balance("acme").await, 920);
+        assert_eq!(env.used("acme", "account:tokens:day").await, 60);
+
+        // Never settled: the sweeper expires it after hold_ttl (60 s) and returns everything.
+        let (_, d) = env.post("/v1/authorize", &auth("h4", 30)).await;
+        assert_eq!(d["allowed"], true);
+        assert_eq!(env.used("acme", "account:tokens:day").await, 90);
+        assert_eq!(env.engine().sweep_once().await.unwrap(), 0, "not due yet");
+        env.clock.advance_ms(61_000);
+        assert_eq!(env.engine().sweep_once().await.unwrap(), 1);
+        assert_eq!(env.used("acme", "account:tokens:day").await, 60);
+        assert_eq!(env.balance("acme").await, 920);
+        let (s, _) = env
+            .post(
+                "/v1/commit",
+                &json!({"hold_id": "acme/h4", "route": "paid", "meters": {"tokens": 1}}),
+            )
+            .await;
+        assert_eq!(s, 409, "an expired hold cannot be committed");
+
+        env.sync().await;
+        let st = |id: &'static str| {
+            let env = &env;
+            async move {
+                let hold = env.engine().ledger.hold("acme", id).await.unwrap();
+                hold.expect("the ledger has the hold").status
+            }
+        };
+        assert_eq!(st("acme/h1").await, "committed");
+        assert_eq!(st("acme/h2").await, "released");
+        assert_eq!(st("acme/h4").await, "expired");
+        let rem = env
+            .sql_i64(
+                "SELECT CAST(sum(remaining) AS BIGINT) FROM grants WHERE account_id = $1",
+                "acme",
+            )
+            .await;
+        assert_eq!(rem, 920);
+    }
+
+    async fn a_day_limit_resets_at_local_midnight_of_the_account(backend: Backend) {
+        let env = Env::on(backend, 1).await;
+        let key = env.account("sh", "tokens", "Asia/Shanghai").await; // 10 requests per day
+                                                                      // 2026-11-22T15:59:00Z is 23:59 in Shanghai.
+        env.clock.set(NOON + 3 * 3_600_000 + 59 * 60_000);
+        for i in 0..10 {
+            let (_, v) = env
+                .post(
+                    "/v1/authorize",
+                    &authorize_body(&key, &format!("d1-{i}"), json!({"requests": 1})),
+                )
+                .await;
+            assert_eq!(v["allowed"], true);
+        }
         let (_, v) = env
             .post(
                 "/v1/authorize",
-                &authorize_body(&key, &format!("d1-{i}"), json!({"requests": 1})),
+                &authorize_body(&key, "d1-x", json!({"requests": 1})),
             )
             .await;
-        assert_eq!(v["allowed"], true);
-    }
-    let (_, v) = env
-        .post(
-            "/v1/authorize",
-            &authorize_body(&key, "d1-x", json!({"requests": 1})),
-        )
-        .await;
-    assert_eq!(v["status"], 429);
-    assert_eq!(v["retry_after_s"], 60);
-    assert_eq!(v["limit"]["reset_ms"], NOON + 4 * 3_600_000);
-    env.clock.advance_ms(60_000); // local midnight
-    let (_, v) = env
-        .post(
-            "/v1/authorize",
-            &authorize_body(&key, "d2-0", json!({"requests": 1})),
-        )
-        .await;
-    assert_eq!(v["allowed"], true, "{v}");
-    assert_eq!(v["limit"]["remaining"], 9);
-    // A UTC account is still in its day.
-    let utc = env.account("utc", "tokens", "UTC").await;
-    let (_, v) = env
-        .post(
-            "/v1/authorize",
-            &authorize_body(&utc, "u", json!({"requests": 1})),
-        )
-        .await;
-    assert_eq!(v["limit"]["reset_ms"], NOON + 12 * 3_600_000);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_limits_sit_below_the_account_and_disabled_keys_are_refused() {
-    let env = Env::new(1).await;
-    let _ = env.account("acme", "basic", "UTC").await;
-    let (s, v) = env
-        .admin_post(
-            "/admin/accounts/acme/keys",
-            &json!({"limits": [{"meter": "requests", "window": "day", "max": 500}]}),
-        )
-        .await;
-    assert_eq!(s, 400, "{v}");
-    let (s, v) = env
-        .admin_post(
-            "/admin/accounts/acme/keys",
-            &json!({"limits": [{"meter": "requests", "window": "day", "max": 2}]}),
-        )
-        .await;
-    assert_eq!(s, 201);
-    let key = v["api_key"].as_str().unwrap().to_string();
-    let key_id = v["key_id"].as_str().unwrap().to_string();
-    assert!(v["masked"].as_str().unwrap().contains('…'));
-    for i in 0..2 {
+        assert_eq!(v["status"], 429);
+        assert_eq!(v["retry_after_s"], 60);
+        assert_eq!(v["limit"]["reset_ms"], NOON + 4 * 3_600_000);
+        env.clock.advance_ms(60_000); // local midnight
         let (_, v) = env
             .post(
                 "/v1/authorize",
-                &authorize_body(&key, &format!("k{i}"), json!({"requests": 1})),
+                &authorize_body(&key, "d2-0", json!({"requests": 1})),
             )
             .await;
-        assert_eq!(v["allowed"], true);
-    }
-    let (_, v) = env
-        .post(
-            "/v1/authorize",
-            &authorize_body(&key, "k2", json!({"requests": 1})),
-        )
-        .await;
-    assert_eq!(
-        (v["status"].clone(), v["limit"]["name"].clone()),
-        (json!(429), json!("key:requests:day"))
-    );
-    let (_, u) = env
-        .admin_get(&format!("/v1/accounts/acme/keys/{key_id}/usage"))
-        .await;
-    assert_eq!(u["limits"][0]["used"], 2);
-
-    // The key is stored only as a hash.
-    let n = env
-        .pg_i64("SELECT count(*) FROM api_keys WHERE masked = $1 OR encode(key_hash, 'escape') LIKE '%tg_%'", &key)
-        .await;
-    assert_eq!(n, 0);
-
-    let (s, _) = env
-        .admin_post(&format!("/admin/keys/{key_id}/disable"), &json!({}))
-        .await;
-    assert_eq!(s, 200);
-    let (_, v) = env
-        .post(
-            "/v1/authorize",
-            &authorize_body(&key, "k3", json!({"requests": 1})),
-        )
-        .await;
-    assert_eq!(
-        (v["allowed"].clone(), v["status"].clone()),
-        (json!(false), json!(403))
-    );
-    let (_, v) = env
-        .post(
-            "/v1/authorize",
-            &authorize_body("tg_not_a_key_at_all_000", "k4", json!({"requests": 1})),
-        )
-        .await;
-    assert_eq!(v["status"], 401);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plan_changes_apply_on_the_next_request() {
-    let env = Env::new(1).await;
-    let key = env.account("acme", "basic", "UTC").await;
-    for i in 0..5 {
-        env.post(
-            "/v1/authorize",
-            &authorize_body(&key, &format!("p{i}"), json!({"requests": 1})),
-        )
-        .await;
-    }
-    let (s, _) = env.admin_post("/admin/accounts/acme", &json!({})).await;
-    assert_eq!(s, 405, "PATCH, not POST");
-    let r = env
-        .http
-        .patch(format!("{}/admin/accounts/acme", env.base(0)))
-        .bearer_auth(ADMIN)
-        .json(&json!({"plan": "tokens"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    // `tokens` allows 10 requests a day: 5 used, so 5 more.
-    let mut allowed = 0;
-    for i in 0..10 {
+        assert_eq!(v["allowed"], true, "{v}");
+        assert_eq!(v["limit"]["remaining"], 9);
+        // A UTC account is still in its day.
+        let utc = env.account("utc", "tokens", "UTC").await;
         let (_, v) = env
             .post(
                 "/v1/authorize",
-                &authorize_body(&key, &format!("q{i}"), json!({"requests": 1})),
+                &authorize_body(&utc, "u", json!({"requests": 1})),
             )
             .await;
-        allowed += usize::from(v["allowed"] == true);
+        assert_eq!(v["limit"]["reset_ms"], NOON + 12 * 3_600_000);
     }
-    assert_eq!(allowed, 5);
 
-    // Disabling the account refuses its keys on the next request; enabling it restores them.
-    let patch = |body: serde_json::Value| {
-        env.http
+    async fn key_limits_sit_below_the_account_and_disabled_keys_are_refused(backend: Backend) {
+        let env = Env::on(backend, 1).await;
+        let _ = env.account("acme", "basic", "UTC").await;
+        let (s, v) = env
+            .admin_post(
+                "/admin/accounts/acme/keys",
+                &json!({"limits": [{"meter": "requests", "window": "day", "max": 500}]}),
+            )
+            .await;
+        assert_eq!(s, 400, "{v}");
+        let (s, v) = env
+            .admin_post(
+                "/admin/accounts/acme/keys",
+                &json!({"limits": [{"meter": "requests", "window": "day", "max": 2}]}),
+            )
+            .await;
+        assert_eq!(s, 201);
+        let key = v["api_key"].as_str().unwrap().to_string();
+        let key_id = v["key_id"].as_str().unwrap().to_string();
+        assert!(v["masked"].as_str().unwrap().contains('…'));
+        for i in 0..2 {
+            let (_, v) = env
+                .post(
+                    "/v1/authorize",
+                    &authorize_body(&key, &format!("k{i}"), json!({"requests": 1})),
+                )
+                .await;
+            assert_eq!(v["allowed"], true);
+        }
+        let (_, v) = env
+            .post(
+                "/v1/authorize",
+                &authorize_body(&key, "k2", json!({"requests": 1})),
+            )
+            .await;
+        assert_eq!(
+            (v["status"].clone(), v["limit"]["name"].clone()),
+            (json!(429), json!("key:requests:day"))
+        );
+        let (_, u) = env
+            .admin_get(&format!("/v1/accounts/acme/keys/{key_id}/usage"))
+            .await;
+        assert_eq!(u["limits"][0]["used"], 2);
+
+        // The key is stored only as a hash.
+        let n = env
+            .sql_i64(
+                "SELECT count(*) FROM api_keys WHERE masked = $1 OR length(key_hash) <> 32",
+                &key,
+            )
+            .await;
+        assert_eq!(n, 0);
+
+        let (s, _) = env
+            .admin_post(&format!("/admin/keys/{key_id}/disable"), &json!({}))
+            .await;
+        assert_eq!(s, 200);
+        let (_, v) = env
+            .post(
+                "/v1/authorize",
+                &authorize_body(&key, "k3", json!({"requests": 1})),
+            )
+            .await;
+        assert_eq!(
+            (v["allowed"].clone(), v["status"].clone()),
+            (json!(false), json!(403))
+        );
+        let (_, v) = env
+            .post(
+                "/v1/authorize",
+                &authorize_body("tg_not_a_key_at_all_000", "k4", json!({"requests": 1})),
+            )
+            .await;
+        assert_eq!(v["status"], 401);
+    }
+
+    async fn plan_changes_apply_on_the_next_request(backend: Backend) {
+        let env = Env::on(backend, 1).await;
+        let key = env.account("acme", "basic", "UTC").await;
+        for i in 0..5 {
+            env.post(
+                "/v1/authorize",
+                &authorize_body(&key, &format!("p{i}"), json!({"requests": 1})),
+            )
+            .await;
+        }
+        let (s, _) = env.admin_post("/admin/accounts/acme", &json!({})).await;
+        assert_eq!(s, 405, "PATCH, not POST");
+        let r = env
+            .http
             .patch(format!("{}/admin/accounts/acme", env.base(0)))
             .bearer_auth(ADMIN)
-            .json(&body)
+            .json(&json!({"plan": "tokens"}))
             .send()
-    };
-    assert_eq!(
-        patch(json!({"disabled": true})).await.unwrap().status(),
-        200
-    );
-    let (_, v) = env
-        .post(
-            "/v1/authorize",
-            &authorize_body(&key, "off", json!({"requests": 1})),
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // `tokens` allows 10 requests a day: 5 used, so 5 more.
+        let mut allowed = 0;
+        for i in 0..10 {
+            let (_, v) = env
+                .post(
+                    "/v1/authorize",
+                    &authorize_body(&key, &format!("q{i}"), json!({"requests": 1})),
+                )
+                .await;
+            allowed += usize::from(v["allowed"] == true);
+        }
+        assert_eq!(allowed, 5);
+
+        // Disabling the account refuses its keys on the next request; enabling it restores them.
+        let patch = |body: serde_json::Value| {
+            env.http
+                .patch(format!("{}/admin/accounts/acme", env.base(0)))
+                .bearer_auth(ADMIN)
+                .json(&body)
+                .send()
+        };
+        assert_eq!(
+            patch(json!({"disabled": true})).await.unwrap().status(),
+            200
+        );
+        let (_, v) = env
+            .post(
+                "/v1/authorize",
+                &authorize_body(&key, "off", json!({"requests": 1})),
+            )
+            .await;
+        assert_eq!(
+            (v["allowed"].clone(), v["status"].clone()),
+            (json!(false), json!(403))
+        );
+        assert_eq!(
+            patch(json!({"disabled": false, "plan": "basic"}))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        let (_, v) = env
+            .post(
+                "/v1/authorize",
+                &authorize_body(&key, "on", json!({"requests": 1})),
+            )
+            .await;
+        assert_eq!(v["allowed"], true);
+        assert_eq!(patch(json!({"plan": "gold"})).await.unwrap().status(), 400);
+    }
+
+    async fn credit_spends_by_priority_then_expiry_and_expired_credit_is_never_spent(backend: Backend) {
+        let env = Env::on(backend, 1).await;
+        let _ = env.account("acme", "open", "UTC").await;
+        let hour = 3_600_000;
+        env.grant("acme", "late", 100, json!({})).await;
+        env.grant("acme", "soon", 100, json!({"expires_at_ms": NOON + hour}))
+            .await;
+        env.grant("acme", "first", 50, json!({"priority": 10}))
+            .await;
+        env.grant(
+            "acme",
+            "promo",
+            100,
+            json!({"priority": 0, "expires_at_ms": NOON + hour / 6}),
         )
         .await;
-    assert_eq!(
-        (v["allowed"].clone(), v["status"].clone()),
-        (json!(false), json!(403))
-    );
-    assert_eq!(
-        patch(json!({"disabled": false, "plan": "basic"}))
+        let (s, v) = env
+            .grant("acme", "stale", 100, json!({"expires_at_ms": NOON - 1}))
+            .await;
+        assert_eq!(
+            (s, v["balance"].clone()),
+            (201, json!(350)),
+            "an already expired grant adds nothing"
+        );
+        let spend = |idem: &str, credits: u64| json!({"account": "acme", "idempotency_key": idem, "credits": credits});
+
+        // Priority 0 first.
+        let (_, v) = env.post("/v1/consume", &spend("c1", 30)).await;
+        assert_eq!(v["balance"], 320);
+        // The promo expires with 70 left: never spendable again.
+        env.clock.advance_ms(hour / 6 + 1);
+        assert_eq!(env.balance("acme").await, 250);
+        // Then priority 10, then the grant that expires first.
+        let (_, v) = env.post("/v1/consume", &spend("c2", 120)).await;
+        assert_eq!(v["balance"], 130);
+        let (_, v) = env.post("/v1/consume", &spend("c3", 131)).await;
+        assert_eq!(
+            (v["status"].clone(), v["balance"].clone()),
+            (json!(402), json!(130))
+        );
+
+        env.sync().await;
+        let mut grants: Vec<(String, i64, i64)> = env
+            .engine()
+            .ledger
+            .grants_of("acme")
             .await
             .unwrap()
-            .status(),
-        200
-    );
-    let (_, v) = env
-        .post(
-            "/v1/authorize",
-            &authorize_body(&key, "on", json!({"requests": 1})),
-        )
-        .await;
-    assert_eq!(v["allowed"], true);
-    assert_eq!(patch(json!({"plan": "gold"})).await.unwrap().status(), 400);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credit_spends_by_priority_then_expiry_and_expired_credit_is_never_spent() {
-    let env = Env::new(1).await;
-    let _ = env.account("acme", "open", "UTC").await;
-    let hour = 3_600_000;
-    env.grant("acme", "late", 100, json!({})).await;
-    env.grant("acme", "soon", 100, json!({"expires_at_ms": NOON + hour}))
-        .await;
-    env.grant("acme", "first", 50, json!({"priority": 10}))
-        .await;
-    env.grant(
-        "acme",
-        "promo",
-        100,
-        json!({"priority": 0, "expires_at_ms": NOON + hour / 6}),
-    )
-    .await;
-    let (s, v) = env
-        .grant("acme", "stale", 100, json!({"expires_at_ms": NOON - 1}))
-        .await;
-    assert_eq!(
-        (s, v["balance"].clone()),
-        (201, json!(350)),
-        "an already expired grant adds nothing"
-    );
-    let spend = |idem: &str, credits: u64| json!({"account": "acme", "idempotency_key": idem, "credits": credits});
-
-    // Priority 0 first.
-    let (_, v) = env.post("/v1/consume", &spend("c1", 30)).await;
-    assert_eq!(v["balance"], 320);
-    // The promo expires with 70 left: never spendable again.
-    env.clock.advance_ms(hour / 6 + 1);
-    assert_eq!(env.balance("acme").await, 250);
-    // Then priority 10, then the grant that expires first.
-    let (_, v) = env.post("/v1/consume", &spend("c2", 120)).await;
-    assert_eq!(v["balance"], 130);
-    let (_, v) = env.post("/v1/consume", &spend("c3", 131)).await;
-    assert_eq!(
-        (v["status"].clone(), v["balance"].clone()),
-        (json!(402), json!(130))
-    );
-
-    env.sync().await;
-    let grants: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT id, remaining, expired FROM grants WHERE account_id = 'acme' ORDER BY id",
-    )
-    .fetch_all(env.engine().ledger.pool())
-    .await
-    .unwrap();
-    let want = [
-        ("first", 0, 0),
-        ("late", 100, 0),
-        ("promo", 0, 70),
-        ("soon", 30, 0),
-        ("stale", 0, 100),
-    ];
-    let got: Vec<(&str, i64, i64)> = grants
-        .iter()
-        .map(|(i, r, x)| (i.as_str(), *r, *x))
-        .collect();
-    assert_eq!(got, want);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commits_in_a_batch_are_settled_one_by_one() {
-    let env = Env::new(1).await;
-    let key = env.account("acme", "tokens", "UTC").await;
-    for i in 0..3 {
-        env.post(
-            "/v1/authorize",
-            &authorize_body(&key, &format!("b{i}"), json!({"requests": 1, "tokens": 10})),
-        )
-        .await;
+            .into_iter()
+            .map(|g| (g.grant_id, g.remaining, g.expired))
+            .collect();
+        grants.sort();
+        let want = [
+            ("first", 0, 0),
+            ("late", 100, 0),
+            ("promo", 0, 70),
+            ("soon", 30, 0),
+            ("stale", 0, 100),
+        ];
+        let got: Vec<(&str, i64, i64)> = grants
+            .iter()
+            .map(|(i, r, x)| (i.as_str(), *r, *x))
+            .collect();
+        assert_eq!(got, want);
     }
-    assert_eq!(env.used("acme", "account:tokens:day").await, 30);
-    let batch = json!({"commits": [
-        {"hold_id": "acme/b0", "meters": {"requests": 1, "tokens": 4}},
-        {"hold_id": "acme/nope", "meters": {"tokens": 1}},
-        {"hold_id": "acme/b2", "meters": {"requests": 1, "tokens": 0}},
-    ]});
-    let (s, v) = env.post("/v1/commit/batch", &batch).await;
-    assert_eq!(s, 200, "{v}");
-    let r = v["results"].as_array().unwrap();
-    assert_eq!(r.len(), 3);
-    assert_eq!(
-        (r[0]["status"].clone(), r[0]["hold_id"].clone()),
-        (json!("committed"), json!("acme/b0"))
-    );
-    assert_eq!(
-        (r[1]["status"].clone(), r[1]["error"]["code"].clone()),
-        (json!(404), json!("not_found"))
-    );
-    assert_eq!(r[2]["status"], "committed");
-    assert_eq!(env.used("acme", "account:tokens:day").await, 14);
-    // The batch is idempotent item by item.
-    let (_, again) = env.post("/v1/commit/batch", &batch).await;
-    assert_eq!(again, v);
-    let (s, _) = env.post("/v1/commit/batch", &json!({"commits": []})).await;
-    assert_eq!(s, 400);
+
+    async fn commits_in_a_batch_are_settled_one_by_one(backend: Backend) {
+        let env = Env::on(backend, 1).await;
+        let key = env.account("acme", "tokens", "UTC").await;
+        for i in 0..3 {
+            env.post(
+                "/v1/authorize",
+                &authorize_body(&key, &format!("b{i}"), json!({"requests": 1, "tokens": 10})),
+            )
+            .await;
+        }
+        assert_eq!(env.used("acme", "account:tokens:day").await, 30);
+        let batch = json!({"commits": [
+            {"hold_id": "acme/b0", "meters": {"requests": 1, "tokens": 4}},
+            {"hold_id": "acme/nope", "meters": {"tokens": 1}},
+            {"hold_id": "acme/b2", "meters": {"requests": 1, "tokens": 0}},
+        ]});
+        let (s, v) = env.post("/v1/commit/batch", &batch).await;
+        assert_eq!(s, 200, "{v}");
+        let r = v["results"].as_array().unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(
+            (r[0]["status"].clone(), r[0]["hold_id"].clone()),
+            (json!("committed"), json!("acme/b0"))
+        );
+        assert_eq!(
+            (r[1]["status"].clone(), r[1]["error"]["code"].clone()),
+            (json!(404), json!("not_found"))
+        );
+        assert_eq!(r[2]["status"], "committed");
+        assert_eq!(env.used("acme", "account:tokens:day").await, 14);
+        // The batch is idempotent item by item.
+        let (_, again) = env.post("/v1/commit/batch", &batch).await;
+        assert_eq!(again, v);
+        let (s, _) = env.post("/v1/commit/batch", &json!({"commits": []})).await;
+        assert_eq!(s, 400);
+    }
 }

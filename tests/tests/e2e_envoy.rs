@@ -38,19 +38,64 @@ fn filter_config(sidecar_cluster: &str) -> String {
     .to_string()
 }
 
+/// Which store the sidecar runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    RedisPostgres,
+    Embedded,
+}
+
+/// A sidecar configuration on its own key prefix and database (or SQLite file).
+fn sidecar_config(backend: Backend, run: &str) -> Config {
+    let mut cfg = Config::from_toml(SIDECAR).unwrap();
+    cfg.redis.key_prefix = run.to_string();
+    match backend {
+        Backend::RedisPostgres => {
+            cfg.redis.url = Some(
+                std::env::var("TOLLGATE_TEST_REDIS_URL")
+                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            );
+            cfg.postgres.url = Some(format!(
+                "{}/{run}",
+                std::env::var("TOLLGATE_TEST_DATABASE_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+            ));
+        }
+        Backend::Embedded => {
+            cfg.postgres.sqlite_path = std::env::temp_dir()
+                .join(format!("{run}.sqlite"))
+                .to_string_lossy()
+                .into_owned();
+        }
+    }
+    cfg.server.admin_token = Some("e2e-admin-token-xxxx".into());
+    cfg
+}
+
+/// Removes an embedded ledger's files.
+fn remove_sqlite(cfg: &Config) {
+    if cfg.postgres.url.is_none() {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", cfg.postgres.sqlite_path));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn through_envoy_allow_settle_429_and_402() {
+async fn through_envoy_allow_settle_429_and_402_on_redis_and_postgres() {
+    allow_settle_429_and_402(Backend::RedisPostgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_envoy_allow_settle_429_and_402_on_the_embedded_store() {
+    allow_settle_429_and_402(Backend::Embedded).await
+}
+
+async fn allow_settle_429_and_402(backend: Backend) {
     // The sidecar, on its own database and key prefix.
     let run = tollgate_sidecar::apikey::new_id("tgt");
-    let mut cfg = Config::from_toml(SIDECAR).unwrap();
-    cfg.redis.key_prefix = run.clone();
-    cfg.postgres.url = format!(
-        "{}/{run}",
-        std::env::var("TOLLGATE_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-    );
-    cfg.server.admin_token = Some("e2e-admin-token-xxxx".into());
-    let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock))
+    let cfg = sidecar_config(backend, &run);
+    let engine = tollgate_sidecar::build_engine(cfg.clone(), Arc::new(SystemClock))
         .await
         .unwrap();
     let _bg = tollgate_sidecar::spawn_background(&engine);
@@ -61,7 +106,7 @@ async fn through_envoy_allow_settle_429_and_402() {
     let up_port = wasm_host::mock::start().await.unwrap();
 
     let mut keys = Vec::new();
-    for (id, credits) in [("acme", 1000u64), ("poor", 0)] {
+    for (id, credits) in [("acme", 1000u64), ("poor", 0), ("late", 1000)] {
         engine
             .create_account(serde_json::from_value(json!({"id": id, "plan": "basic"})).unwrap())
             .await
@@ -168,8 +213,63 @@ async fn through_envoy_allow_settle_429_and_402() {
         envoy.stat("wasmcustom.tollgate.allowed")
     );
 
+    // 6. A stream without `usage` is charged by the tokenizer's count of the text it carried.
+    let r = http
+        .post(&url)
+        .header("x-api-key", &keys[2])
+        .header("x-request-id", "e2e-nousage")
+        .header("x-mock-no-usage", "1")
+        .json(&json!({"model": "gpt-4o", "max_tokens": 50, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!r.text().await.unwrap().contains("\"usage\":{"));
+    let counted = tollgate_sidecar::tokens::count(Some("gpt-4o"), "Hello from the mock");
+    assert!(counted >= 4, "{counted}");
+    wait_for_balance(&engine, "late", 1000 - 1 - counted).await;
+
+    // 7. A client that goes away mid-stream is still settled (at the estimate: no usage seen).
+    let stalled = format!("http://127.0.0.1:{}/v1/chat/stalled", envoy.port);
+    let mut r = http
+        .post(&stalled)
+        .header("x-api-key", &keys[2])
+        .header("x-request-id", "e2e-gone")
+        .json(&json!({"max_tokens": 40, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.chunk().await.unwrap().is_some(),
+        "the first event arrives"
+    );
+    drop(r);
+    let mut status = String::new();
+    for _ in 0..100 {
+        while engine.sync.sync_all().await.unwrap() > 0 {}
+        if let Some(h) = engine.ledger.hold("late", "late/e2e-gone").await.unwrap() {
+            status = h.status;
+            if status != "open" {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status, "committed",
+        "the hold is settled after the disconnect"
+    );
+    // The stalled stream's first event carried "He" and no usage: counted as text, 1 token.
+    let he = tollgate_sidecar::tokens::count(None, "He");
+    assert_eq!(
+        engine.balance("late").await.unwrap(),
+        1000 - 1 - counted - 1 - he
+    );
+
     drop(envoy);
-    engine.ledger.pool().close().await;
+    engine.ledger.close().await;
+    remove_sqlite(&cfg);
 }
 
 async fn wait_for_balance(engine: &tollgate_sidecar::engine::Engine, acct: &str, want: u64) {
@@ -236,4 +336,267 @@ async fn through_envoy_with_the_sidecar_down_each_route_fails_its_own_way() {
     }
     assert_eq!(envoy.stat("wasmcustom.tollgate.failed_closed"), Some(1));
     assert_eq!(envoy.stat("wasmcustom.tollgate.failed_open"), Some(1));
+}
+
+/// The real sidecar binary (built by `cargo test` for the host-sidecar package's own tests, and
+/// explicitly by `./tg test`; `TOLLGATE_SIDECAR_BIN` points elsewhere).
+fn sidecar_binary() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("TOLLGATE_SIDECAR_BIN") {
+        return p.into();
+    }
+    // target/debug/deps/e2e_envoy-… -> target/debug/tollgate-sidecar
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("tollgate-sidecar");
+    assert!(
+        bin.exists(),
+        "{} not built: cargo build -p tollgate-sidecar",
+        bin.display()
+    );
+    bin
+}
+
+/// A sidecar process, killed with SIGKILL (kill -9) when dropped or asked to.
+struct SidecarProcess {
+    child: std::process::Child,
+}
+
+impl SidecarProcess {
+    async fn start(config: &std::path::Path, cfg: &Config, port: u16) -> SidecarProcess {
+        let mut cmd = std::process::Command::new(sidecar_binary());
+        cmd.arg("--config")
+            .arg(config)
+            .env("TOLLGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("TOLLGATE_SQLITE_PATH", &cfg.postgres.sqlite_path)
+            .env(
+                "TOLLGATE_REDIS_URL",
+                cfg.redis.url.clone().unwrap_or_default(),
+            )
+            .env(
+                "TOLLGATE_DATABASE_URL",
+                cfg.postgres.url.clone().unwrap_or_default(),
+            )
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null());
+        let child = cmd.spawn().expect("the sidecar binary starts");
+        let me = SidecarProcess { child };
+        let http = reqwest::Client::new();
+        for _ in 0..200 {
+            if let Ok(r) = http
+                .get(format!("http://127.0.0.1:{port}/readyz"))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return me;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the sidecar did not become ready on port {port}");
+    }
+
+    fn kill9(&mut self) {
+        // std's kill() is SIGKILL: no shutdown path runs.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+const ADMIN_TOKEN: &str = "e2e-admin-token-xxxx";
+
+/// What the ledger of `acct` holds: (holds, commits) and the requests counted today.
+async fn ledger_counts(http: &reqwest::Client, base: &str, acct: &str) -> (usize, usize) {
+    let v: Value = http
+        .get(format!("{base}/v1/accounts/{acct}/ledger?limit=1000"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = v["entries"].as_array().cloned().unwrap_or_default();
+    let kind = |k: &str| entries.iter().filter(|e| e["kind"] == k).count();
+    (kind("hold"), kind("commit"))
+}
+
+async fn wait_for_ledger(http: &reqwest::Client, base: &str, acct: &str, want: (usize, usize)) {
+    let mut last = (0, 0);
+    for _ in 0..100 {
+        last = ledger_counts(http, base, acct).await;
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("ledger of {acct} has (holds, commits) {last:?}, expected {want:?}");
+}
+
+/// The sidecar process is killed (kill -9) between requests: a fail-closed route answers 503 and
+/// a fail-open route passes, each within the deadline; when the sidecar comes back on the same
+/// address, enforcement resumes where it stopped (the daily limit counts what was used before the
+/// kill) and the ledger holds exactly the allowed requests. On the embedded store the restarted
+/// process has an empty key space and rebuilds the account from the SQLite ledger.
+async fn sidecar_killed_and_back(backend: Backend) {
+    let run = tollgate_sidecar::apikey::new_id("tgt");
+    let mut cfg = sidecar_config(backend, &run);
+    let limit = 8;
+    let text = format!(
+        "{SIDECAR}\n[plans.resume]\nlimits = [{{ meter = \"requests\", window = \"day\", max = {limit} }}]\n[prices.open]\nrequests = 1\n[redis]\nkey_prefix = \"{run}\"\n"
+    );
+    cfg.plans = Config::from_toml(&text).unwrap().plans;
+    let dir = std::env::temp_dir().join(format!("{run}.d"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sidecar.toml");
+    std::fs::write(&config, &text).unwrap();
+    let port = wasm_host::envoy::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+
+    let mut sidecar = SidecarProcess::start(&config, &cfg, port).await;
+    let admin = |path: &str, body: Value| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let r = admin("/admin/accounts", json!({"id": "acme", "plan": "resume"}))
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let key: Value = admin("/admin/accounts/acme/keys", json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = key["api_key"].as_str().unwrap().to_string();
+    let r = admin(
+        "/admin/accounts/acme/grants",
+        json!({"grant_id": "pack", "amount": 1000}),
+    )
+    .await
+    .unwrap();
+    assert!(r.status().is_success());
+
+    let up_port = wasm_host::mock::start().await.unwrap();
+    let filter = json!({
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 1000},
+        "deadline_ms": 1000,
+        "key": {"header": "x-api-key"},
+        "commit_interval_ms": 20,
+        "routes": [
+            {"name": "chat", "host": "closed.test", "failure_mode": "closed",
+             "charges": {"requests": {"fixed": 1}}},
+            {"name": "open", "host": "open.test", "failure_mode": "open",
+             "charges": {"requests": {"fixed": 1}}}
+        ]
+    })
+    .to_string();
+    let envoy = Envoy::start(up_port, port, &wasm_host::wasm_path(), &filter).expect("envoy");
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port);
+    let mut n = 0;
+    let mut send = |host: &'static str| {
+        n += 1;
+        let req = http
+            .post(&url)
+            .header("host", host)
+            .header("x-api-key", &key)
+            .header("x-request-id", format!("kill-{n}"))
+            .json(&json!({}))
+            .send();
+        async move {
+            let started = std::time::Instant::now();
+            let r = req.await.unwrap();
+            (r.status().as_u16(), started.elapsed())
+        }
+    };
+
+    // Before: three allowed and settled, and in the ledger.
+    for _ in 0..3 {
+        let (status, took) = send("closed.test").await;
+        assert_eq!(status, 200, "before the kill ({took:?})");
+    }
+    wait_for_ledger(&http, &base, "acme", (3, 3)).await;
+
+    // Killed: each route fails its own way, within the deadline (1 s; a refused connection is
+    // noticed at once, so this is far sooner).
+    sidecar.kill9();
+    for (host, want) in [
+        ("closed.test", 503),
+        ("open.test", 200),
+        ("closed.test", 503),
+    ] {
+        let (status, took) = send(host).await;
+        assert_eq!(status, want, "{host} with the sidecar killed");
+        assert!(took < Duration::from_millis(1000), "{host} took {took:?}");
+    }
+
+    // Back on the same address: enforcement resumes where it stopped.
+    let _sidecar = SidecarProcess::start(&config, &cfg, port).await;
+    let mut allowed = 0;
+    let mut last = 0;
+    for _ in 0..limit {
+        // The first requests may still find Envoy's old connection closed: retry those.
+        let mut status = 0;
+        for _ in 0..20 {
+            status = send("closed.test").await.0;
+            if status != 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        last = status;
+        if status == 200 {
+            allowed += 1;
+        } else {
+            break;
+        }
+    }
+    assert_eq!(
+        (allowed, last),
+        (limit - 3, 429),
+        "after the restart {allowed} more were allowed (limit {limit}, 3 before the kill)"
+    );
+    let total = limit as usize;
+    wait_for_ledger(&http, &base, "acme", (total, total)).await;
+    let bal: Value = http
+        .get(format!("{base}/v1/accounts/acme/balance"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // One request = 1 credit (prices.chat requests = 1; no tokens measured on this route).
+    assert_eq!(bal["balance"], json!(1000 - limit), "{bal}");
+    drop(envoy);
+    drop(_sidecar);
+    remove_sqlite(&cfg);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_killed_during_traffic_then_back_on_redis_and_postgres() {
+    sidecar_killed_and_back(Backend::RedisPostgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_killed_during_traffic_then_back_on_the_embedded_store() {
+    sidecar_killed_and_back(Backend::Embedded).await
 }

@@ -82,9 +82,9 @@ async fn main() -> anyhow::Result<()> {
     let run = tollgate_sidecar::apikey::new_id("bench");
 
     let mut cfg = Config::from_toml(CONFIG)?;
-    cfg.redis.url = redis_url.clone();
+    cfg.redis.url = Some(redis_url.clone());
     cfg.redis.key_prefix = run.clone();
-    cfg.postgres.url = format!("{pg}/tollgate_{run}");
+    cfg.postgres.url = Some(format!("{pg}/tollgate_{run}"));
     cfg.server.admin_token = Some("bench-admin-token-unused".into());
     let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;
     let _bg = tollgate_sidecar::spawn_background(&engine);
@@ -194,9 +194,18 @@ async fn main() -> anyhow::Result<()> {
     commit.sort_unstable();
     let pairs = commit.len() as f64;
     let lag = engine.metrics.sync_lag_ms.quantiles(&[0.5, 0.99]);
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger")
-        .fetch_one(engine.ledger.pool())
-        .await?;
+    let rows: i64 = match engine.ledger.db() {
+        tollgate_sidecar::ledger::Db::Pg(p) => {
+            sqlx::query_scalar("SELECT count(*) FROM ledger")
+                .fetch_one(p)
+                .await?
+        }
+        tollgate_sidecar::ledger::Db::Lite(p) => {
+            sqlx::query_scalar("SELECT count(*) FROM ledger")
+                .fetch_one(p)
+                .await?
+        }
+    };
 
     let offered = if rate > 0 {
         format!("{rate} pairs/s offered")
@@ -250,7 +259,7 @@ async fn main() -> anyhow::Result<()> {
     for chunk in keys.chunks(1000) {
         let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut c).await?;
     }
-    engine.ledger.pool().close().await;
+    engine.ledger.close().await;
     let admin = sqlx::PgPool::connect(&format!("{pg}/postgres")).await?;
     sqlx::query(&format!(
         "DROP DATABASE IF EXISTS tollgate_{run} WITH (FORCE)"

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::ledger::sync::SyncWorker;
 use crate::ledger::{KeyRow, Ledger};
 use crate::metrics::Metrics;
-use crate::store::{LuaLimit, RedisStore};
+use crate::store::{LuaLimit, Store};
 use crate::windows::{current_period, WindowSettings};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use tollgate_protocol::{Decision, DenyReason, Meters};
 pub struct Engine {
     pub cfg: Arc<Config>,
     pub windows: WindowSettings,
-    pub store: RedisStore,
+    pub store: Store,
     pub ledger: Ledger,
     pub sync: SyncWorker,
     pub directory: Directory,

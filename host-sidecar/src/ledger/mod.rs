@@ -1,6 +1,12 @@
-//! PostgreSQL: the durable ledger (written by [`sync::SyncWorker`]) and the directory of accounts
-//! and API keys (written by the admin API). All SQL of the sidecar lives in this module and the
-//! migrations beside the crate; queries are checked at run time, so builds need no database.
+//! The durable ledger (written by [`sync::SyncWorker`]) and the directory of accounts and API
+//! keys (written by the admin API), in PostgreSQL or, for the embedded default, in SQLite.
+//!
+//! All SQL of the sidecar lives in this module and the migrations beside the crate
+//! (`migrations/` for PostgreSQL, `migrations-sqlite/` for SQLite: the same tables, with JSON as
+//! text and times as unix milliseconds). Most statements are the same text for both databases and
+//! are run through [`on_db!`], which type-checks the body once per driver; where the dialects
+//! differ the two statements sit side by side. Queries are checked at run time, so builds need no
+//! database.
 
 pub mod sync;
 
@@ -8,12 +14,36 @@ use crate::config::LimitSpec;
 use serde::Serialize;
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::Row;
+use std::sync::Arc;
+
+/// The database behind the ledger.
+#[derive(Clone)]
+pub enum Db {
+    Pg(PgPool),
+    /// The embedded ledger: one file, one sidecar. Its writers take [`Ledger::write_lock`] so
+    /// transactions never race for SQLite's single write lock.
+    Lite(SqlitePool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool the ledger has (the body is compiled once
+/// per driver, so the same statement text serves both).
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::ledger::Db::Pg($pool) => $body,
+            $crate::ledger::Db::Lite($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_db;
 
 #[derive(Clone)]
 pub struct Ledger {
-    pool: PgPool,
+    db: Db,
     prefix: String,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,34 +115,58 @@ pub struct HoldRow {
     pub settle_fp: Option<String>,
 }
 
-fn limits_of(v: serde_json::Value) -> Vec<LimitSpec> {
-    serde_json::from_value(v).unwrap_or_default()
+fn limits_of(v: String) -> Vec<LimitSpec> {
+    serde_json::from_str(&v).unwrap_or_default()
 }
 
 impl Ledger {
-    /// Connects (creating the database if it does not exist) and runs the migrations.
+    /// Opens the ledger at `url` and runs the migrations: `postgres://…` (the database is
+    /// created if it does not exist) or `sqlite://<path>` (the file is created if missing).
     pub async fn connect(
         url: &str,
         max_connections: u32,
         prefix: &str,
     ) -> Result<Self, sqlx::Error> {
-        if !sqlx::Postgres::database_exists(url).await.unwrap_or(true) {
-            sqlx::Postgres::create_database(url).await?;
-        }
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect(url)
-            .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        let db = if let Some(path) = url.strip_prefix("sqlite://") {
+            Db::Lite(open_sqlite(path).await?)
+        } else {
+            if !sqlx::Postgres::database_exists(url).await.unwrap_or(true) {
+                sqlx::Postgres::create_database(url).await?;
+            }
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect(url)
+                .await?;
+            sqlx::migrate!("./migrations").run(&pool).await?;
+            Db::Pg(pool)
+        };
         Ok(Self {
-            pool,
+            db,
             prefix: prefix.to_string(),
+            write_lock: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// `postgres` or `sqlite`.
+    pub fn kind(&self) -> &'static str {
+        match self.db {
+            Db::Pg(_) => "postgres",
+            Db::Lite(_) => "sqlite",
+        }
+    }
+
+    /// Held by every multi-statement writer of an SQLite ledger (see [`Db::Lite`]); PostgreSQL
+    /// writers coordinate with row and advisory locks instead and need not take it.
+    pub async fn write_lock(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.db {
+            Db::Pg(_) => None,
+            Db::Lite(_) => Some(self.write_lock.lock().await),
+        }
     }
 
     /// The Redis key prefix this ledger's cursors belong to.
@@ -120,111 +174,139 @@ impl Ledger {
         &self.prefix
     }
 
+    /// One round trip to the database (readiness).
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        on_db!(&self.db, p => sqlx::query("SELECT 1").execute(p).await.map(drop))
+    }
+
+    /// Closes every connection (waits for those in use).
+    pub async fn close(&self) {
+        on_db!(&self.db, p => p.close().await)
+    }
+
+    /// A count or sum over one account (`$1` is the account id), for reports and tests; NULL
+    /// (no rows to sum) is 0. The statement must be valid in both dialects.
+    pub async fn scalar(&self, sql: &str, account: &str) -> Result<i64, sqlx::Error> {
+        let v: Option<i64> =
+            on_db!(&self.db, p => sqlx::query_scalar(sql).bind(account).fetch_one(p).await?);
+        Ok(v.unwrap_or(0))
+    }
+
     // ---- directory -------------------------------------------------------------------------
 
     pub async fn account(&self, id: &str) -> Result<Option<AccountRow>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT id, plan, timezone, billing_anchor_day, limits, disabled FROM accounts WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| AccountRow {
-            id: r.get("id"),
-            plan: r.get("plan"),
-            timezone: r.get("timezone"),
-            billing_anchor_day: r.get("billing_anchor_day"),
-            limits: limits_of(r.get("limits")),
-            disabled: r.get("disabled"),
-        }))
+        const SQL: &str =
+            "SELECT id, plan, timezone, billing_anchor_day, CAST(limits AS TEXT) AS limits,
+            disabled FROM accounts WHERE id = $1";
+        on_db!(&self.db, p => {
+            let row = sqlx::query(SQL).bind(id).fetch_optional(p).await?;
+            Ok(row.map(|r| AccountRow {
+                id: r.get("id"),
+                plan: r.get("plan"),
+                timezone: r.get("timezone"),
+                billing_anchor_day: r.get("billing_anchor_day"),
+                limits: limits_of(r.get("limits")),
+                disabled: r.get("disabled"),
+            }))
+        })
     }
 
     /// Inserts an account; false when the id is taken.
     pub async fn insert_account(&self, a: &AccountRow) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
+        let sql = self.dialect(
+            "INSERT INTO accounts (id, plan, timezone, billing_anchor_day, limits, disabled)
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (id) DO NOTHING",
             "INSERT INTO accounts (id, plan, timezone, billing_anchor_day, limits, disabled)
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&a.id)
-        .bind(&a.plan)
-        .bind(&a.timezone)
-        .bind(a.billing_anchor_day)
-        .bind(serde_json::to_value(&a.limits).unwrap_or_default())
-        .bind(a.disabled)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        );
+        let limits = limits_json(&a.limits);
+        let done = on_db!(&self.db, p => sqlx::query(sql)
+            .bind(&a.id)
+            .bind(&a.plan)
+            .bind(&a.timezone)
+            .bind(a.billing_anchor_day)
+            .bind(&limits)
+            .bind(a.disabled)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
     }
 
     pub async fn update_account(&self, a: &AccountRow) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        let sql = self.dialect(
+            "UPDATE accounts SET plan = $2, timezone = $3, billing_anchor_day = $4, limits = $5::jsonb,
+               disabled = $6, updated_at = CURRENT_TIMESTAMP WHERE id = $1",
             "UPDATE accounts SET plan = $2, timezone = $3, billing_anchor_day = $4, limits = $5,
-               disabled = $6, updated_at = now() WHERE id = $1",
-        )
-        .bind(&a.id)
-        .bind(&a.plan)
-        .bind(&a.timezone)
-        .bind(a.billing_anchor_day)
-        .bind(serde_json::to_value(&a.limits).unwrap_or_default())
-        .bind(a.disabled)
-        .execute(&self.pool)
-        .await?;
+               disabled = $6, updated_at = CURRENT_TIMESTAMP WHERE id = $1",
+        );
+        let limits = limits_json(&a.limits);
+        on_db!(&self.db, p => sqlx::query(sql)
+            .bind(&a.id)
+            .bind(&a.plan)
+            .bind(&a.timezone)
+            .bind(a.billing_anchor_day)
+            .bind(&limits)
+            .bind(a.disabled)
+            .execute(p)
+            .await?
+            .rows_affected());
         Ok(())
     }
 
     pub async fn key_by_hash(&self, hash: &[u8]) -> Result<Option<KeyRow>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT id, account_id, masked, name, limits, disabled FROM api_keys WHERE key_hash = $1",
-        )
-        .bind(hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(key_row))
+        let sql = format!("{KEY_COLUMNS} WHERE key_hash = $1");
+        let hash = hash.to_vec();
+        on_db!(&self.db, p => {
+            let row = sqlx::query(&sql).bind(&hash).fetch_optional(p).await?;
+            Ok(row.map(|r| key_row(&r)))
+        })
     }
 
     pub async fn key_by_id(&self, id: &str) -> Result<Option<KeyRow>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT id, account_id, masked, name, limits, disabled FROM api_keys WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(key_row))
+        let sql = format!("{KEY_COLUMNS} WHERE id = $1");
+        on_db!(&self.db, p => {
+            let row = sqlx::query(&sql).bind(id).fetch_optional(p).await?;
+            Ok(row.map(|r| key_row(&r)))
+        })
     }
 
     pub async fn keys_of(&self, account: &str) -> Result<Vec<KeyRow>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT id, account_id, masked, name, limits, disabled FROM api_keys
-             WHERE account_id = $1 ORDER BY created_at",
-        )
-        .bind(account)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(key_row).collect())
+        let sql = format!("{KEY_COLUMNS} WHERE account_id = $1 ORDER BY created_at, id");
+        on_db!(&self.db, p => {
+            let rows = sqlx::query(&sql).bind(account).fetch_all(p).await?;
+            Ok(rows.iter().map(key_row).collect())
+        })
     }
 
     pub async fn insert_key(&self, k: &KeyRow, hash: &[u8]) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        let sql = self.dialect(
+            "INSERT INTO api_keys (id, account_id, key_hash, masked, name, limits) VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
             "INSERT INTO api_keys (id, account_id, key_hash, masked, name, limits) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&k.id)
-        .bind(&k.account_id)
-        .bind(hash)
-        .bind(&k.masked)
-        .bind(&k.name)
-        .bind(serde_json::to_value(&k.limits).unwrap_or_default())
-        .execute(&self.pool)
-        .await?;
+        );
+        let limits = limits_json(&k.limits);
+        let hash = hash.to_vec();
+        on_db!(&self.db, p => sqlx::query(sql)
+            .bind(&k.id)
+            .bind(&k.account_id)
+            .bind(&hash)
+            .bind(&k.masked)
+            .bind(&k.name)
+            .bind(&limits)
+            .execute(p)
+            .await?
+            .rows_affected());
         Ok(())
     }
 
     pub async fn set_key_disabled(&self, id: &str, disabled: bool) -> Result<bool, sqlx::Error> {
-        let r = sqlx::query("UPDATE api_keys SET disabled = $2 WHERE id = $1")
+        let n = on_db!(&self.db, p => sqlx::query("UPDATE api_keys SET disabled = $2 WHERE id = $1")
             .bind(id)
             .bind(disabled)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() == 1)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(n == 1)
     }
 
     // ---- cold load and idempotency -----------------------------------------------------------
@@ -236,39 +318,43 @@ impl Ledger {
         account: &str,
         now_ms: i64,
     ) -> Result<AccountState, sqlx::Error> {
-        let usage = sqlx::query_as(
-            "SELECT scope, meter, period, used, period_end FROM usage
-             WHERE account_id = $1 AND (period_end = 0 OR period_end > $2)",
-        )
-        .bind(account)
-        .bind(now_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        let grants = sqlx::query_as(
-            "SELECT id, member, remaining FROM grants WHERE account_id = $1 AND remaining > 0",
-        )
-        .bind(account)
-        .fetch_all(&self.pool)
-        .await?;
-        let holds = sqlx::query_as(
-            "SELECT id, record::text, fp, auth_result::text, expires_at FROM holds
-             WHERE account_id = $1 AND status = 'open'",
-        )
-        .bind(account)
-        .fetch_all(&self.pool)
-        .await?;
-        let last: Option<(f64,)> = sqlx::query_as(
-            "SELECT extract(epoch FROM at)::float8 * 1000 FROM ledger
+        let last_sql = self.dialect(
+            "SELECT (extract(epoch FROM at) * 1000)::int8 FROM ledger
              WHERE account_id = $1 AND idem_key IS NOT NULL ORDER BY seq DESC LIMIT 1",
-        )
-        .bind(account)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(AccountState {
-            usage,
-            grants,
-            holds,
-            last_idempotent_ms: last.map(|(ms,)| ms as i64),
+            "SELECT at FROM ledger WHERE account_id = $1 AND idem_key IS NOT NULL ORDER BY seq DESC LIMIT 1",
+        );
+        on_db!(&self.db, p => {
+            let usage = sqlx::query_as(
+                "SELECT scope, meter, period, used, period_end FROM usage
+                 WHERE account_id = $1 AND (period_end = 0 OR period_end > $2)",
+            )
+            .bind(account)
+            .bind(now_ms)
+            .fetch_all(p)
+            .await?;
+            let grants = sqlx::query_as(
+                "SELECT id, member, remaining FROM grants WHERE account_id = $1 AND remaining > 0",
+            )
+            .bind(account)
+            .fetch_all(p)
+            .await?;
+            let holds = sqlx::query_as(
+                "SELECT id, CAST(record AS TEXT), fp, CAST(auth_result AS TEXT), expires_at FROM holds
+                 WHERE account_id = $1 AND status = 'open'",
+            )
+            .bind(account)
+            .fetch_all(p)
+            .await?;
+            let last: Option<i64> = sqlx::query_scalar(last_sql)
+                .bind(account)
+                .fetch_optional(p)
+                .await?;
+            Ok(AccountState {
+                usage,
+                grants,
+                holds,
+                last_idempotent_ms: last,
+            })
         })
     }
 
@@ -279,25 +365,25 @@ impl Ledger {
         kind: &str,
         idem_key: &str,
     ) -> Result<Option<(Option<String>, String)>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT fp, result::text FROM ledger WHERE account_id = $1 AND idem_key = $2 AND kind = $3
+        on_db!(&self.db, p => sqlx::query_as(
+            "SELECT fp, CAST(result AS TEXT) FROM ledger WHERE account_id = $1 AND idem_key = $2 AND kind = $3
              ORDER BY seq DESC LIMIT 1",
         )
         .bind(account)
         .bind(idem_key)
         .bind(kind)
-        .fetch_optional(&self.pool)
-        .await
+        .fetch_optional(p)
+        .await)
     }
 
     pub async fn hold(&self, account: &str, hold_id: &str) -> Result<Option<HoldRow>, sqlx::Error> {
-        let row: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT status, result::text, settle_fp FROM holds WHERE account_id = $1 AND id = $2",
+        let row: Option<(String, Option<String>, Option<String>)> = on_db!(&self.db, p => sqlx::query_as(
+            "SELECT status, CAST(result AS TEXT), settle_fp FROM holds WHERE account_id = $1 AND id = $2",
         )
         .bind(account)
         .bind(hold_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(p)
+        .await?);
         Ok(row.map(|(status, result, settle_fp)| HoldRow {
             status,
             result,
@@ -310,20 +396,23 @@ impl Ledger {
         account: &str,
         hold_id: &str,
     ) -> Result<Option<String>, sqlx::Error> {
-        sqlx::query_scalar("SELECT record::text FROM holds WHERE account_id = $1 AND id = $2")
-            .bind(account)
-            .bind(hold_id)
-            .fetch_optional(&self.pool)
-            .await
+        on_db!(&self.db, p => sqlx::query_scalar(
+            "SELECT CAST(record AS TEXT) FROM holds WHERE account_id = $1 AND id = $2",
+        )
+        .bind(account)
+        .bind(hold_id)
+        .fetch_optional(p)
+        .await)
     }
 
     pub async fn grant_exists(&self, account: &str, grant_id: &str) -> Result<bool, sqlx::Error> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM grants WHERE account_id = $1 AND id = $2")
-                .bind(account)
-                .bind(grant_id)
-                .fetch_one(&self.pool)
-                .await?;
+        let n: i64 = on_db!(&self.db, p => sqlx::query_scalar(
+            "SELECT count(*) FROM grants WHERE account_id = $1 AND id = $2",
+        )
+        .bind(account)
+        .bind(grant_id)
+        .fetch_one(p)
+        .await?);
         Ok(n > 0)
     }
 
@@ -336,56 +425,64 @@ impl Ledger {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<LedgerEntry>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT seq, kind, key_id, idem_key, hold_id, credit, shortfall, meters, expired, route,
-                    model, resource, (extract(epoch FROM at) * 1000)::int8 AS at_ms
-             FROM ledger WHERE account_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
-        .bind(account)
-        .bind(after_seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| LedgerEntry {
-                seq: r.get("seq"),
-                kind: r.get("kind"),
-                key_id: r.get("key_id"),
-                idempotency_key: r.get("idem_key"),
-                hold_id: r.get("hold_id"),
-                credit: r.get("credit"),
-                shortfall: r.get("shortfall"),
-                meters: r.get("meters"),
-                expired: r.get("expired"),
-                route: r.get("route"),
-                model: r.get("model"),
-                resource: r.get("resource"),
-                at_ms: r.get("at_ms"),
-            })
-            .collect())
+        let at_ms = self.dialect("(extract(epoch FROM at) * 1000)::int8", "at");
+        let sql = format!(
+            "SELECT seq, kind, key_id, idem_key, hold_id, credit, shortfall, CAST(meters AS TEXT) AS meters,
+                    CAST(expired AS TEXT) AS expired, route, model, CAST(resource AS TEXT) AS resource,
+                    {at_ms} AS at_ms
+             FROM ledger WHERE account_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        );
+        let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+        on_db!(&self.db, p => {
+            let rows = sqlx::query(&sql)
+                .bind(account)
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(p)
+                .await?;
+            Ok(rows
+                .into_iter()
+                .map(|r| LedgerEntry {
+                    seq: r.get("seq"),
+                    kind: r.get("kind"),
+                    key_id: r.get("key_id"),
+                    idempotency_key: r.get("idem_key"),
+                    hold_id: r.get("hold_id"),
+                    credit: r.get("credit"),
+                    shortfall: r.get("shortfall"),
+                    meters: json(r.get("meters")),
+                    expired: json(r.get("expired")),
+                    route: r.get("route"),
+                    model: r.get("model"),
+                    resource: json(r.get("resource")),
+                    at_ms: r.get("at_ms"),
+                })
+                .collect())
+        })
     }
 
     pub async fn grants_of(&self, account: &str) -> Result<Vec<GrantRow>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT id, amount, remaining, expired, priority, expires_at, source FROM grants
-             WHERE account_id = $1 ORDER BY member",
-        )
-        .bind(account)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| GrantRow {
-                grant_id: r.get("id"),
-                amount: r.get("amount"),
-                remaining: r.get("remaining"),
-                expired: r.get("expired"),
-                priority: r.get("priority"),
-                expires_at_ms: r.get("expires_at"),
-                source: r.get("source"),
-            })
-            .collect())
+        on_db!(&self.db, p => {
+            let rows = sqlx::query(
+                "SELECT id, amount, remaining, expired, priority, expires_at, source FROM grants
+                 WHERE account_id = $1 ORDER BY member",
+            )
+            .bind(account)
+            .fetch_all(p)
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|r| GrantRow {
+                    grant_id: r.get("id"),
+                    amount: r.get("amount"),
+                    remaining: r.get("remaining"),
+                    expired: r.get("expired"),
+                    priority: r.get("priority"),
+                    expires_at_ms: r.get("expires_at"),
+                    source: r.get("source"),
+                })
+                .collect())
+        })
     }
 
     /// Used amount per (scope, meter, period) for the account, as synced.
@@ -393,17 +490,55 @@ impl Ledger {
         &self,
         account: &str,
     ) -> Result<Vec<(String, String, String, i64, i64)>, sqlx::Error> {
-        sqlx::query_as(
+        on_db!(&self.db, p => sqlx::query_as(
             "SELECT scope, meter, period, used, period_end FROM usage WHERE account_id = $1
              ORDER BY scope, meter, period",
         )
         .bind(account)
-        .fetch_all(&self.pool)
-        .await
+        .fetch_all(p)
+        .await)
+    }
+
+    /// The PostgreSQL or the SQLite text of a statement whose dialects differ.
+    fn dialect(&self, pg: &'static str, lite: &'static str) -> &'static str {
+        match self.db {
+            Db::Pg(_) => pg,
+            Db::Lite(_) => lite,
+        }
     }
 }
 
-fn key_row(r: sqlx::postgres::PgRow) -> KeyRow {
+/// Opens (creating if needed) the embedded ledger file: WAL, so readers never wait for the sync
+/// worker; `synchronous = FULL`, so a committed batch survives a power cut.
+async fn open_sqlite(path: &str) -> Result<SqlitePool, sqlx::Error> {
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(std::time::Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(opts)
+        .await?;
+    sqlx::migrate!("./migrations-sqlite").run(&pool).await?;
+    Ok(pool)
+}
+
+const KEY_COLUMNS: &str =
+    "SELECT id, account_id, masked, name, CAST(limits AS TEXT) AS limits, disabled FROM api_keys";
+
+fn limits_json(limits: &[LimitSpec]) -> String {
+    serde_json::to_string(limits).unwrap_or_else(|_| "[]".into())
+}
+
+fn key_row<R: Row>(r: &R) -> KeyRow
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    String: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    bool: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
     KeyRow {
         id: r.get("id"),
         account_id: r.get("account_id"),

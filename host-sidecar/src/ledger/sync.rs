@@ -6,12 +6,13 @@
 //! transaction-scoped advisory lock per shard lets one apply a shard at a time and the others
 //! move on. Entries are trimmed from the stream only after their transaction committed.
 //!
-//! Each pass writes a batch with one statement per table (UNNEST arrays), aggregating usage and
-//! grant deltas in memory first.
+//! Each pass aggregates usage and grant deltas in memory first, then writes the batch: in
+//! PostgreSQL with one statement per table (UNNEST arrays), in the embedded SQLite ledger row by
+//! row inside one transaction (a local file: the round trips cost nothing).
 
-use super::Ledger;
+use super::{on_db, Ledger};
 use crate::metrics::Metrics;
-use crate::store::RedisStore;
+use crate::store::Store;
 use redis::AsyncCommands;
 use serde::Deserialize;
 use serde_json::Value;
@@ -23,8 +24,8 @@ use std::time::Duration;
 pub enum SyncError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
+    #[error("ledger: {0}")]
+    Ledger(#[from] sqlx::Error),
 }
 
 /// One outbox event, as the scripts in `lua/` write it.
@@ -224,7 +225,7 @@ impl Batch {
         self.at.push(e.at);
     }
 
-    async fn write(self, tx: &mut sqlx::PgConnection, shard: i32) -> Result<(), sqlx::Error> {
+    async fn write_pg(self, tx: &mut sqlx::PgConnection, shard: i32) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO ledger (event_id, shard, account_id, key_id, kind, idem_key, hold_id, fp,
                 credit, shortfall, meters, usage, grants, expired, route, model, resource, result, at)
@@ -405,11 +406,163 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// The same rows as [`Batch::write_pg`], for the embedded SQLite ledger.
+    async fn write_lite(
+        self,
+        tx: &mut sqlx::SqliteConnection,
+        shard: i32,
+    ) -> Result<(), sqlx::Error> {
+        for i in 0..self.event_id.len() {
+            sqlx::query(
+                "INSERT INTO ledger (event_id, shard, account_id, key_id, kind, idem_key, hold_id, fp,
+                    credit, shortfall, meters, usage, grants, expired, route, model, resource, result, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(&self.event_id[i])
+            .bind(shard)
+            .bind(&self.account[i])
+            .bind(&self.key[i])
+            .bind(&self.kind[i])
+            .bind(&self.idem[i])
+            .bind(&self.hold[i])
+            .bind(&self.fp[i])
+            .bind(self.credit[i])
+            .bind(self.short[i])
+            .bind(&self.meters[i])
+            .bind(&self.usage[i])
+            .bind(&self.grants[i])
+            .bind(&self.expired[i])
+            .bind(&self.route[i])
+            .bind(&self.model[i])
+            .bind(&self.resource[i])
+            .bind(&self.result[i])
+            .bind(self.at[i])
+            .execute(&mut *tx)
+            .await?;
+        }
+        for ((acct, scope, meter, period), (delta, end)) in &self.usage_delta {
+            sqlx::query(
+                "INSERT INTO usage (account_id, scope, meter, period, used, period_end)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (account_id, scope, meter, period) DO UPDATE SET used = used + excluded.used",
+            )
+            .bind(acct)
+            .bind(scope)
+            .bind(meter)
+            .bind(period)
+            .bind(delta)
+            .bind(end)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (acct, g, at) in &self.grant_new {
+            sqlx::query(
+                "INSERT INTO grants (account_id, id, member, amount, remaining, priority, expires_at, source, created_at)
+                 VALUES ($1, $2, $3, $4, 0, $5, $6, $7, $8) ON CONFLICT (account_id, id) DO NOTHING",
+            )
+            .bind(acct)
+            .bind(&g.id)
+            .bind(&g.member)
+            .bind(g.amount)
+            .bind(g.priority)
+            .bind((g.expires > 0).then_some(g.expires))
+            .bind(&g.source)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for ((acct, gid), (r, x)) in &self.grant_delta {
+            sqlx::query(
+                "UPDATE grants SET remaining = remaining + $3, expired = expired + $4
+                 WHERE account_id = $1 AND id = $2",
+            )
+            .bind(acct)
+            .bind(gid)
+            .bind(r)
+            .bind(x)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // In stream order, so a hold created and settled in one batch ends settled.
+        let mut holds: HashMap<(String, String), NewHold> = HashMap::new();
+        for h in self.holds_new {
+            holds.insert((h.account.clone(), h.id.clone()), h);
+        }
+        for h in holds.into_values() {
+            sqlx::query(
+                "INSERT INTO holds (account_id, id, key_id, status, credit, expires_at, record, fp, auth_result, created_at)
+                 VALUES ($1, $2, $3, 'open', $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (account_id, id) DO UPDATE SET key_id = excluded.key_id, status = 'open',
+                   credit = excluded.credit, expires_at = excluded.expires_at, record = excluded.record,
+                   fp = excluded.fp, auth_result = excluded.auth_result, created_at = excluded.created_at,
+                   result = NULL, settle_fp = NULL, resolved_at = NULL",
+            )
+            .bind(&h.account)
+            .bind(&h.id)
+            .bind(&h.key)
+            .bind(h.credit)
+            .bind(h.expires)
+            .bind(&h.record)
+            .bind(&h.fp)
+            .bind(&h.auth_result)
+            .bind(h.created)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (acct, hid, status, result, fp, at) in &self.holds_settled {
+            sqlx::query(
+                "UPDATE holds SET status = $3, result = $4, settle_fp = $5, resolved_at = $6
+                 WHERE account_id = $1 AND id = $2",
+            )
+            .bind(acct)
+            .bind(hid)
+            .bind(status)
+            .bind(result)
+            .bind(fp)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// What applying a batch needs from a ledger connection, per database.
+trait BatchTarget {
+    /// Whether this transaction may apply the shard now (false: another sidecar is at it).
+    async fn lock_shard(&mut self, key: i64) -> Result<bool, sqlx::Error>;
+    async fn apply(&mut self, batch: Batch, shard: i32) -> Result<(), sqlx::Error>;
+}
+
+impl BatchTarget for sqlx::PgConnection {
+    async fn lock_shard(&mut self, key: i64) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(key)
+            .fetch_one(self)
+            .await
+    }
+    async fn apply(&mut self, batch: Batch, shard: i32) -> Result<(), sqlx::Error> {
+        batch.write_pg(self, shard).await
+    }
+}
+
+impl BatchTarget for sqlx::SqliteConnection {
+    /// One sidecar per SQLite file; within it, [`Ledger::write_lock`] serializes the writers.
+    async fn lock_shard(&mut self, _key: i64) -> Result<bool, sqlx::Error> {
+        Ok(true)
+    }
+    async fn apply(&mut self, batch: Batch, shard: i32) -> Result<(), sqlx::Error> {
+        batch.write_lite(self, shard).await
+    }
+}
+
 /// Drains the outbox streams of every shard into the ledger.
 #[derive(Clone)]
 pub struct SyncWorker {
     ledger: Ledger,
-    redis: RedisStore,
+    redis: Store,
     batch: usize,
     metrics: Arc<Metrics>,
     clock: Arc<dyn crate::clock::Clock>,
@@ -422,7 +575,7 @@ type Entries = Vec<(String, Vec<String>)>;
 impl SyncWorker {
     pub fn new(
         ledger: Ledger,
-        redis: RedisStore,
+        redis: Store,
         batch: usize,
         metrics: Arc<Metrics>,
         clock: Arc<dyn crate::clock::Clock>,
@@ -485,13 +638,13 @@ impl SyncWorker {
         epoch: &str,
         id: &str,
     ) -> Result<bool, SyncError> {
-        let row: Option<(String, String)> = sqlx::query_as(
+        let row: Option<(String, String)> = on_db!(self.ledger.db(), p => sqlx::query_as(
             "SELECT epoch, last_id FROM sync_cursor WHERE prefix = $1 AND shard = $2",
         )
         .bind(self.ledger.prefix())
         .bind(shard as i32)
-        .fetch_optional(self.ledger.pool())
-        .await?;
+        .fetch_optional(p)
+        .await?);
         Ok(
             matches!(row, Some((e, last)) if e == epoch && parse_stream_id(&last) >= parse_stream_id(id)),
         )
@@ -510,35 +663,74 @@ impl SyncWorker {
                 return Ok(0);
             }
         }
-        let mut tx = self.ledger.pool().begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(lock_key(self.ledger.prefix(), shard))
-            .fetch_one(&mut *tx)
+        let _writer = self.ledger.write_lock().await;
+        let applied = on_db!(self.ledger.db(), p => {
+            let mut tx = p.begin().await?;
+            if !tx.lock_shard(lock_key(self.ledger.prefix(), shard)).await? {
+                return Ok(0);
+            }
+            let row: Option<(String, String)> = sqlx::query_as(
+                "SELECT epoch, last_id FROM sync_cursor WHERE prefix = $1 AND shard = $2",
+            )
+            .bind(self.ledger.prefix())
+            .bind(shard as i32)
+            .fetch_optional(&mut *tx)
             .await?;
-        if !locked {
-            return Ok(0);
-        }
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT epoch, last_id FROM sync_cursor WHERE prefix = $1 AND shard = $2",
-        )
-        .bind(self.ledger.prefix())
-        .bind(shard as i32)
-        .fetch_optional(&mut *tx)
-        .await?;
-        // A different epoch means Redis lost the stream: the new one is read from its start.
-        let start = match row {
-            Some((e, last)) if e == epoch => last,
-            _ => "0-0".to_string(),
+            // A different epoch means Redis lost the stream: the new one is read from its start.
+            let start = match row {
+                Some((e, last)) if e == epoch => last,
+                _ => "0-0".to_string(),
+            };
+            let entries = self.read(shard, &start, self.batch).await?;
+            match entries.last().map(|(id, _)| id.clone()) {
+                None => {
+                    tx.commit().await?;
+                    Err(start)
+                }
+                Some(last) => {
+                    let n = entries.len();
+                    tx.apply(self.batch_of(shard, &epoch, entries), shard as i32).await?;
+                    sqlx::query(
+                        "INSERT INTO sync_cursor (prefix, shard, epoch, last_id) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (prefix, shard) DO UPDATE SET epoch = $3, last_id = $4,
+                           updated_at = CURRENT_TIMESTAMP",
+                    )
+                    .bind(self.ledger.prefix())
+                    .bind(shard as i32)
+                    .bind(&epoch)
+                    .bind(&last)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok((n, last))
+                }
+            }
+        });
+        let (n, last) = match applied {
+            Ok(done) => done,
+            Err(start) => {
+                self.remember(shard, epoch, start);
+                return Ok(0);
+            }
         };
-        let entries = self.read(shard, &start, self.batch).await?;
-        let Some(last) = entries.last().map(|(id, _)| id.clone()) else {
-            tx.commit().await?;
-            self.remember(shard, epoch, start);
-            return Ok(0);
-        };
+        self.metrics.sync_events.add(n as u64);
+        // Only now that the rows are durable may the stream forget them.
+        let (ms, seq) = parse_stream_id(&last);
+        let mut conn = self.redis.conn();
+        let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
+            .arg(self.redis.keys.outbox(shard))
+            .arg("MINID")
+            .arg(format!("{ms}-{}", seq + 1))
+            .query_async(&mut conn)
+            .await;
+        self.remember(shard, epoch, last);
+        Ok(n)
+    }
+
+    /// Parses a shard's outbox entries into one batch of ledger rows.
+    fn batch_of(&self, shard: u32, epoch: &str, entries: Entries) -> Batch {
         let now = self.clock.now_ms() as i64;
         let mut batch = Batch::default();
-        let n = entries.len();
         for (id, fields) in entries {
             let payload = fields
                 .chunks(2)
@@ -559,30 +751,7 @@ impl SyncWorker {
                 }
             }
         }
-        batch.write(&mut tx, shard as i32).await?;
-        sqlx::query(
-            "INSERT INTO sync_cursor (prefix, shard, epoch, last_id) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (prefix, shard) DO UPDATE SET epoch = $3, last_id = $4, updated_at = now()",
-        )
-        .bind(self.ledger.prefix())
-        .bind(shard as i32)
-        .bind(&epoch)
-        .bind(&last)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        self.metrics.sync_events.add(n as u64);
-        // Only now that the rows are durable may the stream forget them.
-        let (ms, seq) = parse_stream_id(&last);
-        let mut conn = self.redis.conn();
-        let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
-            .arg(self.redis.keys.outbox(shard))
-            .arg("MINID")
-            .arg(format!("{ms}-{}", seq + 1))
-            .query_async(&mut conn)
-            .await;
-        self.remember(shard, epoch, last);
-        Ok(n)
+        batch
     }
 
     fn remember(&self, shard: u32, epoch: String, last: String) {

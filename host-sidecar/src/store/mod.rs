@@ -1,7 +1,12 @@
-//! The Redis side of the quota engine: key names, the Lua scripts and their replies.
+//! The real-time side of the quota engine: key names, the Lua scripts and their replies.
 //!
 //! Each operation is one EVALSHA of one script, so every decision is atomic: all of a request's
-//! limits and its balance are checked and charged together, or nothing changes. The connection
+//! limits and its balance are checked and charged together, or nothing changes.
+//!
+//! The key space is a Redis server or, when none is configured, the embedded one
+//! (`tollgate-memkv`: an in-process key space that runs the *same* scripts in Lua 5.1, as Redis
+//! does). Both sit behind [`Conn`], a redis-rs connection, so every line of the engine, the sync
+//! worker and the scripts is shared; only where the bytes go differs. With Redis the connection
 //! is a multiplexed `ConnectionManager`: concurrent requests share one socket and are pipelined
 //! by redis-rs, and it reconnects by itself.
 
@@ -166,9 +171,48 @@ pub struct LoadArgs {
     pub holds: Vec<(String, String, String, String, String, i64)>,
 }
 
+/// A connection to the store's key space.
 #[derive(Clone)]
-pub struct RedisStore {
-    conn: ConnectionManager,
+pub enum Conn {
+    Redis(ConnectionManager),
+    Embedded(tollgate_memkv::MemConn),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Redis(c) => c.req_packed_command(cmd),
+            Conn::Embedded(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Redis(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Embedded(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Redis(c) => c.get_db(),
+            Conn::Embedded(c) => c.get_db(),
+        }
+    }
+}
+
+/// The key space and the scripts that decide in it.
+#[derive(Clone)]
+pub struct Store {
+    conn: Conn,
     scripts: Arc<Scripts>,
     pub keys: Keyspace,
 }
@@ -178,7 +222,25 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-impl RedisStore {
+impl Store {
+    /// The embedded key space: nothing to connect to, state lives in this process (and is
+    /// rebuilt from the ledger after a restart, like a Redis that lost its data).
+    pub fn embedded(keys: Keyspace) -> Self {
+        Self {
+            conn: Conn::Embedded(tollgate_memkv::MemKv::new().conn()),
+            scripts: Arc::new(Scripts::new()),
+            keys,
+        }
+    }
+
+    /// `redis` or `embedded`.
+    pub fn kind(&self) -> &'static str {
+        match self.conn {
+            Conn::Redis(_) => "redis",
+            Conn::Embedded(_) => "embedded",
+        }
+    }
+
     pub async fn connect(url: &str, keys: Keyspace) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
@@ -187,13 +249,13 @@ impl RedisStore {
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client, cfg).await?;
         Ok(Self {
-            conn,
+            conn: Conn::Redis(conn),
             scripts: Arc::new(Scripts::new()),
             keys,
         })
     }
 
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> Conn {
         self.conn.clone()
     }
 

@@ -1,7 +1,11 @@
-//! Test environment: real Redis and real PostgreSQL (the ones on this machine, or the URLs in
-//! TOLLGATE_TEST_REDIS_URL / TOLLGATE_TEST_DATABASE_URL). Every environment gets its own
-//! database and Redis key prefix, so tests run in parallel and never see each other's state.
-//! Time is a `ManualClock` the test moves.
+//! Test environment, on either store ([`Backend`]): real Redis and real PostgreSQL (the ones on
+//! this machine, or the URLs in TOLLGATE_TEST_REDIS_URL / TOLLGATE_TEST_DATABASE_URL), or the
+//! embedded store with an SQLite ledger in a temporary file. Every environment gets its own
+//! database and key prefix, so tests run in parallel and never see each other's state. Time is a
+//! `ManualClock` the test moves.
+//!
+//! [`conformance!`] runs a test once per backend: the embedded store must behave exactly like
+//! Redis + PostgreSQL, and this is what keeps it so.
 
 #![allow(dead_code)]
 
@@ -42,6 +46,42 @@ requests = 10
 tokens = 1
 "#;
 
+/// Which store and ledger an environment runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    RedisPostgres,
+    /// The in-process key space (the same Lua scripts) and an SQLite ledger.
+    Embedded,
+}
+
+/// Defines each test once per [`Backend`], in modules `redis_postgres` and `embedded`:
+/// `conformance! { async fn name(backend: Backend) { ... } }`.
+#[macro_export]
+macro_rules! conformance {
+    ($( $(#[$meta:meta])* async fn $name:ident($b:ident: Backend) $body:block )*) => {
+        mod redis_postgres {
+            #[allow(unused_imports)]
+            use super::*;
+            $( $(#[$meta])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let $b = $crate::common::Backend::RedisPostgres;
+                $body
+            } )*
+        }
+        mod embedded {
+            #[allow(unused_imports)]
+            use super::*;
+            $( $(#[$meta])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let $b = $crate::common::Backend::Embedded;
+                $body
+            } )*
+        }
+    };
+}
+
 pub fn redis_url() -> String {
     std::env::var("TOLLGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -78,13 +118,27 @@ pub struct Env {
     pub prefix: String,
     pub db: String,
     pub cfg: Config,
+    pub backend: Backend,
+    /// A redis-server of this environment's own (for tests that flush or restart Redis).
+    pub private_redis: Option<PrivateRedis>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.backend == Backend::Embedded {
+            let path = &self.cfg.postgres.sqlite_path;
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{path}{suffix}"));
+            }
+        }
+    }
 }
 
 pub fn config(extra: &str, prefix: &str, db_url: &str, redis: &str) -> Config {
     let mut cfg = Config::from_toml(&format!("{CONFIG}\n{extra}")).expect("test config");
     cfg.redis.key_prefix = prefix.to_string();
-    cfg.redis.url = redis.to_string();
-    cfg.postgres.url = db_url.to_string();
+    cfg.redis.url = Some(redis.to_string());
+    cfg.postgres.url = Some(db_url.to_string());
     cfg.postgres.max_connections = 16;
     cfg.server.admin_token = Some(ADMIN.to_string());
     cfg
@@ -97,9 +151,43 @@ impl Env {
 
     /// `extra` TOML is appended to [`CONFIG`] (e.g. more `[server]`-less sections).
     pub async fn with(instances: usize, extra: &str, redis: &str) -> Env {
+        Self::build(Backend::RedisPostgres, instances, extra, redis, None).await
+    }
+
+    /// `instances` sidecars on `backend`. On the embedded store they share one key space and
+    /// one ledger file, as sidecars share one Redis and one PostgreSQL.
+    pub async fn on(backend: Backend, instances: usize) -> Env {
+        Self::build(backend, instances, "", &redis_url(), None).await
+    }
+
+    /// Like [`Env::on`], with a Redis of its own that [`Env::flushall`] may wipe.
+    pub async fn isolated(backend: Backend, instances: usize) -> Env {
+        let private = match backend {
+            Backend::RedisPostgres => Some(PrivateRedis::start().await),
+            Backend::Embedded => None,
+        };
+        let url = private.as_ref().map_or_else(redis_url, |r| r.url.clone());
+        Self::build(backend, instances, "", &url, private).await
+    }
+
+    async fn build(
+        backend: Backend,
+        instances: usize,
+        extra: &str,
+        redis: &str,
+        private_redis: Option<PrivateRedis>,
+    ) -> Env {
         let prefix = unique("tgt");
         let db = prefix.clone();
-        let cfg = config(extra, &prefix, &format!("{}/{db}", pg_base()), redis);
+        let mut cfg = config(extra, &prefix, &format!("{}/{db}", pg_base()), redis);
+        if backend == Backend::Embedded {
+            cfg.redis.url = None;
+            cfg.postgres.url = None;
+            cfg.postgres.sqlite_path = std::env::temp_dir()
+                .join(format!("{prefix}.sqlite"))
+                .to_string_lossy()
+                .into_owned();
+        }
         let clock = ManualClock::new(NOON);
         let mut env = Env {
             clock,
@@ -108,6 +196,8 @@ impl Env {
             prefix,
             db,
             cfg,
+            backend,
+            private_redis,
         };
         for _ in 0..instances {
             env.add_sidecar().await;
@@ -115,10 +205,36 @@ impl Env {
         env
     }
 
+    /// The store loses everything (Redis FLUSHALL; the embedded key space the same).
+    pub async fn flushall(&self) {
+        match &self.private_redis {
+            Some(r) => r.flushall().await,
+            None => {
+                assert_eq!(
+                    self.backend,
+                    Backend::Embedded,
+                    "flushall needs Env::isolated"
+                );
+                let mut c = self.engine().store.conn();
+                let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+            }
+        }
+    }
+
     pub async fn add_sidecar(&mut self) {
-        let engine = tollgate_sidecar::build_engine(self.cfg.clone(), Arc::new(self.clock.clone()))
-            .await
-            .expect("sidecar starts");
+        let clock = Arc::new(self.clock.clone());
+        let engine = match (self.backend, self.sidecars.first()) {
+            (Backend::Embedded, Some(first)) => tollgate_sidecar::engine_on(
+                self.cfg.clone(),
+                clock,
+                first.engine.store.clone(),
+                first.engine.ledger.clone(),
+            )
+            .expect("sidecar starts"),
+            _ => tollgate_sidecar::build_engine(self.cfg.clone(), clock)
+                .await
+                .expect("sidecar starts"),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let e = engine.clone();
@@ -249,17 +365,13 @@ impl Env {
         while e.sync.sync_all().await.expect("sync") > 0 {}
     }
 
-    pub async fn pg_i64(&self, sql: &str, acct: &str) -> i64 {
-        sqlx::query_scalar::<_, Option<i64>>(sql)
-            .bind(acct)
-            .fetch_one(self.engine().ledger.pool())
-            .await
-            .expect("query")
-            .unwrap_or(0)
+    /// A count or sum over one account's ledger rows (`$1`); the SQL must suit both dialects.
+    pub async fn sql_i64(&self, sql: &str, acct: &str) -> i64 {
+        self.engine().ledger.scalar(sql, acct).await.expect("query")
     }
 
     pub async fn ledger_rows(&self, acct: &str) -> i64 {
-        self.pg_i64("SELECT count(*) FROM ledger WHERE account_id = $1", acct)
+        self.sql_i64("SELECT count(*) FROM ledger WHERE account_id = $1", acct)
             .await
     }
 }

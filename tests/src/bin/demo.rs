@@ -1,6 +1,8 @@
 //! `tollgate-demo` (run it with `./tg demo`): the whole product on one machine, end to end.
 //!
-//! Starts the sidecar (against local Redis and PostgreSQL, on a fresh key prefix and database),
+//! Starts the sidecar — by default on the embedded store and an SQLite ledger in a fresh temporary
+//! file, so nothing else needs to run; with `TOLLGATE_REDIS_URL` and `TOLLGATE_DEMO_DATABASE_URL`
+//! (a server URL without a database) on Redis and PostgreSQL, on a fresh key prefix and database —
 //! a mock OpenAI-style upstream, and a real Envoy with the compiled filter; creates a plan, two
 //! accounts and their keys; sends traffic through Envoy with a line per request; shows requests
 //! allowed, then 429 when the daily request limit is hit, then 402 when credits run out
@@ -64,24 +66,33 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     let short = std::env::args().any(|a| a == "--short");
-    let redis =
-        std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let pg = std::env::var("TOLLGATE_DEMO_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let redis = var("TOLLGATE_REDIS_URL");
+    let pg = var("TOLLGATE_DEMO_DATABASE_URL");
     let run = tollgate_sidecar::apikey::new_id("demo");
+    let sqlite = std::env::temp_dir().join(format!("tollgate_{run}.sqlite"));
 
     println!("== Tollgate demo ({run})");
     let mut cfg = Config::from_toml(SIDECAR)?;
     cfg.redis.url = redis.clone();
     cfg.redis.key_prefix = run.clone();
-    cfg.postgres.url = format!("{pg}/tollgate_{run}");
+    cfg.postgres.url = pg.as_ref().map(|pg| format!("{pg}/tollgate_{run}"));
+    cfg.postgres.sqlite_path = sqlite.to_string_lossy().into_owned();
+    let store = match &redis {
+        Some(url) => format!("Redis {url}"),
+        None => "embedded store".to_string(),
+    };
+    let ledger = match &cfg.postgres.url {
+        Some(_) => format!("PostgreSQL database tollgate_{run}"),
+        None => format!("SQLite {}", sqlite.display()),
+    };
     cfg.server.admin_token = Some(format!("{run}-admin-token"));
     let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;
     let _background = tollgate_sidecar::spawn_background(&engine);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sidecar_port = listener.local_addr()?.port();
     tokio::spawn(tollgate_sidecar::serve(engine.clone(), listener));
-    println!("   sidecar   127.0.0.1:{sidecar_port}  (Redis {redis}, PostgreSQL database tollgate_{run})");
+    println!("   sidecar   127.0.0.1:{sidecar_port}  ({store}, ledger in {ledger})");
     let upstream = wasm_host::mock::start().await?;
     println!("   upstream  127.0.0.1:{upstream}  (mock OpenAI chat API)");
     let envoy = Envoy::start(
@@ -256,7 +267,12 @@ async fn run() -> anyhow::Result<()> {
     println!("demo: ok");
 
     drop(envoy);
-    engine.ledger.pool().close().await;
-    println!("(data: PostgreSQL database tollgate_{run}, Redis prefix {run}; ./tg demo removes it afterwards)");
+    engine.ledger.close().await;
+    if pg.is_none() {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", sqlite.display()));
+        }
+    }
+    println!("(data: {ledger}, key prefix {run}; removed afterwards)");
     Ok(())
 }
