@@ -62,10 +62,30 @@ impl Envoy {
         wasm: &str,
         filter_config: &str,
     ) -> Result<Envoy> {
-        let template = std::fs::read_to_string(format!(
+        Self::start_with(upstream_port, sidecar_port, Some((wasm, filter_config)))
+    }
+
+    /// Starts Envoy with a wasm filter, or with none (`None`: plain passthrough).
+    pub fn start_with(
+        upstream_port: u16,
+        sidecar_port: u16,
+        filter: Option<(&str, &str)>,
+    ) -> Result<Envoy> {
+        let mut template = std::fs::read_to_string(format!(
             "{}/../envoy/envoy.tmpl.yaml",
             env!("CARGO_MANIFEST_DIR")
         ))?;
+        if filter.is_none() {
+            let (begin, end) = (
+                template.find("# @FILTER-BEGIN@"),
+                template.find("# @FILTER-END@"),
+            );
+            let (Some(b), Some(e)) = (begin, end) else {
+                bail!("envoy.tmpl.yaml lost its @FILTER-BEGIN@/@FILTER-END@ markers");
+            };
+            template.replace_range(b..e, "");
+        }
+        let (wasm, filter_config) = filter.unwrap_or(("", "{}"));
         let (port, admin_port) = (free_port(), free_port());
         let yaml = template
             .replace("@ADMIN_PORT@", &admin_port.to_string())
@@ -131,6 +151,21 @@ impl Envoy {
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .and_then(|v| v.trim().parse().ok())
     }
+}
+
+impl Envoy {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Peak resident memory of a process (`VmHWM`), in KiB; None once it is gone.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 impl Drop for Envoy {

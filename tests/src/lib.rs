@@ -14,6 +14,7 @@
 pub mod envoy;
 pub mod load;
 pub mod mock;
+pub mod sidecar;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::HashMap;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tollgate_sidecar::clock::SystemClock;
 use tollgate_sidecar::config::Config;
 use wasm_host::envoy::Envoy;
+use wasm_host::sidecar::SidecarProcess;
 
 const SIDECAR: &str = r#"
 meters = ["requests", "input_tokens", "output_tokens"]
@@ -338,6 +339,8 @@ async fn through_envoy_with_the_sidecar_down_each_route_fails_its_own_way() {
     assert_eq!(envoy.stat("wasmcustom.tollgate.failed_open"), Some(1));
 }
 
+const ADMIN_TOKEN: &str = "e2e-admin-token-xxxx";
+
 /// The real sidecar binary (built by `cargo test` for the host-sidecar package's own tests, and
 /// explicitly by `./tg test`; `TOLLGATE_SIDECAR_BIN` points elsewhere).
 fn sidecar_binary() -> std::path::PathBuf {
@@ -359,61 +362,24 @@ fn sidecar_binary() -> std::path::PathBuf {
     bin
 }
 
-/// A sidecar process, killed with SIGKILL (kill -9) when dropped or asked to.
-struct SidecarProcess {
-    child: std::process::Child,
+/// The environment that points a sidecar process at `cfg`'s store and ledger.
+fn env_of(cfg: &Config) -> Vec<(String, String)> {
+    vec![
+        ("TOLLGATE_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+        (
+            "TOLLGATE_SQLITE_PATH".into(),
+            cfg.postgres.sqlite_path.clone(),
+        ),
+        (
+            "TOLLGATE_REDIS_URL".into(),
+            cfg.redis.url.clone().unwrap_or_default(),
+        ),
+        (
+            "TOLLGATE_DATABASE_URL".into(),
+            cfg.postgres.url.clone().unwrap_or_default(),
+        ),
+    ]
 }
-
-impl SidecarProcess {
-    async fn start(config: &std::path::Path, cfg: &Config, port: u16) -> SidecarProcess {
-        let mut cmd = std::process::Command::new(sidecar_binary());
-        cmd.arg("--config")
-            .arg(config)
-            .env("TOLLGATE_LISTEN", format!("127.0.0.1:{port}"))
-            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("TOLLGATE_SQLITE_PATH", &cfg.postgres.sqlite_path)
-            .env(
-                "TOLLGATE_REDIS_URL",
-                cfg.redis.url.clone().unwrap_or_default(),
-            )
-            .env(
-                "TOLLGATE_DATABASE_URL",
-                cfg.postgres.url.clone().unwrap_or_default(),
-            )
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null());
-        let child = cmd.spawn().expect("the sidecar binary starts");
-        let me = SidecarProcess { child };
-        let http = reqwest::Client::new();
-        for _ in 0..200 {
-            if let Ok(r) = http
-                .get(format!("http://127.0.0.1:{port}/readyz"))
-                .send()
-                .await
-            {
-                if r.status() == 200 {
-                    return me;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the sidecar did not become ready on port {port}");
-    }
-
-    fn kill9(&mut self) {
-        // std's kill() is SIGKILL: no shutdown path runs.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for SidecarProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-const ADMIN_TOKEN: &str = "e2e-admin-token-xxxx";
 
 /// What the ledger of `acct` holds: (holds, commits) and the requests counted today.
 async fn ledger_counts(http: &reqwest::Client, base: &str, acct: &str) -> (usize, usize) {
@@ -467,7 +433,7 @@ async fn sidecar_killed_and_back(backend: Backend) {
         .build()
         .unwrap();
 
-    let mut sidecar = SidecarProcess::start(&config, &cfg, port).await;
+    let mut sidecar = SidecarProcess::start(&sidecar_binary(), &config, &env_of(&cfg), port).await;
     let admin = |path: &str, body: Value| {
         http.post(format!("{base}{path}"))
             .bearer_auth(ADMIN_TOKEN)
@@ -547,7 +513,7 @@ async fn sidecar_killed_and_back(backend: Backend) {
     }
 
     // Back on the same address: enforcement resumes where it stopped.
-    let _sidecar = SidecarProcess::start(&config, &cfg, port).await;
+    let _sidecar = SidecarProcess::start(&sidecar_binary(), &config, &env_of(&cfg), port).await;
     let mut allowed = 0;
     let mut last = 0;
     for _ in 0..limit {

@@ -1,0 +1,436 @@
+//! `tollgate-sidebyside` (run it with `./tg bench`): every setup of BENCHMARKS.md started in one
+//! run on this machine, driven with the same load, and printed side by side. On a 2-core machine
+//! everything (Envoy, the sidecar, Redis, PostgreSQL, the upstream and the load generator) shares
+//! the cores, so the ratios measured in one run are the numbers that mean something.
+//!
+//! Setups, each behind Envoy 1.40 (V8, `--concurrency 1`, the same `envoy/envoy.tmpl.yaml`):
+//! 1. passthrough (no filter);
+//! 2. the no-op callout filter (`filter/examples/noop_callout.rs`: one callout per request to a
+//!    trivial HTTP/2 server) — the ceiling for any design with a callout per request;
+//! 3. Tollgate, full enforcement: filter + sidecar process + Redis + PostgreSQL sync, one key per
+//!    connection, then every connection on one key (hot key);
+//! 4. Tollgate on the embedded store and SQLite ledger.
+//!
+//! Options: --seconds N (10) --connections N (32) --filter PATH --noop PATH --sidecar PATH
+//! (the release binaries `./tg bench` builds). Redis and PostgreSQL: TOLLGATE_REDIS_URL
+//! (redis://127.0.0.1:6379), TOLLGATE_BENCH_DATABASE_URL (postgres://postgres@127.0.0.1:5432);
+//! a fresh key prefix and database per run, removed afterwards.
+
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use wasm_host::envoy::{free_port, peak_rss_kib, Envoy};
+use wasm_host::load::{self, Load, Outcome};
+use wasm_host::sidecar::SidecarProcess;
+
+const ADMIN: &str = "bench-admin-token-0123456789";
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn sidecar_toml(prefix: &str) -> String {
+    format!(
+        r#"
+meters = ["requests", "input_tokens", "output_tokens"]
+[server]
+listen = "127.0.0.1:0"
+shards = 16
+[redis]
+key_prefix = "{prefix}"
+[plans.bench]
+limits = [
+  {{ meter = "requests", window = "minute", max = 1000000000 }},
+  {{ meter = "output_tokens", window = "day", max = 1000000000000 }},
+]
+[prices.chat]
+requests = 1
+input_tokens = 1
+output_tokens = 1
+"#
+    )
+}
+
+/// Tollgate's filter configuration for the benchmark route: the estimate from the request body,
+/// the usage from the JSON response (the realistic LLM-gateway path).
+fn filter_config() -> String {
+    json!({
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 1000},
+        "deadline_ms": 1000,
+        "key": {"header": "x-api-key"},
+        "routes": [{
+            "name": "chat", "method": "POST", "path_prefix": "/v1/chat/",
+            "charges": {"requests": {"fixed": 1}, "input_tokens": {"fixed": 0},
+                        "output_tokens": {"body_field": "max_tokens", "default": 64, "cap": 1000}},
+            "usage": {"source": "body"}, "model_field": "model"
+        }]
+    })
+    .to_string()
+}
+
+/// A trivial HTTP/2 (h2c) server: `POST /noop` answers `{}`. The no-op filter's callout target.
+async fn trivial_server() -> Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let app = axum::Router::new().route("/noop", axum::routing::post(|| async { "{}" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(port)
+}
+
+struct Row {
+    name: String,
+    out: Outcome,
+    envoy_kib: Option<u64>,
+    sidecar_kib: Option<u64>,
+    extra: String,
+}
+
+fn body() -> Bytes {
+    Bytes::from_static(
+        br#"{"model":"gpt-4o-mini","max_tokens":32,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+}
+
+/// Closed-loop load (as fast as it goes) after a short warm-up.
+async fn drive(port: u16, conns: usize, secs: u64, keys: &Arc<Vec<String>>) -> Outcome {
+    let k = keys.clone();
+    let mk = |secs: u64, rate: Option<u64>| Load {
+        port,
+        method: "POST",
+        path: "/v1/chat/completions".into(),
+        body: body(),
+        connections: conns,
+        duration: Duration::from_secs(secs),
+        rate,
+        headers: {
+            let k = k.clone();
+            Arc::new(move |i| {
+                let mut h = vec![("content-type".to_string(), "application/json".to_string())];
+                if !k.is_empty() {
+                    h.push(("x-api-key".into(), k[i % k.len()].clone()));
+                }
+                h
+            })
+        },
+    };
+    load::run(mk(1, None)).await; // warm-up: connections, caches, V8 tiers
+    load::run(mk(secs, None)).await
+}
+
+/// Open-loop load at `rate` requests/s (latency at a given load).
+async fn paced(port: u16, conns: usize, secs: u64, rate: u64, keys: &Arc<Vec<String>>) -> Outcome {
+    let k = keys.clone();
+    load::run(Load {
+        port,
+        method: "POST",
+        path: "/v1/chat/completions".into(),
+        body: body(),
+        connections: conns,
+        duration: Duration::from_secs(secs),
+        rate: Some(rate),
+        headers: Arc::new(move |i| {
+            let mut h = vec![("content-type".to_string(), "application/json".to_string())];
+            if !k.is_empty() {
+                h.push(("x-api-key".into(), k[i % k.len()].clone()));
+            }
+            h
+        }),
+    })
+    .await
+}
+
+async fn redis_commands(url: &str) -> u64 {
+    let Ok(client) = redis::Client::open(url) else {
+        return 0;
+    };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+        return 0;
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A sidecar process on `store` with `conns` accounts and keys, credits for the whole run.
+struct Tollgate {
+    process: SidecarProcess,
+    port: u16,
+    keys: Vec<String>,
+    dir: PathBuf,
+}
+
+async fn start_tollgate(
+    binary: &Path,
+    prefix: &str,
+    env: Vec<(String, String)>,
+    accounts: usize,
+) -> Result<Tollgate> {
+    let dir = std::env::temp_dir().join(format!("{prefix}.d"));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("sidecar.toml");
+    std::fs::write(&config, sidecar_toml(prefix))?;
+    let port = free_port();
+    let mut env = env;
+    env.push(("TOLLGATE_ADMIN_TOKEN".into(), ADMIN.into()));
+    env.push((
+        "TOLLGATE_SQLITE_PATH".into(),
+        dir.join("ledger.sqlite").display().to_string(),
+    ));
+    let process = SidecarProcess::start(binary, &config, &env, port).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut keys = Vec::new();
+    for i in 0..accounts {
+        let id = format!("bench-{i}");
+        let post = |path: String, body: Value| {
+            http.post(format!("{base}{path}"))
+                .bearer_auth(ADMIN)
+                .json(&body)
+                .send()
+        };
+        let r = post("/admin/accounts".into(), json!({"id": id, "plan": "bench"})).await?;
+        if !r.status().is_success() {
+            bail!("create account: {}", r.text().await?);
+        }
+        let k: Value = post(format!("/admin/accounts/{id}/keys"), json!({}))
+            .await?
+            .json()
+            .await?;
+        keys.push(
+            k["api_key"]
+                .as_str()
+                .context("no api_key in the answer")?
+                .to_string(),
+        );
+        post(
+            format!("/admin/accounts/{id}/grants"),
+            json!({"grant_id": "bench", "amount": 1_000_000_000_000u64}),
+        )
+        .await?;
+    }
+    Ok(Tollgate {
+        process,
+        port,
+        keys,
+        dir,
+    })
+}
+
+/// Sync lag quantiles from the sidecar's Prometheus histogram (bucket upper bounds, ms).
+async fn sync_lag(port: u16) -> String {
+    let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return "?".into();
+    };
+    let text = r.text().await.unwrap_or_default();
+    let buckets: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tollgate_sync_lag_milliseconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, n) = l.split_once("\"} ")?;
+            Some((le.to_string(), n.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let q = |p: f64| {
+        buckets
+            .iter()
+            .find(|(_, n)| *n >= total * p)
+            .map_or("?".to_string(), |(le, _)| format!("≤{le}"))
+    };
+    format!("sync lag p50 {} / p99 {} ms", q(0.5), q(0.99))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let secs: u64 = arg("--seconds").and_then(|v| v.parse().ok()).unwrap_or(10);
+    let conns: usize = arg("--connections")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let filter = arg("--filter").context("--filter PATH (tollgate_filter.wasm)")?;
+    let noop = arg("--noop").context("--noop PATH (noop_callout.wasm)")?;
+    let sidecar = PathBuf::from(arg("--sidecar").context("--sidecar PATH (release binary)")?);
+    let redis_url =
+        std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let pg = std::env::var("TOLLGATE_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let run = tollgate_sidecar::apikey::new_id("bench");
+    println!(
+        "tollgate-sidebyside: {secs}s per setup, {conns} connections, closed loop (each connection \
+         sends its next request when the last is answered); Envoy --concurrency 1"
+    );
+    let upstream = wasm_host::mock::start().await?;
+    let none = Arc::new(Vec::<String>::new());
+    let mut rows: Vec<Row> = Vec::new();
+
+    // 1. Passthrough.
+    let envoy = Envoy::start_with(upstream, free_port(), None)?;
+    let out = drive(envoy.port, conns, secs, &none).await;
+    let passthrough_rps = out.per_second();
+    let half = (passthrough_rps / 2.0) as u64;
+    let paced_pass = paced(envoy.port, conns, secs, half, &none).await;
+    rows.push(Row {
+        name: "1. Envoy passthrough".into(),
+        out,
+        envoy_kib: peak_rss_kib(envoy.pid()),
+        sidecar_kib: None,
+        extra: String::new(),
+    });
+    drop(envoy);
+
+    // 2. No-op callout filter.
+    let trivial = trivial_server().await?;
+    let envoy = Envoy::start_with(upstream, trivial, Some((&noop, "{}")))?;
+    let out = drive(envoy.port, conns, secs, &none).await;
+    rows.push(Row {
+        name: "2. Envoy + no-op callout filter".into(),
+        out,
+        envoy_kib: peak_rss_kib(envoy.pid()),
+        sidecar_kib: None,
+        extra: String::new(),
+    });
+    drop(envoy);
+
+    // 3. Full enforcement on Redis + PostgreSQL; 4. the embedded store.
+    let mut paced_full = None;
+    let db = format!("tollgate_{run}");
+    for (label, env) in [
+        (
+            "redis",
+            vec![
+                ("TOLLGATE_REDIS_URL".to_string(), redis_url.clone()),
+                ("TOLLGATE_DATABASE_URL".to_string(), format!("{pg}/{db}")),
+            ],
+        ),
+        (
+            "embedded",
+            vec![
+                ("TOLLGATE_REDIS_URL".to_string(), String::new()),
+                ("TOLLGATE_DATABASE_URL".to_string(), String::new()),
+            ],
+        ),
+    ] {
+        let prefix = format!("{run}_{label}");
+        let tg = start_tollgate(&sidecar, &prefix, env, conns).await?;
+        let envoy = Envoy::start_with(upstream, tg.port, Some((&filter, &filter_config())))?;
+        let keys = Arc::new(tg.keys.clone());
+        let hot = Arc::new(vec![tg.keys[0].clone()]);
+        let cmds_before = redis_commands(&redis_url).await;
+        let out = drive(envoy.port, conns, secs, &keys).await;
+        let cmds = redis_commands(&redis_url).await.saturating_sub(cmds_before);
+        let per_req = if label == "redis" {
+            format!(
+                "; Redis commands/request {:.1}",
+                cmds as f64 / out.requests().max(1) as f64
+            )
+        } else {
+            String::new()
+        };
+        let name = if label == "redis" {
+            "3. Tollgate (Redis + PostgreSQL), key per connection"
+        } else {
+            "4. Tollgate (embedded store + SQLite), key per connection"
+        };
+        let lag = sync_lag(tg.port).await;
+        rows.push(Row {
+            name: name.into(),
+            out,
+            envoy_kib: peak_rss_kib(envoy.pid()),
+            sidecar_kib: peak_rss_kib(tg.process.pid()),
+            extra: format!("{lag}{per_req}"),
+        });
+        let out = drive(envoy.port, conns, secs, &hot).await;
+        rows.push(Row {
+            name: format!(
+                "{}, hot key",
+                if label == "redis" {
+                    "3b. Tollgate (Redis + PostgreSQL)"
+                } else {
+                    "4b. Tollgate (embedded)"
+                }
+            ),
+            out,
+            envoy_kib: peak_rss_kib(envoy.pid()),
+            sidecar_kib: peak_rss_kib(tg.process.pid()),
+            extra: String::new(),
+        });
+        if label == "redis" {
+            paced_full = Some(paced(envoy.port, conns, secs, half, &keys).await);
+        }
+        drop(envoy);
+        let dir = tg.dir.clone();
+        drop(tg);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    println!();
+    println!("| setup | requests/s | p50 ms | p99 ms | p99.9 ms | errors | Envoy peak RSS MiB | sidecar peak RSS MiB | notes |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mib = |k: Option<u64>| k.map_or("-".to_string(), |k| format!("{:.0}", k as f64 / 1024.0));
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            r.name,
+            r.out.per_second(),
+            r.out.pct_ms(0.5),
+            r.out.pct_ms(0.99),
+            r.out.pct_ms(0.999),
+            r.out.not(200),
+            mib(r.envoy_kib),
+            mib(r.sidecar_kib),
+            r.extra
+        );
+    }
+    let rps = |i: usize| rows.get(i).map_or(0.0, |r| r.out.per_second());
+    println!();
+    println!(
+        "ratios: full/passthrough (3/1) {:.2}, full/no-op callout (3/2) {:.2}, embedded/full (4/3) {:.2}",
+        rps(2) / rps(0).max(1.0),
+        rps(2) / rps(1).max(1.0),
+        rps(4) / rps(2).max(1.0)
+    );
+    if let Some(full) = paced_full {
+        println!(
+            "at half the passthrough maximum ({half} req/s, open loop): passthrough p99 {:.2} ms, \
+             Tollgate p99 {:.2} ms — added p99 {:.2} ms (errors {} / {})",
+            paced_pass.pct_ms(0.99),
+            full.pct_ms(0.99),
+            full.pct_ms(0.99) - paced_pass.pct_ms(0.99),
+            paced_pass.not(200),
+            full.not(200)
+        );
+    }
+
+    // Leave nothing behind.
+    if let Ok(client) = redis::Client::open(redis_url.as_str()) {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{run}_*"))
+                .query_async(&mut c)
+                .await
+                .unwrap_or_default();
+            for chunk in keys.chunks(1000) {
+                let _: redis::RedisResult<()> =
+                    redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
+            }
+        }
+    }
+    if let Ok(admin) = sqlx::PgPool::connect(&format!("{pg}/postgres")).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .execute(&admin)
+            .await;
+    }
+    Ok(())
+}
