@@ -1,17 +1,24 @@
 //! Glob matching for `KEYS` and `CONFIG GET`: a port of Redis' `stringmatchlen` (`*`, `?`,
 //! `[abc]`, `[^a]`, `[a-z]`, `\` escapes), so patterns match the same keys as in Redis.
+//! Like newer Redis versions, a pattern nesting more than 1000 `*` matches nothing, so a
+//! hostile pattern cannot exhaust the stack.
 
 /// Whether `s` matches the glob `pattern` (case-sensitive).
 pub fn matches(pattern: &[u8], s: &[u8]) -> bool {
     let mut skip_longer = false;
-    match_impl(pattern, s, &mut skip_longer)
+    match_impl(pattern, s, &mut skip_longer, 0)
 }
+
+const MAX_NESTING: usize = 1000;
 
 fn at(b: &[u8], i: usize) -> u8 {
     b.get(i).copied().unwrap_or(0)
 }
 
-fn match_impl(pat: &[u8], s: &[u8], skip_longer: &mut bool) -> bool {
+fn match_impl(pat: &[u8], s: &[u8], skip_longer: &mut bool, nesting: usize) -> bool {
+    if nesting > MAX_NESTING {
+        return false;
+    }
     let (mut p, mut i) = (0usize, 0usize);
     while p < pat.len() && i < s.len() {
         match pat[p] {
@@ -23,7 +30,7 @@ fn match_impl(pat: &[u8], s: &[u8], skip_longer: &mut bool) -> bool {
                     return true;
                 }
                 while i < s.len() {
-                    if match_impl(&pat[p + 1..], &s[i..], skip_longer) {
+                    if match_impl(&pat[p + 1..], &s[i..], skip_longer, nesting + 1) {
                         return true;
                     }
                     if *skip_longer {
@@ -124,5 +131,7 @@ mod tests {
         assert!(!matches(b"*", b""));
         assert!(!matches(b"abc", b"ab"));
         assert!(matches(b"tg:*:x", b"tg:1:2:x"));
+        let hostile = "a*".repeat(5000);
+        assert!(!matches(hostile.as_bytes(), "a".repeat(6000).as_bytes()));
     }
 }

@@ -18,6 +18,29 @@
 //! the same `RedisError` (kind `ResponseError` for `ERR`, `NoScriptError` for `NOSCRIPT`, an
 //! extension error with code `WRONGTYPE` for type errors, ...).
 //!
+//! Commands: GET, SET (NX, XX, GET, EX, PX, EXAT, PXAT, KEEPTTL), SETNX, INCRBY, INCR, DECR,
+//! DECRBY, DEL, EXISTS, PEXPIRE, EXPIRE (NX, XX, GT, LT), PTTL, TTL; HGET, HMGET, HSET, HDEL,
+//! HINCRBY, HGETALL, HLEN, HEXISTS; ZADD (NX, XX, GT, LT, CH, INCR), ZREM, ZRANGE (by rank or
+//! BYSCORE, REV, LIMIT, WITHSCORES), ZRANGEBYSCORE, ZCARD, ZSCORE; XADD (NOMKSTREAM, MAXLEN,
+//! MINID), XRANGE, XREVRANGE, XTRIM, XLEN, XDEL; PING, FLUSHALL, FLUSHDB, DBSIZE, KEYS, TYPE,
+//! CONFIG GET, INFO, TIME; EVAL, EVALSHA, EVAL_RO, EVALSHA_RO, SCRIPT LOAD / EXISTS / FLUSH.
+//! Pipelines run in order; atomic pipelines (MULTI/EXEC) run under one lock.
+//!
+//! Where it differs from Redis 7.0 (everything else is checked reply for reply against a real
+//! Redis by the tests in `tests/`):
+//! - KEYS answers sorted (Redis: hash-table order); HGETALL answers in insertion order, which
+//!   is Redis' order only for hashes it keeps as listpacks (≤ 128 fields of ≤ 64 bytes).
+//! - Stream trimming with `~` trims exactly (Redis may keep a few more entries).
+//! - ZRANGE BYLEX, CONFIG SET/HELP, SCRIPT KILL, MULTI/EXEC sent as separate commands, and any
+//!   command not listed above answer an error.
+//! - Lua: no `bit`, `struct` or `cmsgpack` libraries, no cjson configuration functions;
+//!   `math.random` is Lua's own; `redis.setresp(3)` is refused (RESP2 only); `redis.log` and
+//!   `redis.set_repl` are validated and ignored; `getmetatable` of a protected table (such as
+//!   `_G`) is false.
+//! - A script running over 5 s is aborted with an error (Redis would answer BUSY to everyone
+//!   until SCRIPT KILL); an error table without a message (`error({})`) answers
+//!   `ERR unknown error` (Redis 7.0.15 crashes).
+//!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use redis::AsyncCommands;

@@ -104,15 +104,31 @@ async fn runaway_script_is_aborted() {
     let mut conn = kv.conn();
     let started = std::time::Instant::now();
     let r: redis::RedisResult<i64> = redis::cmd("EVAL")
-        .arg("redis.call('SET', KEYS[1], 'before')\nwhile true do pcall(function() while true do end end) end")
+        .arg(
+            "redis.call('SET', KEYS[1], 'before')
+            while true do
+              pcall(function() while true do end end)
+              xpcall(function() while true do end end, function(e) return e end)
+              coroutine.resume(coroutine.create(function() while true do end end))
+            end",
+        )
         .arg(1)
         .arg("k")
         .query_async(&mut conn)
         .await;
     let e = r.expect_err("aborted");
+    println!("{e}");
     assert_eq!(e.kind(), redis::ErrorKind::ResponseError);
-    assert!(e.to_string().contains("script aborted after running for more than 5 s"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("script aborted after running for more than 5 s"),
+        "{e}"
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
-    let v: String = redis::cmd("GET").arg("k").query_async(&mut conn).await.expect("get");
+    let v: String = redis::cmd("GET")
+        .arg("k")
+        .query_async(&mut conn)
+        .await
+        .expect("get");
     assert_eq!(v, "before");
 }

@@ -108,20 +108,18 @@ impl ScriptEngine {
             mlua::LuaOptions::default(),
         )?;
         let sandbox = sandbox::build(&lua)?;
-        lua.set_global_hook(mlua::HookTriggers::new().every_nth_instruction(CHECK_EVERY), |lua, _| {
-            let overdue = lua
-                .try_app_data_ref::<ScriptCtx>()
-                .ok()
-                .flatten()
-                .is_some_and(|ctx| ctx.started.elapsed() > TIME_LIMIT);
-            if overdue {
-                return Err(mlua::Error::runtime(format!(
-                    "script aborted after running for more than {} s",
-                    TIME_LIMIT.as_secs()
-                )));
-            }
-            Ok(mlua::VmState::Continue)
-        })?;
+        lua.set_global_hook(
+            mlua::HookTriggers::new().every_nth_instruction(CHECK_EVERY),
+            |lua, _| {
+                if overdue(lua) {
+                    return Err(mlua::Error::runtime(format!(
+                        "script aborted after running for more than {} s",
+                        TIME_LIMIT.as_secs()
+                    )));
+                }
+                Ok(mlua::VmState::Continue)
+            },
+        )?;
         Ok(Self {
             lua,
             sandbox,
@@ -235,10 +233,22 @@ impl ScriptEngine {
         };
         self.sandbox.globals.raw_set("KEYS", strings(keys)?)?;
         self.sandbox.globals.raw_set("ARGV", strings(args)?)?;
-        lua.set_app_data(ScriptCtx { ks: std::mem::take(ks), read_only, started: Instant::now() });
+        lua.set_app_data(ScriptCtx {
+            ks: std::mem::take(ks),
+            read_only,
+            started: Instant::now(),
+        });
         let _lend = Lend { lua, ks };
         self.sandbox.runner.call(func.clone())
     }
+}
+
+/// Whether the running script has passed its time limit.
+fn overdue(lua: &Lua) -> bool {
+    lua.try_app_data_ref::<ScriptCtx>()
+        .ok()
+        .flatten()
+        .is_some_and(|ctx| ctx.started.elapsed() > TIME_LIMIT)
 }
 
 fn lower(sha: &[u8]) -> String {

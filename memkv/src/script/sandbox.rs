@@ -24,7 +24,10 @@ use mlua::{Function, Lua, LuaString, MultiValue, Table, Value};
 const INTERNAL: &str = "=memkv";
 
 const BOOTSTRAP: &str = r#"
-local base, redis, cjson, handler, compile, readonly, rawset, setmetatable_checked = ...
+local base, helpers = ...
+local redis, cjson, handler, compile, readonly, rawset, setmetatable_checked, overdue =
+  helpers.redis, helpers.cjson, helpers.handler, helpers.compile, helpers.readonly,
+  helpers.rawset, helpers.setmetatable, helpers.overdue
 local error, setmetatable, getmetatable, pcall, xpcall, type, tostring, concat =
   base.error, base.setmetatable, base.getmetatable, base.pcall, base.xpcall,
   base.type, base.tostring, base.table.concat
@@ -39,12 +42,23 @@ end
 local G = {}
 for _, k in base.ipairs({'assert', 'error', 'ipairs', 'next', 'pairs', 'rawequal', 'rawget',
     'select', 'getmetatable', 'tonumber', 'tostring', 'type', 'unpack',
-    'xpcall', 'collectgarbage', 'gcinfo', '_VERSION'}) do
+    'collectgarbage', 'gcinfo', '_VERSION'}) do
   G[k] = base[k]
 end
-for _, k in base.ipairs({'coroutine', 'string', 'table', 'math'}) do
+for _, k in base.ipairs({'string', 'table', 'math'}) do
   G[k] = protect(base[k])
 end
+
+-- A script past its time limit must not be able to swallow the abort.
+local function recheck(ok, ...)
+  if not ok and overdue() then error((...), 0) end
+  return ok, ...
+end
+local co = {}
+for k, v in base.pairs(base.coroutine) do co[k] = v end
+co.resume = function(c, ...) return recheck(base.coroutine.resume(c, ...)) end
+G.coroutine = protect(co)
+G.xpcall = function(f, h) return recheck(xpcall(f, h)) end
 G.redis = protect(redis)
 G.cjson = protect(cjson)
 
@@ -61,7 +75,7 @@ local function unwrap(ok, ...)
   end
   return false, e
 end
-G.pcall = function(f, ...) return unwrap(pcall(f, ...)) end
+G.pcall = function(f, ...) return unwrap(recheck(pcall(f, ...))) end
 
 G.rawset = rawset
 G.setmetatable = setmetatable_checked
@@ -121,22 +135,25 @@ pub fn build(lua: &Lua) -> mlua::Result<Sandbox> {
         lua,
         lua.create_function(move |lua, args: MultiValue| checked_rawset(lua, &ro, args))?,
     )?;
+    let overdue = lua.create_function(|lua, ()| Ok(super::overdue(lua)))?;
     let ro = readonly.clone();
     let setmt = shim::wrap(
         lua,
         lua.create_function(move |lua, args| checked_setmetatable(lua, &ro, args))?,
     )?;
-    let (globals, env, runner): (Table, Table, Function) =
-        lua.load(BOOTSTRAP).set_name(INTERNAL).call((
-            lua.globals(),
-            redis,
-            cjson,
-            handler,
-            compile,
-            readonly,
-            rawset,
-            setmt,
-        ))?;
+    let helpers = lua.create_table()?;
+    helpers.raw_set("redis", redis)?;
+    helpers.raw_set("cjson", cjson)?;
+    helpers.raw_set("handler", handler)?;
+    helpers.raw_set("compile", compile)?;
+    helpers.raw_set("readonly", readonly)?;
+    helpers.raw_set("rawset", rawset)?;
+    helpers.raw_set("setmetatable", setmt)?;
+    helpers.raw_set("overdue", overdue)?;
+    let (globals, env, runner): (Table, Table, Function) = lua
+        .load(BOOTSTRAP)
+        .set_name(INTERNAL)
+        .call((lua.globals(), helpers))?;
     Ok(Sandbox {
         globals,
         env,
@@ -279,6 +296,14 @@ fn error_info(lua: &Lua, tostring: &Function, e: Value) -> mlua::Result<Table> {
             let mut m = b"ERR ".to_vec();
             m.extend_from_slice(&s.as_bytes());
             Value::String(lua.create_string(&m)?)
+        }
+        // An error raised by Rust code (e.g. the time limit): its own message.
+        Value::Error(err) => {
+            let msg = match err.as_ref() {
+                mlua::Error::RuntimeError(m) => m.clone(),
+                other => other.to_string(),
+            };
+            Value::String(lua.create_string(format!("ERR {msg}"))?)
         }
         other => {
             let s: LuaString = tostring.call(other.clone())?;
