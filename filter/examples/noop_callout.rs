@@ -32,7 +32,13 @@ impl RootContext for NoopRoot {
 struct NoopRequest;
 
 impl Context for NoopRequest {
-    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
         let _ = hostcalls::resume_http_request();
     }
 }
