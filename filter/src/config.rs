@@ -150,6 +150,27 @@ pub struct Route {
     /// A JSON body field naming the model (e.g. `model`), sent for pricing.
     #[serde(default)]
     pub model_field: Option<String>,
+    /// Opt-in: serve requests from a local allowance instead of a callout each (see `lease.rs`).
+    #[serde(default)]
+    pub lease: Option<LeaseConfig>,
+}
+
+/// A lease: the sidecar holds `requests` times a request's estimate against the account at once
+/// (an ordinary hold, so limits and credits are checked as for any request), and this Envoy
+/// worker spends it locally for up to `ttl_ms`, then commits what was actually used. The
+/// operator bounds what a worker may have outstanding: `requests` × the estimate.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// How many requests' estimates one lease holds.
+    pub requests: u64,
+    /// How long a lease may be spent before it is settled.
+    #[serde(default = "default_lease_ttl")]
+    pub ttl_ms: u64,
+}
+
+fn default_lease_ttl() -> u64 {
+    2000
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -302,6 +323,17 @@ impl Route {
             }
             if c.cap.is_some_and(|cap| cap < c.default) {
                 return Err(err(format!("{f}.cap"), "must be at least default"));
+            }
+        }
+        if let Some(l) = &self.lease {
+            if !(2..=10_000).contains(&l.requests) {
+                return Err(err(format!("{at}.lease.requests"), "must be 2..=10000"));
+            }
+            if !(100..=60_000).contains(&l.ttl_ms) {
+                return Err(err(
+                    format!("{at}.lease.ttl_ms"),
+                    "must be 100..=60000 (a lease is settled well before its hold expires)",
+                ));
             }
         }
         let u = &self.usage;

@@ -55,6 +55,8 @@ pub struct Request {
     release: bool,
     measure: Measure,
     response_bytes: u64,
+    /// Admitted from this lease (no hold of its own).
+    lease: Option<u64>,
 }
 
 /// A header's value. Read as bytes: the SDK's string getter panics on a value that is not
@@ -108,6 +110,7 @@ impl Request {
             release: false,
             measure: Measure::Estimate,
             response_bytes: 0,
+            lease: None,
         }
     }
 
@@ -173,6 +176,27 @@ impl Request {
             .and_then(|f| doc.as_ref()?.get(f)?.as_str().map(str::to_string))
             .filter(|m| validate_id("model", m).is_ok());
         self.body = Vec::new();
+        if let Some(lease) = &route.lease {
+            let key = (
+                self.api_key.clone(),
+                self.route.unwrap_or(0),
+                self.model.clone(),
+            );
+            let taken = self.shared.borrow_mut().leases.take(
+                &key,
+                &route.name,
+                &self.estimate,
+                lease.requests,
+                lease.ttl_ms,
+                now_ms(),
+            );
+            if let Some(id) = taken {
+                bump(self.shared.borrow().metrics.leased);
+                self.lease = Some(id);
+                self.phase = Phase::Allowed;
+                return Action::Continue;
+            }
+        }
         let req = SpendRequest {
             api_key: Some(self.api_key.clone()),
             account: None,
@@ -243,6 +267,13 @@ impl Request {
             return;
         }
         self.phase = Phase::Settled;
+        if let Some(id) = self.lease.take() {
+            // Admitted from a lease: its usage counts toward the lease's commit. Text without
+            // a usage object cannot be counted here; the estimate stands for it.
+            let used = (!self.release).then(|| self.measure().0);
+            self.shared.borrow_mut().leases.settle(id, used.as_ref());
+            return;
+        }
         let Some(hold_id) = self.hold_id.take() else {
             return;
         };
@@ -253,8 +284,22 @@ impl Request {
         let Some(route) = self.route().cloned() else {
             return;
         };
+        let (meters, output_text) = self.measure();
+        self.queue(Settle::Commit(CommitRequest {
+            hold_id,
+            route: Some(route.name.clone()),
+            model: self.model.clone(),
+            meters,
+            credits: 0,
+            output_text,
+        }));
+    }
+
+    /// The actual usage (the estimate where it could not be measured), and the response's text
+    /// when it had no usage object.
+    fn measure(&mut self) -> (Meters, Option<String>) {
+        let usage_meter = self.route().and_then(|r| r.usage.meter.clone());
         let mut meters = self.estimate.clone();
-        let usage_meter = route.usage.meter.clone();
         let mut failed = false;
         let mut output_text = None;
         match std::mem::replace(&mut self.measure, Measure::Estimate) {
@@ -291,14 +336,7 @@ impl Request {
             // Settled at the estimate, and counted.
             bump(self.shared.borrow().metrics.usage_errors);
         }
-        self.queue(Settle::Commit(CommitRequest {
-            hold_id,
-            route: Some(route.name.clone()),
-            model: self.model.clone(),
-            meters,
-            credits: 0,
-            output_text,
-        }));
+        (meters, output_text)
     }
 }
 

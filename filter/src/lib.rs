@@ -4,7 +4,9 @@
 //! - [`config`]: the plugin configuration (validated; errors name the field) and route matching.
 //! - [`http`]: one request's pipeline — key, estimate, authorize callout, local replies, usage
 //!   measurement, settlement.
-//! - [`root`]: the tick that enforces decision deadlines and sends settlements in batches.
+//! - [`root`]: the tick that enforces decision deadlines, sends settlements in batches and asks
+//!   for leases.
+//! - [`lease`]: local allowances for routes that opt in (no callout per request).
 //! - [`usage`]: incremental usage extraction (JSON bodies, SSE streams, headers), panic-free.
 //! - [`reply`], [`shared`]: local replies and RateLimit headers; state shared within a VM.
 //!
@@ -17,6 +19,7 @@
 
 pub mod config;
 pub mod http;
+pub mod lease;
 pub mod reply;
 pub mod root;
 pub mod shared;

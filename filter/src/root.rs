@@ -4,6 +4,7 @@
 
 use crate::config::{FailureMode, FilterConfig};
 use crate::http::Request;
+use crate::lease::LeaseAsk;
 use crate::reply;
 use crate::shared::{bump, now_ms, random_seed, Metrics, Settle, Shared, SharedRef};
 use proxy_wasm::hostcalls;
@@ -13,7 +14,9 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
-use tollgate_protocol::{CommitBatch, CommitBatchResult, CommitOutcome};
+use tollgate_protocol::{
+    CommitBatch, CommitBatchResult, CommitOutcome, CommitRequest, Decision, SpendRequest,
+};
 
 /// A settlement is retried this many times, then dropped (its hold then expires at the
 /// sidecar and is released: an undercharge, never a double charge).
@@ -24,6 +27,8 @@ pub struct Root {
     shared: Option<SharedRef>,
     /// Callouts in flight: token -> what they settle.
     inflight: BTreeMap<u32, Vec<(Settle, u8)>>,
+    /// Lease requests in flight: token -> what was asked.
+    lease_calls: BTreeMap<u32, LeaseAsk>,
     last_flush_ms: u64,
 }
 
@@ -39,6 +44,10 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
+        if let Some(ask) = self.lease_calls.remove(&token) {
+            self.lease_answered(ask, body_size);
+            return;
+        }
         let Some(batch) = self.inflight.remove(&token) else {
             return;
         };
@@ -98,6 +107,7 @@ impl RootContext for Root {
             metrics: Metrics::define(),
             waiting: BTreeMap::new(),
             settles: VecDeque::new(),
+            leases: Default::default(),
             counter: 0,
             seed: random_seed(),
         })));
@@ -107,6 +117,7 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let now = now_ms();
         self.enforce_deadlines(now);
+        self.tend_leases(now);
         self.flush(now);
     }
 
@@ -121,6 +132,108 @@ impl RootContext for Root {
 }
 
 impl Root {
+    /// Asks for the leases requests asked for, and settles the leases that are done: a commit of
+    /// what their requests used, or a release when they admitted nothing.
+    fn tend_leases(&mut self, now: u64) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let (asks, due, cfg) = {
+            let mut s = shared.borrow_mut();
+            let asks: Vec<LeaseAsk> = s.leases.asks.drain(..).collect();
+            let due = s.leases.due(now);
+            (asks, due, Rc::clone(&s.config))
+        };
+        for lease in due {
+            let settle = if lease.used.is_empty() {
+                Settle::Release(lease.hold_id)
+            } else {
+                Settle::Commit(CommitRequest {
+                    hold_id: lease.hold_id,
+                    route: Some(lease.route),
+                    model: lease.model,
+                    meters: lease.used,
+                    credits: 0,
+                    output_text: None,
+                })
+            };
+            let mut s = shared.borrow_mut();
+            bump(s.metrics.leases_committed);
+            s.settles.push_back((settle, 0));
+        }
+        for ask in asks {
+            let idem = {
+                let mut s = shared.borrow_mut();
+                s.counter = s.counter.wrapping_add(1);
+                format!("lease.{:x}.{:x}.{:x}", s.seed, now, s.counter)
+            };
+            let req = SpendRequest {
+                api_key: Some(ask.key.0.clone()),
+                account: None,
+                idempotency_key: idem,
+                route: ask.route.clone(),
+                model: ask.key.2.clone(),
+                meters: ask.meters.clone(),
+                credits: 0,
+                resource: None,
+            };
+            let body = serde_json::to_vec(&req).unwrap_or_default();
+            let headers = vec![
+                (":method", "POST"),
+                (":path", "/v1/authorize"),
+                (":authority", cfg.sidecar.authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            match hostcalls::dispatch_http_call(
+                &cfg.sidecar.cluster,
+                headers,
+                Some(&body),
+                vec![],
+                Duration::from_millis(cfg.sidecar.timeout_ms),
+            ) {
+                Ok(token) => {
+                    self.lease_calls.insert(token, ask);
+                }
+                Err(_) => shared.borrow_mut().leases.refused(&ask.key, now + 1000),
+            }
+        }
+    }
+
+    /// The sidecar answered a lease request.
+    fn lease_answered(&mut self, ask: LeaseAsk, body_size: usize) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let now = now_ms();
+        let status = crate::http::header(MapType::HttpCallResponseHeaders, ":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        let decision: Option<Decision> = (status == 200)
+            .then(|| hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok())
+            .flatten()
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let mut s = shared.borrow_mut();
+        match decision {
+            Some(Decision {
+                allowed: true,
+                hold_id: Some(hold),
+                ..
+            }) => {
+                bump(s.metrics.leases_granted);
+                s.leases.granted(ask, hold, now);
+            }
+            // Refused (a limit or the balance cannot cover a whole lease): exact decisions
+            // until the lease would have ended.
+            Some(_) => {
+                bump(s.metrics.leases_refused);
+                let until = now + ask.ttl_ms;
+                s.leases.refused(&ask.key, until);
+            }
+            None => s.leases.refused(&ask.key, now + 1000),
+        }
+    }
+
     /// Requests whose decision is late get their route's failure mode now.
     fn enforce_deadlines(&mut self, now: u64) {
         let Some(shared) = &self.shared else { return };

@@ -40,6 +40,12 @@ pub struct Metrics {
     pub settle_dropped: u32,
     pub usage_errors: u32,
     pub callout_ms: u32,
+    /// Requests admitted from a lease (no callout).
+    pub leased: u32,
+    /// Leases granted, refused, committed.
+    pub leases_granted: u32,
+    pub leases_refused: u32,
+    pub leases_committed: u32,
 }
 
 impl Metrics {
@@ -57,6 +63,10 @@ impl Metrics {
             commit_batches: c("tollgate.commit_batches"),
             settle_dropped: c("tollgate.settle_dropped"),
             usage_errors: c("tollgate.usage_errors"),
+            leased: c("tollgate.leased"),
+            leases_granted: c("tollgate.leases_granted"),
+            leases_refused: c("tollgate.leases_refused"),
+            leases_committed: c("tollgate.leases_committed"),
             callout_ms: hostcalls::define_metric(MetricType::Histogram, "tollgate.callout_ms")
                 .unwrap_or(0),
         }
@@ -81,6 +91,8 @@ pub struct Shared {
     /// context id -> its deadline, while it waits for the sidecar.
     pub waiting: BTreeMap<u32, Waiting>,
     pub settles: VecDeque<(Settle, u8)>,
+    /// Leases this worker holds (routes with `lease`).
+    pub leases: crate::lease::Leases,
     /// Makes request ids unique within this VM.
     pub counter: u64,
     pub seed: u64,

@@ -566,3 +566,110 @@ async fn sidecar_killed_during_traffic_then_back_on_redis_and_postgres() {
 async fn sidecar_killed_during_traffic_then_back_on_the_embedded_store() {
     sidecar_killed_and_back(Backend::Embedded).await
 }
+
+/// A leased route through Envoy: most requests are admitted from the worker's lease with no
+/// callout, the daily limit still holds (never more than its maximum admitted), and once the
+/// lease is committed the ledger charges exactly what the admitted requests used.
+async fn leased_route_through_envoy(backend: Backend) {
+    let run = tollgate_sidecar::apikey::new_id("tgt");
+    let mut cfg = sidecar_config(backend, &run);
+    let limit = 40u64;
+    let text = format!(
+        "{SIDECAR}\n[plans.leasing]\nlimits = [{{ meter = \"requests\", window = \"day\", max = {limit} }}]\n"
+    );
+    cfg.plans = Config::from_toml(&text).unwrap().plans;
+    let engine = tollgate_sidecar::build_engine(cfg.clone(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let _bg = tollgate_sidecar::spawn_background(&engine);
+    let sidecar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sidecar_port = sidecar.local_addr().unwrap().port();
+    tokio::spawn(tollgate_sidecar::serve(engine.clone(), sidecar));
+    engine
+        .create_account(serde_json::from_value(json!({"id": "acme", "plan": "leasing"})).unwrap())
+        .await
+        .unwrap();
+    let key = engine
+        .create_key("acme", Default::default())
+        .await
+        .unwrap()
+        .1;
+    engine
+        .grant(
+            "acme",
+            serde_json::from_value(json!({"grant_id": "pack", "amount": 100000})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let up_port = wasm_host::mock::start().await.unwrap();
+    let filter = json!({
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 2000},
+        "deadline_ms": 2000,
+        "key": {"header": "x-api-key"},
+        "commit_interval_ms": 20,
+        "routes": [{
+            "name": "chat", "method": "POST", "path_prefix": "/v1/chat/",
+            "charges": {"requests": {"fixed": 1}, "input_tokens": {"fixed": 0},
+                        "output_tokens": {"fixed": 50}},
+            "usage": {"source": "body"},
+            "lease": {"requests": 10, "ttl_ms": 500}
+        }]
+    })
+    .to_string();
+    let envoy = Envoy::start(up_port, sidecar_port, &wasm_host::wasm_path(), &filter).unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port);
+    let mut ok = 0u64;
+    for i in 0..60 {
+        let r = http
+            .post(&url)
+            .header("x-api-key", &key)
+            .header("x-request-id", format!("lease-e2e-{i}"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {}
+            s => panic!("unexpected {s}: {}", r.text().await.unwrap()),
+        }
+        let _ = r.bytes().await;
+    }
+    let leased = envoy.stat("wasmcustom.tollgate.leased").unwrap_or(0) as u64;
+    assert!(ok <= limit, "{ok} admitted over a limit of {limit}");
+    assert!(ok >= limit - 10, "only {ok} of {limit} admitted");
+    assert!(leased >= ok / 2, "{leased} of {ok} admitted from leases");
+    // Once the leases are committed (500 ms, then the next tick), the ledger has it all: each
+    // admitted request used 1 request, 10 input and 20 output tokens (the mock's usage).
+    let per_request = 1 + wasm_host::mock::PROMPT_TOKENS + wasm_host::mock::COMPLETION_TOKENS;
+    wait_for_balance(&engine, "acme", 100000 - ok * per_request).await;
+    while engine.sync.sync_all().await.unwrap() > 0 {}
+    let used: i64 = engine
+        .ledger
+        .usage_of("acme")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|u| u.1 == "requests")
+        .map(|u| u.3)
+        .sum();
+    assert_eq!(
+        used as u64, ok,
+        "the ledger counts every admitted request once"
+    );
+    println!("leases: {ok} admitted, {leased} of them from a lease, limit {limit}");
+    drop(envoy);
+    engine.ledger.close().await;
+    remove_sqlite(&cfg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_route_through_envoy_on_redis_and_postgres() {
+    leased_route_through_envoy(Backend::RedisPostgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_route_through_envoy_on_the_embedded_store() {
+    leased_route_through_envoy(Backend::Embedded).await
+}

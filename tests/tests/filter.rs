@@ -546,3 +546,151 @@ fn a_stream_reset_mid_response_is_settled_with_what_it_carried() {
     assert_eq!(commit["hold_id"], "acme/cut");
     assert_eq!(commit["output_text"], "He", "{commit}");
 }
+
+fn lease_config() -> String {
+    json!({
+        "sidecar": {"cluster": "sidecar", "timeout_ms": 200},
+        "deadline_ms": 100,
+        "key": {"header": "x-api-key"},
+        "commit_interval_ms": 50,
+        "routes": [
+            {"name": "leased", "path_prefix": "/lease/",
+             "charges": {"requests": {"fixed": 1}, "tokens": {"fixed": 10}},
+             "usage": {"source": "header", "header": "x-usage-tokens", "meter": "tokens"},
+             "lease": {"requests": 3, "ttl_ms": 1000}}
+        ]
+    })
+    .to_string()
+}
+
+/// Sends a GET on the leased route; returns the context, the action and the callouts it made.
+fn leased_get(f: &mut Filter, id: &str) -> (u32, i32, Vec<HttpCall>) {
+    let ctx = f.new_request().unwrap();
+    let a = f
+        .request_headers(
+            ctx,
+            &[
+                (":method", "GET"),
+                (":path", "/lease/x"),
+                (":authority", "api"),
+                ("x-api-key", "tg_key"),
+                ("x-request-id", id),
+            ],
+            true,
+        )
+        .unwrap();
+    (ctx, a, f.take_calls())
+}
+
+/// The commits in these settlement callouts.
+fn commits_in(calls: &[HttpCall]) -> Vec<Value> {
+    calls
+        .iter()
+        .filter_map(|c| c.json()["commits"].as_array().cloned())
+        .flatten()
+        .collect()
+}
+
+fn respond_with_tokens(f: &mut Filter, ctx: u32, tokens: &str) {
+    f.response_headers(ctx, &[(":status", "200"), ("x-usage-tokens", tokens)], true)
+        .unwrap();
+    f.finish(ctx).unwrap();
+}
+
+#[test]
+fn a_leased_route_admits_from_the_lease_without_callouts_and_commits_what_was_used() {
+    let mut f = Filter::load(&lease_config()).expect("filter loads");
+    assert!(f.configured, "{:?}", f.logs());
+
+    // No lease yet: the first request is decided exactly, and a lease is asked for on the tick.
+    let (ctx, a, calls) = leased_get(&mut f, "r1");
+    assert_eq!((a, calls.len()), (PAUSE, 1));
+    assert_eq!(calls[0].json()["idempotency_key"], "r1");
+    f.answer(calls[0].token, 200, &allowed("acme/r1")).unwrap();
+    respond_with_tokens(&mut f, ctx, "7");
+    f.advance_ms(10);
+    f.tick().unwrap();
+    let calls = f.take_calls();
+    let mut settled = commits_in(&calls);
+    let ask = calls
+        .iter()
+        .find(|c| {
+            c.json()["idempotency_key"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("lease."))
+        })
+        .expect("a lease is asked for");
+    assert_eq!(ask.header(":path"), Some("/v1/authorize"));
+    assert_eq!(ask.json()["meters"], json!({"requests": 3, "tokens": 30}));
+    let lease_hold = format!("acme/{}", ask.json()["idempotency_key"].as_str().unwrap());
+    f.answer(ask.token, 200, &allowed(&lease_hold)).unwrap();
+    assert_eq!(f.metric("tollgate.leases_granted"), 1);
+
+    // Three requests fit the lease: admitted at once, no callout.
+    for (id, used) in [("r2", "4"), ("r3", "5"), ("r4", "6")] {
+        let (ctx, a, calls) = leased_get(&mut f, id);
+        assert_eq!(
+            (a, calls.len()),
+            (CONTINUE, 0),
+            "{id} is admitted from the lease"
+        );
+        respond_with_tokens(&mut f, ctx, used);
+    }
+    assert_eq!(f.metric("tollgate.leased"), 3);
+    // The fourth does not fit what is left: decided exactly again.
+    let (ctx, a, calls) = leased_get(&mut f, "r5");
+    assert_eq!((a, calls.len()), (PAUSE, 1));
+    f.answer(calls[0].token, 200, &allowed("acme/r5")).unwrap();
+    respond_with_tokens(&mut f, ctx, "1");
+
+    // After the lease's time: committed with the measured usage of its three requests.
+    f.advance_ms(1100);
+    f.tick().unwrap();
+    settled.extend(commits_in(&f.take_calls()));
+    let lease_commit = settled
+        .iter()
+        .find(|c| c["hold_id"] == lease_hold.as_str())
+        .unwrap_or_else(|| panic!("the lease is committed: {settled:?}"));
+    assert_eq!(lease_commit["meters"], json!({"requests": 3, "tokens": 15}));
+    assert!(settled.iter().any(|c| c["hold_id"] == "acme/r1"));
+    assert!(settled.iter().any(|c| c["hold_id"] == "acme/r5"));
+    assert_eq!(f.metric("tollgate.leases_committed"), 1);
+}
+
+#[test]
+fn a_refused_lease_leaves_every_request_to_the_exact_decision() {
+    let mut f = Filter::load(&lease_config()).expect("filter loads");
+    let (ctx, _, calls) = leased_get(&mut f, "r1");
+    f.answer(calls[0].token, 200, &allowed("acme/r1")).unwrap();
+    respond_with_tokens(&mut f, ctx, "1");
+    f.advance_ms(10);
+    f.tick().unwrap();
+    let ask = f
+        .take_calls()
+        .into_iter()
+        .find(|c| {
+            c.json()["idempotency_key"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("lease."))
+        })
+        .expect("a lease is asked for");
+    let denied = json!({"allowed": false, "status": 429, "reason": "limit", "credits": 0,
+                        "retry_after_s": 30,
+                        "limit": {"name": "account:requests:day", "max": 10, "remaining": 2, "reset_ms": 0}});
+    f.answer(ask.token, 200, denied.to_string().as_bytes())
+        .unwrap();
+    assert_eq!(f.metric("tollgate.leases_refused"), 1);
+    // Every request now asks the sidecar, and no new lease is asked for within its time.
+    for id in ["r2", "r3"] {
+        let (ctx, a, calls) = leased_get(&mut f, id);
+        assert_eq!((a, calls.len()), (PAUSE, 1), "{id}");
+        f.answer(calls[0].token, 200, &allowed(&format!("acme/{id}")))
+            .unwrap();
+        respond_with_tokens(&mut f, ctx, "1");
+    }
+    f.advance_ms(20);
+    f.tick().unwrap();
+    assert!(f.take_calls().iter().all(|c| !c.json()["idempotency_key"]
+        .as_str()
+        .is_some_and(|k| k.starts_with("lease."))));
+}
