@@ -78,6 +78,9 @@ struct GrantInfo {
     source: String,
 }
 
+/// Rows per INSERT into the SQLite ledger (19 columns: well under SQLite's 32,766 parameters).
+const LITE_ROWS_PER_INSERT: usize = 200;
+
 /// How many shards one worker applies concurrently (each holds one PostgreSQL connection).
 const SHARDS_AT_ONCE: usize = 4;
 
@@ -413,34 +416,36 @@ impl Batch {
         tx: &mut sqlx::SqliteConnection,
         shard: i32,
     ) -> Result<(), sqlx::Error> {
-        for i in 0..self.event_id.len() {
-            sqlx::query(
+        // Many rows per statement: each statement is a round trip to SQLite's worker thread.
+        let rows: Vec<usize> = (0..self.event_id.len()).collect();
+        for chunk in rows.chunks(LITE_ROWS_PER_INSERT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO ledger (event_id, shard, account_id, key_id, kind, idem_key, hold_id, fp,
-                    credit, shortfall, meters, usage, grants, expired, route, model, resource, result, at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
-                 ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(&self.event_id[i])
-            .bind(shard)
-            .bind(&self.account[i])
-            .bind(&self.key[i])
-            .bind(&self.kind[i])
-            .bind(&self.idem[i])
-            .bind(&self.hold[i])
-            .bind(&self.fp[i])
-            .bind(self.credit[i])
-            .bind(self.short[i])
-            .bind(&self.meters[i])
-            .bind(&self.usage[i])
-            .bind(&self.grants[i])
-            .bind(&self.expired[i])
-            .bind(&self.route[i])
-            .bind(&self.model[i])
-            .bind(&self.resource[i])
-            .bind(&self.result[i])
-            .bind(self.at[i])
-            .execute(&mut *tx)
-            .await?;
+                    credit, shortfall, meters, usage, grants, expired, route, model, resource, result, at) ",
+            );
+            q.push_values(chunk, |mut b, &i| {
+                b.push_bind(&self.event_id[i])
+                    .push_bind(shard)
+                    .push_bind(&self.account[i])
+                    .push_bind(&self.key[i])
+                    .push_bind(&self.kind[i])
+                    .push_bind(&self.idem[i])
+                    .push_bind(&self.hold[i])
+                    .push_bind(&self.fp[i])
+                    .push_bind(self.credit[i])
+                    .push_bind(self.short[i])
+                    .push_bind(&self.meters[i])
+                    .push_bind(&self.usage[i])
+                    .push_bind(&self.grants[i])
+                    .push_bind(&self.expired[i])
+                    .push_bind(&self.route[i])
+                    .push_bind(&self.model[i])
+                    .push_bind(&self.resource[i])
+                    .push_bind(&self.result[i])
+                    .push_bind(self.at[i]);
+            });
+            q.push(" ON CONFLICT (event_id) DO NOTHING");
+            q.build().execute(&mut *tx).await?;
         }
         for ((acct, scope, meter, period), (delta, end)) in &self.usage_delta {
             sqlx::query(
@@ -490,26 +495,31 @@ impl Batch {
         for h in self.holds_new {
             holds.insert((h.account.clone(), h.id.clone()), h);
         }
-        for h in holds.into_values() {
-            sqlx::query(
-                "INSERT INTO holds (account_id, id, key_id, status, credit, expires_at, record, fp, auth_result, created_at)
-                 VALUES ($1, $2, $3, 'open', $4, $5, $6, $7, $8, $9)
-                 ON CONFLICT (account_id, id) DO UPDATE SET key_id = excluded.key_id, status = 'open',
+        let holds: Vec<NewHold> = holds.into_values().collect();
+        for chunk in holds.chunks(LITE_ROWS_PER_INSERT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO holds (account_id, id, key_id, status, credit, expires_at, record, fp,
+                    auth_result, created_at) ",
+            );
+            q.push_values(chunk, |mut b, h| {
+                b.push_bind(&h.account)
+                    .push_bind(&h.id)
+                    .push_bind(&h.key)
+                    .push_bind("open")
+                    .push_bind(h.credit)
+                    .push_bind(h.expires)
+                    .push_bind(&h.record)
+                    .push_bind(&h.fp)
+                    .push_bind(&h.auth_result)
+                    .push_bind(h.created);
+            });
+            q.push(
+                " ON CONFLICT (account_id, id) DO UPDATE SET key_id = excluded.key_id, status = 'open',
                    credit = excluded.credit, expires_at = excluded.expires_at, record = excluded.record,
                    fp = excluded.fp, auth_result = excluded.auth_result, created_at = excluded.created_at,
                    result = NULL, settle_fp = NULL, resolved_at = NULL",
-            )
-            .bind(&h.account)
-            .bind(&h.id)
-            .bind(&h.key)
-            .bind(h.credit)
-            .bind(h.expires)
-            .bind(&h.record)
-            .bind(&h.fp)
-            .bind(&h.auth_result)
-            .bind(h.created)
-            .execute(&mut *tx)
-            .await?;
+            );
+            q.build().execute(&mut *tx).await?;
         }
         for (acct, hid, status, result, fp, at) in &self.holds_settled {
             sqlx::query(

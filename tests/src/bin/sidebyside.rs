@@ -60,17 +60,22 @@ output_tokens = 1
 
 /// Tollgate's filter configuration for the benchmark route: the estimate from the request body,
 /// the usage from the JSON response (the realistic LLM-gateway path).
-fn filter_config() -> String {
+/// With `lease`, the route is served from leases of that many requests (2 s each).
+fn filter_config(lease: Option<u64>) -> String {
+    let mut route = json!({
+        "name": "chat", "method": "POST", "path_prefix": "/v1/chat/",
+        "charges": {"requests": {"fixed": 1}, "input_tokens": {"fixed": 0},
+                    "output_tokens": {"body_field": "max_tokens", "default": 64, "cap": 1000}},
+        "usage": {"source": "body"}, "model_field": "model"
+    });
+    if let Some(n) = lease {
+        route["lease"] = json!({"requests": n, "ttl_ms": 2000});
+    }
     json!({
         "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 1000},
         "deadline_ms": 1000,
         "key": {"header": "x-api-key"},
-        "routes": [{
-            "name": "chat", "method": "POST", "path_prefix": "/v1/chat/",
-            "charges": {"requests": {"fixed": 1}, "input_tokens": {"fixed": 0},
-                        "output_tokens": {"body_field": "max_tokens", "default": 64, "cap": 1000}},
-            "usage": {"source": "body"}, "model_field": "model"
-        }]
+        "routes": [route]
     })
     .to_string()
 }
@@ -305,6 +310,7 @@ async fn main() -> Result<()> {
 
     // 3. Full enforcement on Redis + PostgreSQL; 4. the embedded store.
     let mut paced_full = None;
+    let mut paced_lease = None;
     let db = format!("tollgate_{run}");
     for (label, env) in [
         (
@@ -324,7 +330,7 @@ async fn main() -> Result<()> {
     ] {
         let prefix = format!("{run}_{label}");
         let tg = start_tollgate(&sidecar, &prefix, env, conns).await?;
-        let envoy = Envoy::start_with(upstream, tg.port, Some((&filter, &filter_config())))?;
+        let envoy = Envoy::start_with(upstream, tg.port, Some((&filter, &filter_config(None))))?;
         let keys = Arc::new(tg.keys.clone());
         let hot = Arc::new(vec![tg.keys[0].clone()]);
         let cmds_before = redis_commands(&redis_url).await;
@@ -368,8 +374,30 @@ async fn main() -> Result<()> {
         });
         if label == "redis" {
             paced_full = Some(paced(envoy.port, conns, secs, half, &keys).await);
+            // The same sidecar, the route opted into leases of 200 requests.
+            drop(envoy);
+            let envoy = Envoy::start_with(
+                upstream,
+                tg.port,
+                Some((&filter, &filter_config(Some(200)))),
+            )?;
+            let out = drive(envoy.port, conns, secs, &keys).await;
+            rows.push(Row {
+                name: "5. Tollgate with leases (Redis + PostgreSQL), key per connection".into(),
+                out,
+                envoy_kib: peak_rss_kib(envoy.pid()),
+                sidecar_kib: peak_rss_kib(tg.process.pid()),
+                extra: format!(
+                    "{} of the requests admitted from a lease",
+                    envoy
+                        .stat("wasmcustom.tollgate.leased")
+                        .map_or("?".into(), |n| n.to_string())
+                ),
+            });
+            paced_lease = Some(paced(envoy.port, conns, secs, half, &keys).await);
+        } else {
+            drop(envoy);
         }
-        drop(envoy);
         let dir = tg.dir.clone();
         drop(tg);
         let _ = std::fs::remove_dir_all(dir);
@@ -393,13 +421,19 @@ async fn main() -> Result<()> {
             r.extra
         );
     }
-    let rps = |i: usize| rows.get(i).map_or(0.0, |r| r.out.per_second());
+    let rps = |prefix: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map_or(0.0, |r| r.out.per_second())
+    };
     println!();
     println!(
-        "ratios: full/passthrough (3/1) {:.2}, full/no-op callout (3/2) {:.2}, embedded/full (4/3) {:.2}",
-        rps(2) / rps(0).max(1.0),
-        rps(2) / rps(1).max(1.0),
-        rps(4) / rps(2).max(1.0)
+        "ratios: full/passthrough (3/1) {:.2}, full/no-op callout (3/2) {:.2}, \
+         leases/passthrough (5/1) {:.2}, embedded/full (4/3) {:.2}",
+        rps("3.") / rps("1.").max(1.0),
+        rps("3.") / rps("2.").max(1.0),
+        rps("5.") / rps("1.").max(1.0),
+        rps("4.") / rps("3.").max(1.0)
     );
     if let Some(full) = paced_full {
         println!(
@@ -410,6 +444,15 @@ async fn main() -> Result<()> {
             full.pct_ms(0.99) - paced_pass.pct_ms(0.99),
             paced_pass.not(200),
             full.not(200)
+        );
+    }
+
+    if let Some(lease) = paced_lease {
+        println!(
+            "at the same load with leases: p99 {:.2} ms — added p99 {:.2} ms (errors {})",
+            lease.pct_ms(0.99),
+            lease.pct_ms(0.99) - paced_pass.pct_ms(0.99),
+            lease.not(200)
         );
     }
 
