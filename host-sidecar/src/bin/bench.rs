@@ -248,6 +248,17 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("| ledger drain after load (ms) | {drain_ms} |");
     println!("| ledger rows written | {rows} |");
+    // The whole process: the engine (directory cache, connections, sync worker) and the load
+    // generator's latency vectors; the sidecar alone is less.
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    println!("| peak RSS of the benchmark process ({accounts} accounts) | {peak} |");
 
     // Leave nothing behind: drop the run's keys and database.
     let client = redis::Client::open(redis_url.as_str())?;
