@@ -422,6 +422,10 @@ async fn readyz(State(e): St) -> Response {
         .await
         .is_ok();
     let ledger_ok = e.ledger.ping().await.is_ok();
+    let backlog = e
+        .metrics
+        .outbox_backlog
+        .load(std::sync::atomic::Ordering::Relaxed);
     let status = if redis_ok && ledger_ok {
         StatusCode::OK
     } else {
@@ -435,6 +439,8 @@ async fn readyz(State(e): St) -> Response {
             "redis": word(redis_ok),
             "ledger": e.ledger.kind(),
             "postgres": word(ledger_ok),
+            "outbox_backlog": backlog,
+            "ledger_behind": backlog > e.cfg.sync.backlog_alert,
         })),
     )
         .into_response()
@@ -443,7 +449,7 @@ async fn readyz(State(e): St) -> Response {
 async fn metrics(State(e): St) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        e.metrics.render(),
+        e.metrics.render_with(e.cfg.sync.backlog_alert),
     )
         .into_response()
 }

@@ -141,6 +141,11 @@ pub struct SyncConfig {
     pub batch: usize,
     /// How often each shard's outbox is polled when idle.
     pub interval_ms: u64,
+    /// Outbox events not yet in the ledger above which the alert gauge and /readyz say so.
+    pub backlog_alert: u64,
+    /// Above this backlog, spending decisions are refused (503): the ledger has been unreachable
+    /// so long that the store would otherwise keep growing without bound.
+    pub max_backlog: u64,
 }
 
 impl Default for SyncConfig {
@@ -148,6 +153,8 @@ impl Default for SyncConfig {
         Self {
             batch: 2_000,
             interval_ms: 10,
+            backlog_alert: 100_000,
+            max_backlog: 5_000_000,
         }
     }
 }
@@ -297,6 +304,12 @@ impl Config {
             return Err(field_err(
                 "server.idempotency_ttl_secs",
                 "must be at least server.hold_ttl_secs",
+            ));
+        }
+        if self.sync.backlog_alert == 0 || self.sync.max_backlog < self.sync.backlog_alert {
+            return Err(field_err(
+                "sync.max_backlog",
+                "must be at least sync.backlog_alert, which must be positive",
             ));
         }
         if self.sync.batch == 0 || self.sync.batch > 50_000 {

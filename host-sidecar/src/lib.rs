@@ -142,7 +142,7 @@ pub fn spawn_background(engine: &Arc<Engine>) -> Vec<JoinHandle<()>> {
         }
     };
     vec![
-        tokio::spawn(sync.run(interval, wake)),
+        tokio::spawn(sync.run(interval, wake, engine.cfg.sync.backlog_alert)),
         tokio::spawn(sweeper),
     ]
 }

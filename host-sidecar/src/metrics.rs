@@ -102,6 +102,8 @@ pub struct Metrics {
     pub sync_bad_events: Counter,
     pub decision_us: Histogram,
     pub sync_lag_ms: Histogram,
+    /// Outbox events not yet in the ledger, over all shards, as of the last sync pass (gauge).
+    pub outbox_backlog: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -126,11 +128,30 @@ impl Default for Metrics {
             sync_bad_events: Counter::default(),
             decision_us: Histogram::new(MICROS),
             sync_lag_ms: Histogram::new(MILLIS),
+            outbox_backlog: AtomicU64::new(0),
         }
     }
 }
 
 impl Metrics {
+    /// `alert`: the backlog above which the alert gauge is 1 (`sync.backlog_alert`).
+    pub fn render_with(&self, alert: u64) -> String {
+        let mut out = self.render();
+        let backlog = self.outbox_backlog.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_outbox_backlog_events Changes in the store not yet in the ledger.\n\
+             # TYPE tollgate_outbox_backlog_events gauge\ntollgate_outbox_backlog_events {backlog}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_outbox_backlog_alert 1 while the backlog is above sync.backlog_alert.\n\
+             # TYPE tollgate_outbox_backlog_alert gauge\ntollgate_outbox_backlog_alert {}",
+            u8::from(backlog > alert)
+        );
+        out
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, labels: &[(&str, &Counter)]| {

@@ -84,6 +84,22 @@ pub(crate) fn fingerprint(parts: &impl serde::Serialize) -> String {
 }
 
 impl Engine {
+    /// Refuses a new spending decision while the ledger backlog is past `sync.max_backlog`: the
+    /// ledger has been unreachable for so long that the store would grow without bound.
+    pub(crate) fn refuse_if_backlog_full(&self) -> Result<(), ApiError> {
+        let backlog = self
+            .metrics
+            .outbox_backlog
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if backlog > self.cfg.sync.max_backlog {
+            return Err(ApiError::Unavailable(format!(
+                "ledger backlog of {backlog} events is past sync.max_backlog; refusing new \
+                 decisions until the ledger catches up"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn idem_ttl_ms(&self) -> u64 {
         self.cfg.server.idempotency_ttl_secs * 1000
     }

@@ -71,6 +71,9 @@ impl Engine {
     async fn spend(&self, op: Op, req: SpendRequest) -> Result<(Decision, bool), ApiError> {
         let started = Instant::now();
         req.validate(op != Op::Check)?;
+        if op != Op::Check {
+            self.refuse_if_backlog_full()?;
+        }
         self.check_meters(&req.meters)?;
         let caller = match self
             .resolve(req.api_key.as_deref(), req.account.as_deref())

@@ -791,10 +791,49 @@ impl SyncWorker {
             .await
     }
 
-    /// Runs until the process ends: a pass every `interval`, sooner when woken.
-    pub async fn run(self, interval: Duration, wake: Arc<tokio::sync::Notify>) {
+    /// Outbox entries not yet in the ledger, over all shards (applied entries are trimmed).
+    pub async fn backlog(&self) -> Result<u64, SyncError> {
+        let mut conn = self.redis.conn();
+        let mut total = 0u64;
+        for shard in 0..self.redis.keys.shards() {
+            let n: u64 = redis::cmd("XLEN")
+                .arg(self.redis.keys.outbox(shard))
+                .query_async(&mut conn)
+                .await?;
+            total += n;
+        }
+        Ok(total)
+    }
+
+    /// Runs until the process ends: a pass every `interval`, sooner when woken. Between passes
+    /// it measures the backlog (at most every 250 ms) for the gauge, the alert and the bound.
+    pub async fn run(
+        self,
+        interval: Duration,
+        wake: Arc<tokio::sync::Notify>,
+        backlog_alert: u64,
+    ) {
+        let mut measured = tokio::time::Instant::now();
+        let mut alerting = false;
         loop {
-            if let Err(e) = self.sync_all().await {
+            let pass = self.sync_all().await;
+            if measured.elapsed() >= Duration::from_millis(250) || pass.is_err() {
+                measured = tokio::time::Instant::now();
+                if let Ok(n) = self.backlog().await {
+                    self.metrics
+                        .outbox_backlog
+                        .store(n, std::sync::atomic::Ordering::Relaxed);
+                    if (n > backlog_alert) != alerting {
+                        alerting = n > backlog_alert;
+                        if alerting {
+                            tracing::warn!(backlog = n, "ledger backlog above sync.backlog_alert");
+                        } else {
+                            tracing::info!(backlog = n, "ledger backlog back below sync.backlog_alert");
+                        }
+                    }
+                }
+            }
+            if let Err(e) = pass {
                 self.metrics.sync_errors.inc();
                 tracing::warn!(error = %e, "ledger sync pass failed; will retry");
                 tokio::time::sleep(Duration::from_millis(500)).await;
