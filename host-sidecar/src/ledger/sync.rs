@@ -807,12 +807,7 @@ impl SyncWorker {
 
     /// Runs until the process ends: a pass every `interval`, sooner when woken. Between passes
     /// it measures the backlog (at most every 250 ms) for the gauge, the alert and the bound.
-    pub async fn run(
-        self,
-        interval: Duration,
-        wake: Arc<tokio::sync::Notify>,
-        backlog_alert: u64,
-    ) {
+    pub async fn run(self, interval: Duration, wake: Arc<tokio::sync::Notify>, backlog_alert: u64) {
         let mut measured = tokio::time::Instant::now();
         let mut alerting = false;
         loop {
@@ -828,7 +823,10 @@ impl SyncWorker {
                         if alerting {
                             tracing::warn!(backlog = n, "ledger backlog above sync.backlog_alert");
                         } else {
-                            tracing::info!(backlog = n, "ledger backlog back below sync.backlog_alert");
+                            tracing::info!(
+                                backlog = n,
+                                "ledger backlog back below sync.backlog_alert"
+                            );
                         }
                     }
                 }

@@ -154,6 +154,16 @@ impl Env {
         Self::build(Backend::RedisPostgres, instances, extra, redis, None).await
     }
 
+    /// Redis and PostgreSQL, PostgreSQL reached at `pg_base` (e.g. through a [`FaultProxy`]).
+    pub async fn with_pg(instances: usize, extra: &str, pg_base: &str) -> Env {
+        let mut env = Self::build(Backend::RedisPostgres, 0, extra, &redis_url(), None).await;
+        env.cfg.postgres.url = Some(format!("{pg_base}/{}", env.db));
+        for _ in 0..instances {
+            env.add_sidecar().await;
+        }
+        env
+    }
+
     /// `instances` sidecars on `backend`. On the embedded store they share one key space and
     /// one ledger file, as sidecars share one Redis and one PostgreSQL.
     pub async fn on(backend: Backend, instances: usize) -> Env {
@@ -442,5 +452,69 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy on a loopback port in front of a real server, that a test can cut (every open
+/// connection dropped, new ones refused) and restore: the network failing between the sidecar
+/// and PostgreSQL or Redis, without stopping the shared server other tests use.
+pub struct FaultProxy {
+    pub port: u16,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(target_port: u16) -> FaultProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (up2, links2) = (up.clone(), links.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound); // refused: the peer sees the connection closed at once
+                    continue;
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                let mut l = links2.lock().unwrap();
+                l.retain(|h| !h.is_finished());
+                l.push(link);
+            }
+        });
+        FaultProxy {
+            port,
+            up,
+            links,
+            accept,
+        }
+    }
+
+    /// Drops every open connection and refuses new ones until [`FaultProxy::restore`].
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for h in self.links.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
     }
 }
