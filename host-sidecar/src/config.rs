@@ -316,10 +316,14 @@ impl Config {
             return Err(field_err("sync.batch", "must be 1..=50000"));
         }
         if let Some(u) = &self.redis.url {
-            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            if !["redis://", "rediss://", "redis+cluster://"]
+                .iter()
+                .any(|p| u.starts_with(p))
+            {
                 return Err(field_err(
                     "redis.url",
-                    "must start with redis:// or rediss:// (or be absent for the embedded store)",
+                    "must start with redis://, rediss:// or redis+cluster:// (or be absent for \
+                     the embedded store)",
                 ));
             }
         }

@@ -175,6 +175,9 @@ pub struct LoadArgs {
 #[derive(Clone)]
 pub enum Conn {
     Redis(ConnectionManager),
+    /// A Redis Cluster: each command goes to the node owning its key's slot. Every key a script
+    /// touches carries its shard's hash tag, so each script runs on one node.
+    Cluster(redis::cluster_async::ClusterConnection),
     Embedded(tollgate_memkv::MemConn),
 }
 
@@ -185,6 +188,7 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
             Conn::Redis(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
             Conn::Embedded(c) => c.req_packed_command(cmd),
         }
     }
@@ -197,6 +201,7 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
             Conn::Redis(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Embedded(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
@@ -204,6 +209,7 @@ impl redis::aio::ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Redis(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
             Conn::Embedded(c) => c.get_db(),
         }
     }
@@ -237,11 +243,33 @@ impl Store {
     pub fn kind(&self) -> &'static str {
         match self.conn {
             Conn::Redis(_) => "redis",
+            Conn::Cluster(_) => "redis-cluster",
             Conn::Embedded(_) => "embedded",
         }
     }
 
+    /// `redis://host:port` (one server) or `redis+cluster://h1:p1,h2:p2,...` (a Redis Cluster,
+    /// given by any of its nodes; the rest are discovered).
     pub async fn connect(url: &str, keys: Keyspace) -> Result<Self, StoreError> {
+        if let Some(nodes) = url.strip_prefix("redis+cluster://") {
+            let nodes: Vec<String> = nodes
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(|n| format!("redis://{n}"))
+                .collect();
+            let conn = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(std::time::Duration::from_secs(2))
+                .response_timeout(std::time::Duration::from_secs(2))
+                .retries(2)
+                .build()?
+                .get_async_connection()
+                .await?;
+            return Ok(Self {
+                conn: Conn::Cluster(conn),
+                scripts: Arc::new(Scripts::new()),
+                keys,
+            });
+        }
         let client = redis::Client::open(url)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(std::time::Duration::from_secs(2))

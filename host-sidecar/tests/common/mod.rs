@@ -50,6 +50,8 @@ tokens = 1
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     RedisPostgres,
+    /// A 3-master Redis Cluster of the test's own, and PostgreSQL.
+    RedisCluster,
     /// The in-process key space (the same Lua scripts) and an SQLite ledger.
     Embedded,
 }
@@ -66,6 +68,16 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let $b = $crate::common::Backend::RedisPostgres;
+                $body
+            } )*
+        }
+        mod redis_cluster {
+            #[allow(unused_imports)]
+            use super::*;
+            $( $(#[$meta])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let $b = $crate::common::Backend::RedisCluster;
                 $body
             } )*
         }
@@ -121,6 +133,7 @@ pub struct Env {
     pub backend: Backend,
     /// A redis-server of this environment's own (for tests that flush or restart Redis).
     pub private_redis: Option<PrivateRedis>,
+    pub cluster: Option<LocalCluster>,
 }
 
 impl Drop for Env {
@@ -174,7 +187,8 @@ impl Env {
     pub async fn isolated(backend: Backend, instances: usize) -> Env {
         let private = match backend {
             Backend::RedisPostgres => Some(PrivateRedis::start().await),
-            Backend::Embedded => None,
+            // The cluster is the environment's own already.
+            Backend::RedisCluster | Backend::Embedded => None,
         };
         let url = private.as_ref().map_or_else(redis_url, |r| r.url.clone());
         Self::build(backend, instances, "", &url, private).await
@@ -208,7 +222,13 @@ impl Env {
             cfg,
             backend,
             private_redis,
+            cluster: None,
         };
+        if backend == Backend::RedisCluster {
+            let c = LocalCluster::start().await;
+            env.cfg.redis.url = Some(c.url());
+            env.cluster = Some(c);
+        }
         for _ in 0..instances {
             env.add_sidecar().await;
         }
@@ -217,6 +237,9 @@ impl Env {
 
     /// The store loses everything (Redis FLUSHALL; the embedded key space the same).
     pub async fn flushall(&self) {
+        if let Some(c) = &self.cluster {
+            return c.flushall().await;
+        }
         match &self.private_redis {
             Some(r) => r.flushall().await,
             None => {
@@ -516,5 +539,130 @@ impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.cut();
         self.accept.abort();
+    }
+}
+
+/// A 3-master Redis Cluster on loopback ports (no replicas, nothing on disk), made with
+/// `redis-cli --cluster create`. Every server is stopped (by PID) when dropped.
+pub struct LocalCluster {
+    servers: Vec<Child>,
+    pub ports: Vec<u16>,
+    dir: std::path::PathBuf,
+}
+
+impl LocalCluster {
+    pub async fn start() -> LocalCluster {
+        let dir = std::env::temp_dir().join(unique("tgt_cluster"));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A port whose cluster bus port (+10000) is free too.
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let p = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+                ports.push(p);
+            }
+        }
+        let mut cluster = LocalCluster {
+            servers: Vec::new(),
+            ports: ports.clone(),
+            dir: dir.clone(),
+        };
+        for p in &ports {
+            let child = Command::new("redis-server")
+                .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--maxmemory-policy", "noeviction"])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH");
+            cluster.servers.push(child);
+        }
+        for p in &ports {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{p}")).unwrap();
+            let mut up = false;
+            for _ in 0..200 {
+                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                    if redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok()
+                    {
+                        up = true;
+                        break;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            assert!(up, "cluster node {p} did not start");
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli on PATH");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Every node must agree the cluster is up before the first command.
+        for p in &ports {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{p}")).unwrap();
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let mut ok = false;
+            for _ in 0..400 {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    ok = true;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            assert!(ok, "cluster not ok on {p}");
+        }
+        cluster
+    }
+
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// FLUSHALL on every master.
+    pub async fn flushall(&self) {
+        for p in &self.ports {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{p}")).unwrap();
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
