@@ -194,7 +194,7 @@ impl Env {
         Self::build(backend, instances, "", &url, private).await
     }
 
-    async fn build(
+    pub async fn build(
         backend: Backend,
         instances: usize,
         extra: &str,
