@@ -76,6 +76,27 @@ fn resp_header(name: &str) -> Option<String> {
     header(MapType::HttpResponseHeaders, name)
 }
 
+/// Sends `POST /v1/authorize` to the sidecar (for a request, or for a lease); the answer comes
+/// back to the context that called this. Returns the callout's token.
+pub(crate) fn dispatch_authorize(
+    cfg: &FilterConfig,
+    req: &SpendRequest,
+) -> Result<u32, proxy_wasm::types::Status> {
+    let body = serde_json::to_vec(req).unwrap_or_default();
+    hostcalls::dispatch_http_call(
+        &cfg.sidecar.cluster,
+        vec![
+            (":method", "POST"),
+            (":path", "/v1/authorize"),
+            (":authority", cfg.sidecar.authority.as_str()),
+            ("content-type", "application/json"),
+        ],
+        Some(&body),
+        vec![],
+        Duration::from_millis(cfg.sidecar.timeout_ms),
+    )
+}
+
 /// The estimate of one meter from the (JSON) request body, capped.
 fn estimate_from(charge: &Charge, body: Option<&serde_json::Value>) -> u64 {
     let found = match (&charge.body_field, body) {
@@ -207,21 +228,8 @@ impl Request {
             credits: 0,
             resource: None,
         };
-        let body = serde_json::to_vec(&req).unwrap_or_default();
-        let headers = vec![
-            (":method", "POST"),
-            (":path", "/v1/authorize"),
-            (":authority", self.cfg.sidecar.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
         let now = now_ms();
-        match hostcalls::dispatch_http_call(
-            &self.cfg.sidecar.cluster,
-            headers,
-            Some(&body),
-            vec![],
-            Duration::from_millis(self.cfg.sidecar.timeout_ms),
-        ) {
+        match dispatch_authorize(&self.cfg, &req) {
             Ok(_) => {
                 self.phase = Phase::Deciding;
                 self.asked_ms = now;

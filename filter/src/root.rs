@@ -177,20 +177,7 @@ impl Root {
                 credits: 0,
                 resource: None,
             };
-            let body = serde_json::to_vec(&req).unwrap_or_default();
-            let headers = vec![
-                (":method", "POST"),
-                (":path", "/v1/authorize"),
-                (":authority", cfg.sidecar.authority.as_str()),
-                ("content-type", "application/json"),
-            ];
-            match hostcalls::dispatch_http_call(
-                &cfg.sidecar.cluster,
-                headers,
-                Some(&body),
-                vec![],
-                Duration::from_millis(cfg.sidecar.timeout_ms),
-            ) {
+            match crate::http::dispatch_authorize(&cfg, &req) {
                 Ok(token) => {
                     self.lease_calls.insert(token, ask);
                 }

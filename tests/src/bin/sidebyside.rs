@@ -103,10 +103,11 @@ fn body() -> Bytes {
     )
 }
 
-/// Closed-loop load (as fast as it goes) after a short warm-up.
-async fn drive(port: u16, conns: usize, secs: u64, keys: &Arc<Vec<String>>) -> Outcome {
+/// The benchmark request on `port`: `conns` connections, each with its own key from `keys`
+/// (connection i uses key i mod n; none when `keys` is empty).
+fn load_of(port: u16, conns: usize, secs: u64, rate: Option<u64>, keys: &Arc<Vec<String>>) -> Load {
     let k = keys.clone();
-    let mk = |secs: u64, rate: Option<u64>| Load {
+    Load {
         port,
         method: "POST",
         path: "/v1/chat/completions".into(),
@@ -114,32 +115,6 @@ async fn drive(port: u16, conns: usize, secs: u64, keys: &Arc<Vec<String>>) -> O
         connections: conns,
         duration: Duration::from_secs(secs),
         rate,
-        headers: {
-            let k = k.clone();
-            Arc::new(move |i| {
-                let mut h = vec![("content-type".to_string(), "application/json".to_string())];
-                if !k.is_empty() {
-                    h.push(("x-api-key".into(), k[i % k.len()].clone()));
-                }
-                h
-            })
-        },
-    };
-    load::run(mk(1, None)).await; // warm-up: connections, caches, V8 tiers
-    load::run(mk(secs, None)).await
-}
-
-/// Open-loop load at `rate` requests/s (latency at a given load).
-async fn paced(port: u16, conns: usize, secs: u64, rate: u64, keys: &Arc<Vec<String>>) -> Outcome {
-    let k = keys.clone();
-    load::run(Load {
-        port,
-        method: "POST",
-        path: "/v1/chat/completions".into(),
-        body: body(),
-        connections: conns,
-        duration: Duration::from_secs(secs),
-        rate: Some(rate),
         headers: Arc::new(move |i| {
             let mut h = vec![("content-type".to_string(), "application/json".to_string())];
             if !k.is_empty() {
@@ -147,8 +122,18 @@ async fn paced(port: u16, conns: usize, secs: u64, rate: u64, keys: &Arc<Vec<Str
             }
             h
         }),
-    })
-    .await
+    }
+}
+
+/// Closed-loop load (as fast as it goes) after a short warm-up.
+async fn drive(port: u16, conns: usize, secs: u64, keys: &Arc<Vec<String>>) -> Outcome {
+    load::run(load_of(port, conns, 1, None, keys)).await; // warm-up: connections, caches, V8 tiers
+    load::run(load_of(port, conns, secs, None, keys)).await
+}
+
+/// Open-loop load at `rate` requests/s (latency at a given load).
+async fn paced(port: u16, conns: usize, secs: u64, rate: u64, keys: &Arc<Vec<String>>) -> Outcome {
+    load::run(load_of(port, conns, secs, Some(rate), keys)).await
 }
 
 async fn redis_commands(url: &str) -> u64 {
