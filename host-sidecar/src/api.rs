@@ -435,6 +435,13 @@ async fn readyz(State(e): St) -> Response {
     (
         status,
         Json(serde_json::json!({
+            "mode": if !redis_ok || !e.store.breaker.closed() {
+                "redis_down"
+            } else if backlog > e.cfg.sync.backlog_alert {
+                "ledger_behind"
+            } else {
+                "normal"
+            },
             "store": e.store.kind(),
             "redis": word(redis_ok),
             "ledger": e.ledger.kind(),
@@ -447,9 +454,19 @@ async fn readyz(State(e): St) -> Response {
 }
 
 async fn metrics(State(e): St) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        e.metrics.render_with(e.cfg.sync.backlog_alert),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], {
+        let mut text = e.metrics.render_with(e.cfg.sync.backlog_alert);
+        let b = &e.store.breaker;
+        text.push_str(&format!(
+            "# HELP tollgate_redis_up 1 while Redis answers (the circuit breaker is closed).\n\
+                 # TYPE tollgate_redis_up gauge\ntollgate_redis_up {}\n\
+                 # HELP tollgate_redis_breaker_trips_total Times Redis was found unreachable.\n\
+                 # TYPE tollgate_redis_breaker_trips_total counter\n\
+                 tollgate_redis_breaker_trips_total {}\n",
+            u8::from(b.closed()),
+            b.trips.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+        text
+    })
         .into_response()
 }

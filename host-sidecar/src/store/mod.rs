@@ -10,6 +10,7 @@
 //! is a multiplexed `ConnectionManager`: concurrent requests share one socket and are pipelined
 //! by redis-rs, and it reconnects by itself.
 
+pub mod breaker;
 pub mod keys;
 pub mod scripts;
 
@@ -44,6 +45,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected script reply {0:?}")]
     Reply(String),
+    #[error("redis unreachable (circuit open; retrying shortly)")]
+    CircuitOpen,
 }
 
 /// One limit as the scripts see it: the counter of (scope, meter, period) may reach `max`.
@@ -219,6 +222,7 @@ impl redis::aio::ConnectionLike for Conn {
 #[derive(Clone)]
 pub struct Store {
     conn: Conn,
+    pub breaker: Arc<breaker::Breaker>,
     scripts: Arc<Scripts>,
     pub keys: Keyspace,
 }
@@ -234,6 +238,7 @@ impl Store {
     pub fn embedded(keys: Keyspace) -> Self {
         Self {
             conn: Conn::Embedded(tollgate_memkv::MemKv::new().conn()),
+            breaker: Arc::default(),
             scripts: Arc::new(Scripts::new()),
             keys,
         }
@@ -266,18 +271,20 @@ impl Store {
                 .await?;
             return Ok(Self {
                 conn: Conn::Cluster(conn),
+                breaker: Arc::default(),
                 scripts: Arc::new(Scripts::new()),
                 keys,
             });
         }
         let client = redis::Client::open(url)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(std::time::Duration::from_secs(2))
-            .set_response_timeout(std::time::Duration::from_secs(2))
-            .set_number_of_retries(2);
+            .set_connection_timeout(std::time::Duration::from_millis(500))
+            .set_response_timeout(std::time::Duration::from_millis(1000))
+            .set_number_of_retries(1);
         let conn = ConnectionManager::new_with_config(client, cfg).await?;
         Ok(Self {
             conn: Conn::Redis(conn),
+            breaker: Arc::default(),
             scripts: Arc::new(Scripts::new()),
             keys,
         })
@@ -300,8 +307,27 @@ impl Store {
         for a in args {
             inv.arg(a.as_str());
         }
+        if !self.breaker.allow() {
+            return Err(StoreError::CircuitOpen);
+        }
         let mut conn = self.conn.clone();
-        let (kind, body): (String, String) = inv.invoke_async(&mut conn).await?;
+        let (kind, body): (String, String) = match inv.invoke_async(&mut conn).await {
+            Ok(r) => {
+                self.breaker.success();
+                r
+            }
+            Err(e) => {
+                // A script's own error reply is Redis answering; only a failed round trip counts.
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                {
+                    self.breaker.failure();
+                }
+                return Err(e.into());
+            }
+        };
         Ok(match kind.as_str() {
             "ok" => Reply::Ok(body),
             "replay" => Reply::Replay(body),

@@ -464,6 +464,47 @@ impl PrivateRedis {
         panic!("private redis-server did not start");
     }
 
+    /// Stops the server (SIGKILL): Redis is down.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a new, empty server on the same port (no persistence: everything is gone).
+    pub async fn restart(&mut self) {
+        let port = self.url.rsplit(':').next().unwrap().to_string();
+        self.child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--maxmemory-policy", "noeviction"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        for _ in 0..200 {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not restart");
+    }
+
     pub async fn flushall(&self) {
         let client = redis::Client::open(self.url.as_str()).unwrap();
         let mut c = client.get_multiplexed_async_connection().await.unwrap();
