@@ -148,6 +148,7 @@ impl<K: Eq + Hash + Clone + Send + 'static, V: Send + Sync + 'static> Cache<K, V
     }
 }
 
+#[derive(Clone)]
 pub struct Directory {
     ledger: Ledger,
     pepper: String,

@@ -80,6 +80,9 @@ pub fn engine_on(
 ) -> anyhow::Result<Arc<Engine>> {
     let cfg = Arc::new(cfg);
     let windows = cfg.window_settings()?;
+    let degraded_slots = Arc::new(tokio::sync::Semaphore::new(
+        (cfg.postgres.max_connections as usize / 2).max(1),
+    ));
     let metrics = Arc::new(metrics::Metrics::default());
     let sync = ledger::sync::SyncWorker::new(
         ledger.clone(),
@@ -103,6 +106,10 @@ pub fn engine_on(
         clock,
         metrics,
         sync_wake: Arc::new(tokio::sync::Notify::new()),
+        // After a restart the ledger may list changes made while Redis was down: check once.
+        handback_pending: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        handback_lock: Arc::default(),
+        degraded_slots,
     }))
 }
 
@@ -135,6 +142,12 @@ pub fn spawn_background(engine: &Arc<Engine>) -> Vec<JoinHandle<()>> {
         async move {
             loop {
                 tokio::time::sleep(every).await;
+                // Other sidecars may have decided from PostgreSQL while Redis was down.
+                e.handback_pending
+                    .store(true, std::sync::atomic::Ordering::Release);
+                if let Err(err) = e.hand_back().await {
+                    tracing::warn!(error = %err, "hand-back to Redis failed; will retry");
+                }
                 if let Err(err) = e.sweep_once().await {
                     tracing::warn!(error = %err, "hold sweep failed; will retry");
                 }

@@ -553,11 +553,11 @@ async fn fault_flushall_under_load() {
     assert_eq!(differ, 0, "Redis and the ledger agree after recovery");
 }
 
-/// Redis stopped for 3 s under load, then back empty (no persistence): while it is down every
-/// decision is answered at once with 503 (the circuit breaker; the filter applies the route's
-/// failure mode) and /readyz says so; when it is back, decisions resume (each account rebuilt
-/// from the ledger), Redis and the ledger agree, and what was lost is the sync-lag tail, reported.
-/// Deciding *from PostgreSQL* while Redis is down is not built yet.
+/// Redis stopped for ~4.5 s under load, then back empty (no persistence). After the first
+/// failed round trips the circuit breaker opens and every decision is made from PostgreSQL
+/// instead (under the account's row lock, by the same Lua script on a private key space), so
+/// decisions go on; /readyz says `redis_down`. When Redis is back the accounts changed meanwhile
+/// are rebuilt from the ledger. What is lost is only what Redis had not synced when it stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_redis_stopped_under_load() {
     let mut env = {
@@ -603,6 +603,7 @@ async fn fault_redis_stopped_under_load() {
     redis.stop();
     let stopped = Instant::now();
     let failed_before = ack.failed.load(Ordering::Relaxed);
+    let decisions_at_stop = ack.decisions.load(Ordering::Relaxed);
     // While it is down: a decision fails fast, and readiness says why.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let probe = Instant::now();
@@ -623,6 +624,7 @@ async fn fault_redis_stopped_under_load() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let failed_down = ack.failed.load(Ordering::Relaxed) - failed_before;
     let decisions_at_restart = ack.decisions.load(Ordering::Relaxed);
+    let decided_down = decisions_at_restart - decisions_at_stop;
     env.private_redis.as_mut().unwrap().restart().await;
     let down_ms = stopped.elapsed().as_millis();
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -673,20 +675,28 @@ async fn fault_redis_stopped_under_load() {
             differ += i64::from(r.unwrap_or(0) != used);
         }
     }
+    let mut doubled = 0;
+    for i in 0..6 {
+        doubled += env
+            .sql_i64(
+                "SELECT count(*) - count(DISTINCT hold_id) FROM ledger WHERE account_id = $1 AND kind = 'hold'",
+                &format!("acct{i}"),
+            )
+            .await;
+    }
     println!(
-        "fault: Redis stopped for {down_ms} ms under load (6 callers) — {failed_down} calls \
-         refused while it was down (a decision then took {probe_ms} ms: status {status}, readyz \
-         mode {}), {after} decisions after it came back empty; lost {lost} acknowledged holds, \
-         all from the last {oldest_ms} ms before it stopped (the sync lag); afterwards {differ} \
-         counters differ between Redis and the ledger",
+        "fault: Redis stopped for {down_ms} ms under load (6 callers) — {decided_down} decisions \
+         made from PostgreSQL while it was down ({failed_down} calls failed while the breaker \
+         tripped; a decision then took {probe_ms} ms, status {status}, readyz mode {}), {after} \
+         decisions after it came back empty; lost {lost} acknowledged holds, all from the last \
+         {oldest_ms} ms before it stopped (the sync lag), double-charged {doubled}; afterwards \
+         {differ} counters differ between Redis and the ledger",
         ready["mode"]
     );
-    assert_eq!(status, 503, "no decision while Redis is down");
-    assert!(
-        probe_ms < 500,
-        "fails fast, not after timeouts ({probe_ms} ms)"
-    );
+    assert_eq!(status, 200, "decided from PostgreSQL while Redis is down");
+    assert!(decided_down > 0, "decisions go on while Redis is down");
     assert_eq!(ready["mode"], "redis_down");
+    assert_eq!(doubled, 0, "nothing charged twice");
     assert!(after > 0, "decisions resume when Redis is back");
     assert!(oldest_ms <= 1000, "only the sync-lag tail may be lost");
     assert_eq!(differ, 0, "Redis and the ledger agree afterwards");

@@ -75,8 +75,26 @@ impl Engine {
             .map(|t| t + window)
             .filter(|u| *u > now as i64)
             .unwrap_or(0) as u64;
+        let args = self.load_args(acct, st, now, recheck_until);
+        self.store.load(acct, &args).await?;
+        tracing::info!(
+            account = acct,
+            recheck_until,
+            "account state loaded from the ledger"
+        );
+        Ok(())
+    }
+
+    /// What a load installs for `acct`: its remaining state from the ledger.
+    pub(crate) fn load_args(
+        &self,
+        acct: &str,
+        st: crate::ledger::AccountState,
+        now: u64,
+        recheck_until: u64,
+    ) -> LoadArgs {
         let keys = &self.store.keys;
-        let args = LoadArgs {
+        LoadArgs {
             now,
             recheck_until,
             counters: st
@@ -92,14 +110,7 @@ impl Engine {
                 .into_iter()
                 .map(|(id, rec, fp, ares, exp)| (keys.hold(acct, &id), id, rec, fp, ares, exp))
                 .collect(),
-        };
-        self.store.load(acct, &args).await?;
-        tracing::info!(
-            account = acct,
-            recheck_until,
-            "account state loaded from the ledger"
-        );
-        Ok(())
+        }
     }
 
     /// Just after a cold load, an idempotency key may have been used before Redis lost its

@@ -8,6 +8,7 @@
 
 mod admin;
 mod coldload;
+mod degraded;
 mod settle;
 mod spend;
 
@@ -37,9 +38,16 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     /// Wakes the sync worker after a change, so the ledger lags by milliseconds, not a tick.
     pub sync_wake: Arc<tokio::sync::Notify>,
+    /// Set when decisions were made from PostgreSQL: Redis state must be dropped before the
+    /// next decision in Redis (see `degraded.rs`).
+    pub handback_pending: Arc<std::sync::atomic::AtomicBool>,
+    pub handback_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Decisions made from PostgreSQL at once: each holds two connections while it runs.
+    pub degraded_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The resolved caller of a spend request.
+#[derive(Clone)]
 pub(crate) struct Caller {
     pub account: Arc<Account>,
     pub key: Option<Arc<KeyRow>>,

@@ -98,6 +98,36 @@ impl Engine {
         credit: u64,
         fp: &str,
     ) -> Result<(Settlement, bool), ApiError> {
+        if self.redis_down() {
+            let (acct, _) = split_hold_id(hold_id)?;
+            let acct = acct.to_string();
+            let (hold, status, meters, fp) = (
+                hold_id.to_string(),
+                status.to_string(),
+                meters.clone(),
+                fp.to_string(),
+            );
+            return self
+                .via_ledger(&acct, move |e| async move {
+                    e.settle_in_store(&hold, &status, &meters, credit, &fp)
+                        .await
+                })
+                .await;
+        }
+        self.hand_back().await?;
+        self.settle_in_store(hold_id, status, meters, credit, fp)
+            .await
+    }
+
+    /// The settlement in the store this engine has (Redis, or a private key space).
+    async fn settle_in_store(
+        &self,
+        hold_id: &str,
+        status: &str,
+        meters: &Meters,
+        credit: u64,
+        fp: &str,
+    ) -> Result<(Settlement, bool), ApiError> {
         let started = Instant::now();
         let (acct, _) = split_hold_id(hold_id)?;
         if self.directory.account(acct).await?.is_none() {

@@ -115,6 +115,27 @@ impl Engine {
         caller: &Caller,
         credit: u64,
     ) -> Result<(Decision, bool), ApiError> {
+        if self.redis_down() {
+            let (req, caller) = (req.clone(), caller.clone());
+            let acct = caller.account.row.id.clone();
+            return self
+                .via_ledger(&acct, move |e| async move {
+                    e.spend_in_store(op, &req, &caller, credit).await
+                })
+                .await;
+        }
+        self.hand_back().await?;
+        self.spend_in_store(op, req, caller, credit).await
+    }
+
+    /// The decision in the store this engine has (Redis, or a private key space).
+    async fn spend_in_store(
+        &self,
+        op: Op,
+        req: &SpendRequest,
+        caller: &Caller,
+        credit: u64,
+    ) -> Result<(Decision, bool), ApiError> {
         let acct = caller.account.row.id.as_str();
         let key_id = caller.key.as_ref().map(|k| k.id.as_str());
         let fp = fingerprint(&SpendPrint {

@@ -737,6 +737,39 @@ impl SyncWorker {
         Ok(n)
     }
 
+    /// Writes every entry of every shard's outbox into the ledger inside `tx` (event ids
+    /// `<label>:<stream id>`), for a key space private to one decision (the degraded path).
+    /// Returns the (account, hold) pairs the entries touched.
+    pub(crate) async fn apply_all_pg(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        label: &str,
+    ) -> Result<Vec<(String, String)>, SyncError> {
+        let mut touched = Vec::new();
+        for shard in 0..self.redis.keys.shards() {
+            let entries = self.read(shard, "0-0", 10_000).await?;
+            if entries.is_empty() {
+                continue;
+            }
+            for (_, fields) in &entries {
+                let ev = fields
+                    .chunks(2)
+                    .find(|kv| kv.first().map(String::as_str) == Some("e"))
+                    .and_then(|kv| kv.get(1))
+                    .and_then(|p| serde_json::from_str::<Value>(p).ok());
+                if let Some(ev) = ev {
+                    let acct = ev["acct"].as_str().unwrap_or_default().to_string();
+                    let hold = ev["hold"].as_str().unwrap_or_default().to_string();
+                    touched.push((acct, hold));
+                }
+            }
+            self.batch_of(shard, label, entries)
+                .write_pg(tx, shard as i32)
+                .await?;
+        }
+        Ok(touched)
+    }
+
     /// Parses a shard's outbox entries into one batch of ledger rows.
     fn batch_of(&self, shard: u32, epoch: &str, entries: Entries) -> Batch {
         let now = self.clock.now_ms() as i64;

@@ -1,0 +1,183 @@
+//! Deciding from PostgreSQL while Redis is down, and handing back when it returns.
+//!
+//! While the circuit breaker says Redis is unreachable, each decision for an account runs in
+//! one PostgreSQL transaction that holds the account's row lock (`SELECT … FOR UPDATE`), so
+//! decisions on one account are serialized across every sidecar. Inside it the account's
+//! remaining state is loaded from the ledger into a key space private to this decision (the
+//! embedded store), the *same* Lua script decides there, and the change it emits is written to
+//! the ledger in the same transaction — slower than Redis, exact against the ledger. Every idempotency
+//! key not found is looked up in the ledger (the load sets the re-check window to "always").
+//!
+//! The account and the holds it touched are recorded in `degraded_changes`. When Redis answers
+//! again, before the next decision in Redis, their Redis state is dropped — the account's state
+//! hash and grants, the touched hold records — so the next request rebuilds the account from
+//! the ledger (after the Redis outbox backlog that survived has been applied, as any cold load).
+//!
+//! Limits of this mode: what Redis had not yet synced when it became unreachable is not in the
+//! ledger, so decisions made from PostgreSQL do not see it (the sync lag's worth of usage); and a
+//! sidecar that still reaches Redis while another does not decides in Redis meanwhile — Redis
+//! being down is expected to be seen by every sidecar at once.
+
+use super::Engine;
+use crate::error::ApiError;
+use crate::ledger::Db;
+use crate::store::Store;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl Engine {
+    /// Whether this decision is to be made from PostgreSQL. While the breaker is open it is,
+    /// except that once per pause one decision goes to Redis as the probe (`Breaker::allow`):
+    /// call this once per decision.
+    pub(crate) fn redis_down(&self) -> bool {
+        matches!(self.ledger.db(), Db::Pg(_))
+            && self.store.kind() != "embedded"
+            && !self.store.breaker.allow()
+    }
+
+    /// Runs `op` for account `acct` against a private key space loaded from the ledger, under
+    /// the account's row lock, and writes what it changed to the ledger in the same transaction.
+    pub(crate) async fn via_ledger<T, F, Fut>(&self, acct: &str, op: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(Arc<Engine>) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        let Db::Pg(pool) = self.ledger.db() else {
+            return Err(ApiError::Unavailable("the store is unreachable".into()));
+        };
+        let _slot = self
+            .degraded_slots
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
+        let mut tx = pool.begin().await?;
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE")
+                .bind(acct)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if found.is_none() {
+            // Unknown account: the normal path gives the normal answer (no state to lock).
+            return op(self.private_engine()).await;
+        }
+        let now = self.clock.now_ms();
+        let st = self.ledger.account_state(acct, now as i64).await?;
+        let private = self.private_engine();
+        let args = private.load_args(acct, st, now, u64::MAX / 4);
+        private.store.load(acct, &args).await?;
+        let out = op(private.clone()).await;
+        let label = crate::apikey::new_id("dg");
+        let touched = private.sync.apply_all_pg(&mut tx, &label).await?;
+        for (a, hold) in touched
+            .into_iter()
+            .chain(std::iter::once((acct.to_string(), String::new())))
+        {
+            sqlx::query(
+                "INSERT INTO degraded_changes (prefix, account_id, hold_id) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(self.ledger.prefix())
+            .bind(&a)
+            .bind(&hold)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.handback_pending.store(true, Ordering::Release);
+        out
+    }
+
+    /// An engine like this one on a fresh embedded key space (same configuration, ledger,
+    /// directory cache and metrics).
+    fn private_engine(&self) -> Arc<Engine> {
+        let store = Store::embedded(self.store.keys.clone());
+        Arc::new(Engine {
+            cfg: self.cfg.clone(),
+            windows: self.windows,
+            sync: crate::ledger::sync::SyncWorker::new(
+                self.ledger.clone(),
+                store.clone(),
+                self.cfg.sync.batch,
+                self.metrics.clone(),
+                self.clock.clone(),
+            ),
+            store,
+            ledger: self.ledger.clone(),
+            directory: self.directory.clone(),
+            clock: self.clock.clone(),
+            metrics: self.metrics.clone(),
+            sync_wake: Arc::new(tokio::sync::Notify::new()),
+            handback_pending: Arc::default(),
+            handback_lock: Arc::default(),
+            degraded_slots: self.degraded_slots.clone(),
+        })
+    }
+
+    /// Drops the Redis state of what was changed from PostgreSQL, once Redis answers again.
+    /// Cheap when there is nothing to do; safe to run on several sidecars at once.
+    pub async fn hand_back(&self) -> Result<(), ApiError> {
+        if !matches!(self.ledger.db(), Db::Pg(_))
+            || self.store.kind() == "embedded"
+            || !self.handback_pending.load(Ordering::Acquire)
+            || !self.store.breaker.closed()
+        {
+            return Ok(());
+        }
+        let _one = self.handback_lock.lock().await;
+        if !self.handback_pending.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let rows: Vec<(String, String)> = match self.ledger.db() {
+            Db::Pg(p) => {
+                sqlx::query_as("SELECT account_id, hold_id FROM degraded_changes WHERE prefix = $1")
+                    .bind(self.ledger.prefix())
+                    .fetch_all(p)
+                    .await?
+            }
+            Db::Lite(_) => Vec::new(),
+        };
+        let keys = &self.store.keys;
+        let mut conn = self.store.conn();
+        for (acct, hold) in &rows {
+            let mut del = redis::cmd("DEL");
+            if hold.is_empty() {
+                del.arg(keys.account(acct))
+                    .arg(keys.grant_order(acct))
+                    .arg(keys.grant_remaining(acct));
+            } else {
+                del.arg(keys.hold(acct, hold));
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(keys.holds(keys.shard_of(acct)))
+                    .arg(hold)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(crate::store::StoreError::from)?;
+            }
+            let _: i64 = del
+                .query_async(&mut conn)
+                .await
+                .map_err(crate::store::StoreError::from)?;
+        }
+        if let Db::Pg(p) = self.ledger.db() {
+            for (acct, hold) in &rows {
+                sqlx::query(
+                    "DELETE FROM degraded_changes WHERE prefix = $1 AND account_id = $2 AND hold_id = $3",
+                )
+                .bind(self.ledger.prefix())
+                .bind(acct)
+                .bind(hold)
+                .execute(p)
+                .await?;
+            }
+        }
+        if !rows.is_empty() {
+            tracing::info!(
+                changes = rows.len(),
+                "Redis is back: state changed meanwhile dropped, to be rebuilt from the ledger"
+            );
+        }
+        self.handback_pending.store(false, Ordering::Release);
+        Ok(())
+    }
+}
