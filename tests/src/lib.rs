@@ -11,6 +11,7 @@
 //! response headers 2, call response headers 6. Buffers: request body 0, response body 1, call
 //! response body 4, plugin configuration 7.
 
+pub mod cluster;
 pub mod envoy;
 pub mod load;
 pub mod mock;

@@ -673,3 +673,114 @@ async fn a_leased_route_through_envoy_on_redis_and_postgres() {
 async fn a_leased_route_through_envoy_on_the_embedded_store() {
     leased_route_through_envoy(Backend::Embedded).await
 }
+
+/// Scale-out on a Redis Cluster: two sidecars on a local 3-master cluster and one PostgreSQL,
+/// each behind its own Envoy; one key's requests alternate between the two Envoys, and together
+/// they admit exactly the daily limit, charged once each in the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_envoys_and_two_sidecars_share_a_redis_cluster() {
+    let cluster = wasm_host::cluster::LocalCluster::start().await;
+    let run = tollgate_sidecar::apikey::new_id("tgt");
+    let mut cfg = sidecar_config(Backend::RedisPostgres, &run);
+    cfg.redis.url = Some(cluster.url());
+    let limit = 30u64;
+    let text = format!(
+        "{SIDECAR}\n[plans.shared]\nlimits = [{{ meter = \"requests\", window = \"day\", max = {limit} }}]\n"
+    );
+    cfg.plans = Config::from_toml(&text).unwrap().plans;
+    let mut envoys = Vec::new();
+    let mut engines = Vec::new();
+    let up_port = wasm_host::mock::start().await.unwrap();
+    for _ in 0..2 {
+        let engine = tollgate_sidecar::build_engine(cfg.clone(), Arc::new(SystemClock))
+            .await
+            .unwrap();
+        let _ = tollgate_sidecar::spawn_background(&engine);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(tollgate_sidecar::serve(engine.clone(), listener));
+        envoys.push(
+            Envoy::start(
+                up_port,
+                port,
+                &wasm_host::wasm_path(),
+                &filter_config("tollgate_sidecar"),
+            )
+            .unwrap(),
+        );
+        engines.push(engine);
+    }
+    let engine = engines[0].clone();
+    engine
+        .create_account(serde_json::from_value(json!({"id": "acme", "plan": "shared"})).unwrap())
+        .await
+        .unwrap();
+    let key = engine
+        .create_key("acme", Default::default())
+        .await
+        .unwrap()
+        .1;
+    engine
+        .grant(
+            "acme",
+            serde_json::from_value(json!({"grant_id": "pack", "amount": 100000})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let sends = (0..50).map(|i| {
+        let url = format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            envoys[i % 2].port
+        );
+        let (http, key) = (http.clone(), key.clone());
+        async move {
+            http.post(url)
+                .header("x-api-key", key)
+                .header("x-request-id", format!("cl-{i}"))
+                .json(&json!({"max_tokens": 5}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    });
+    let statuses = futures::future::join_all(sends).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
+    let limited = statuses.iter().filter(|s| **s == 429).count() as u64;
+    assert_eq!((ok, limited), (limit, 50 - limit), "{statuses:?}");
+    // Once both filters have settled and the ledger synced: each admitted request once.
+    let mut used = 0;
+    for _ in 0..100 {
+        for e in &engines {
+            while e.sync.sync_all().await.unwrap() > 0 {}
+        }
+        let commits = engine
+            .ledger
+            .history("acme", 0, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == "commit")
+            .count() as u64;
+        used = engine
+            .ledger
+            .usage_of("acme")
+            .await
+            .unwrap()
+            .iter()
+            .filter(|u| u.1 == "requests")
+            .map(|u| u.3)
+            .sum::<i64>() as u64;
+        if commits == limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(used, limit, "the ledger counts each admitted request once");
+    drop(envoys);
+    for e in engines {
+        e.ledger.close().await;
+    }
+    drop(cluster);
+}
