@@ -86,6 +86,110 @@ async fn caller(
     }
 }
 
+/// `n` accounts `acct0`… on the big plan with a million credits; their API keys.
+async fn big_accounts(env: &Env, n: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let id = format!("acct{i}");
+        keys.push(env.account(&id, "big", "UTC").await);
+        env.grant(&id, "g", 1_000_000, json!({})).await;
+    }
+    keys
+}
+
+/// One [`caller`] per key, against `bases`, with request ids tagged `<tag><i>`.
+fn start_callers(
+    http: &reqwest::Client,
+    bases: Vec<String>,
+    keys: &[String],
+    tag: &str,
+    stop: &Arc<AtomicBool>,
+    ack: &Arc<Acknowledged>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            tokio::spawn(caller(
+                http.clone(),
+                bases.clone(),
+                k.clone(),
+                format!("{tag}{i}"),
+                stop.clone(),
+                ack.clone(),
+            ))
+        })
+        .collect()
+}
+
+/// The sync worker as a running sidecar has it (a test environment starts no background tasks).
+fn keep_syncing(e: Arc<tollgate_sidecar::engine::Engine>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let _ = e.sync.sync_all().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+/// Counters of `acct0`… that differ between Redis and the ledger (a counter not in Redis counts
+/// as 0, or is skipped with `absent_ok`: an account not rebuilt yet).
+async fn counters_differing(env: &Env, n: usize, absent_ok: bool) -> i64 {
+    let e = env.engine();
+    let mut conn = e.store.conn();
+    let mut differ = 0;
+    for i in 0..n {
+        let acct = format!("acct{i}");
+        for (scope, meter, period, used, _) in e.ledger.usage_of(&acct).await.unwrap() {
+            let r: Option<i64> = redis::AsyncCommands::get(
+                &mut conn,
+                e.store.keys.counter(&acct, &scope, &meter, &period),
+            )
+            .await
+            .unwrap();
+            if !(absent_ok && r.is_none()) && r.unwrap_or(0) != used {
+                differ += 1;
+            }
+        }
+    }
+    differ
+}
+
+/// Ledger rows of these kinds beyond one per hold, over `acct0`….
+async fn doubled(env: &Env, n: usize, kinds: &[&str]) -> i64 {
+    let mut extra = 0;
+    for i in 0..n {
+        for kind in kinds {
+            extra += env
+                .sql_i64(
+                    &format!(
+                        "SELECT count(*) - count(DISTINCT hold_id) FROM ledger \
+                         WHERE account_id = $1 AND kind = '{kind}'"
+                    ),
+                    &format!("acct{i}"),
+                )
+                .await;
+        }
+    }
+    extra
+}
+
+/// Waits (at most 10 s) until the store's outbox is empty.
+async fn drained(env: &Env) {
+    for _ in 0..200 {
+        if env
+            .engine()
+            .sync
+            .backlog()
+            .await
+            .map(|n| n == 0)
+            .unwrap_or(false)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// PostgreSQL unreachable for 3 s under load: every decision is still made (Redis is the
 /// real-time truth), the backlog grows and is reported, and when PostgreSQL is back it drains
 /// exactly once — the ledger then holds every acknowledged hold and commit, once.
@@ -98,38 +202,20 @@ async fn fault_postgres_cut_under_load() {
         &format!("postgres://postgres@127.0.0.1:{}", proxy.port),
     )
     .await;
-    let mut keys = Vec::new();
-    for i in 0..8 {
-        let id = format!("acct{i}");
-        keys.push(env.account(&id, "big", "UTC").await);
-        env.grant(&id, "g", 1_000_000, json!({})).await;
-    }
+    let keys = big_accounts(&env, 8).await;
     env.sync().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let ack = Arc::new(Acknowledged::default());
-    let tasks: Vec<_> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            tokio::spawn(caller(
-                env.http.clone(),
-                vec![env.base(0).to_string()],
-                k.clone(),
-                format!("pg{i}"),
-                stop.clone(),
-                ack.clone(),
-            ))
-        })
-        .collect();
-    // The sync worker, as a running sidecar has it.
-    let e = env.engine().clone();
-    let syncing = tokio::spawn(async move {
-        loop {
-            let _ = e.sync.sync_all().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
+    let tasks = start_callers(
+        &env.http,
+        vec![env.base(0).to_string()],
+        &keys,
+        "pg",
+        &stop,
+        &ack,
+    );
+    let syncing = keep_syncing(env.engine().clone());
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let before_cut = ack.decisions.load(Ordering::Relaxed);
     proxy.cut();
@@ -332,20 +418,7 @@ async fn fault_sidecar_killed_five_times_under_load() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let ack = Arc::new(Acknowledged::default());
-    let tasks: Vec<_> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            tokio::spawn(caller(
-                http.clone(),
-                vec![a.base(), b.base()],
-                k.clone(),
-                format!("kill{i}"),
-                stop.clone(),
-                ack.clone(),
-            ))
-        })
-        .collect();
+    let tasks = start_callers(&http, vec![a.base(), b.base()], &keys, "kill", &stop, &ack);
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         a.kill9();
@@ -454,36 +527,19 @@ async fn fault_flushall_under_load() {
         e.add_sidecar().await;
         e
     };
-    let mut keys = Vec::new();
-    for i in 0..8 {
-        let id = format!("acct{i}");
-        keys.push(env.account(&id, "big", "UTC").await);
-        env.grant(&id, "g", 1_000_000, json!({})).await;
-    }
+    let keys = big_accounts(&env, 8).await;
     env.sync().await;
     let stop = Arc::new(AtomicBool::new(false));
     let ack = Arc::new(Acknowledged::default());
-    let tasks: Vec<_> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            tokio::spawn(caller(
-                env.http.clone(),
-                vec![env.base(0).to_string()],
-                k.clone(),
-                format!("fl{i}"),
-                stop.clone(),
-                ack.clone(),
-            ))
-        })
-        .collect();
-    let e = env.engine().clone();
-    let syncing = tokio::spawn(async move {
-        loop {
-            let _ = e.sync.sync_all().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
+    let tasks = start_callers(
+        &env.http,
+        vec![env.base(0).to_string()],
+        &keys,
+        "fl",
+        &stop,
+        &ack,
+    );
+    let syncing = keep_syncing(env.engine().clone());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = ack.decisions.load(Ordering::Relaxed);
     env.flushall().await;
@@ -515,23 +571,7 @@ async fn fault_flushall_under_load() {
         .max()
         .unwrap_or(0);
     // After recovery every counter in Redis equals the ledger's.
-    let e = env.engine();
-    let mut conn = e.store.conn();
-    let mut differ = 0;
-    for i in 0..8 {
-        let acct = format!("acct{i}");
-        for (scope, meter, period, used, _) in e.ledger.usage_of(&acct).await.unwrap() {
-            let r: Option<i64> = redis::AsyncCommands::get(
-                &mut conn,
-                e.store.keys.counter(&acct, &scope, &meter, &period),
-            )
-            .await
-            .unwrap();
-            if r.unwrap_or(0) != used {
-                differ += 1;
-            }
-        }
-    }
+    let differ = counters_differing(&env, 8, false).await;
     let failed = ack.failed.load(Ordering::Relaxed);
     println!(
         "fault: Redis FLUSHALL under load (8 callers) — {} decisions ({} after the flush), {failed} \
@@ -568,36 +608,19 @@ async fn fault_redis_stopped_under_load() {
         e.add_sidecar().await;
         e
     };
-    let mut keys = Vec::new();
-    for i in 0..6 {
-        let id = format!("acct{i}");
-        keys.push(env.account(&id, "big", "UTC").await);
-        env.grant(&id, "g", 1_000_000, json!({})).await;
-    }
+    let keys = big_accounts(&env, 6).await;
     env.sync().await;
     let stop = Arc::new(AtomicBool::new(false));
     let ack = Arc::new(Acknowledged::default());
-    let tasks: Vec<_> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            tokio::spawn(caller(
-                env.http.clone(),
-                vec![env.base(0).to_string()],
-                k.clone(),
-                format!("rd{i}"),
-                stop.clone(),
-                ack.clone(),
-            ))
-        })
-        .collect();
-    let e = env.engine().clone();
-    let syncing = tokio::spawn(async move {
-        loop {
-            let _ = e.sync.sync_all().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
+    let tasks = start_callers(
+        &env.http,
+        vec![env.base(0).to_string()],
+        &keys,
+        "rd",
+        &stop,
+        &ack,
+    );
+    let syncing = keep_syncing(env.engine().clone());
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let redis = env.private_redis.as_mut().unwrap();
     redis.stop();
@@ -633,19 +656,7 @@ async fn fault_redis_stopped_under_load() {
         t.await.unwrap();
     }
     let after = ack.decisions.load(Ordering::Relaxed) - decisions_at_restart;
-    for _ in 0..100 {
-        if env
-            .engine()
-            .sync
-            .backlog()
-            .await
-            .map(|n| n == 0)
-            .unwrap_or(false)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    drained(&env).await;
     syncing.abort();
     env.sync().await;
 
@@ -660,30 +671,8 @@ async fn fault_redis_stopped_under_load() {
             oldest_ms = oldest_ms.max(stopped.saturating_duration_since(when[h]).as_millis());
         }
     }
-    let e = env.engine();
-    let mut conn = e.store.conn();
-    let mut differ = 0;
-    for i in 0..6 {
-        let acct = format!("acct{i}");
-        for (scope, meter, period, used, _) in e.ledger.usage_of(&acct).await.unwrap() {
-            let r: Option<i64> = redis::AsyncCommands::get(
-                &mut conn,
-                e.store.keys.counter(&acct, &scope, &meter, &period),
-            )
-            .await
-            .unwrap();
-            differ += i64::from(r.unwrap_or(0) != used);
-        }
-    }
-    let mut doubled = 0;
-    for i in 0..6 {
-        doubled += env
-            .sql_i64(
-                "SELECT count(*) - count(DISTINCT hold_id) FROM ledger WHERE account_id = $1 AND kind = 'hold'",
-                &format!("acct{i}"),
-            )
-            .await;
-    }
+    let differ = counters_differing(&env, 6, false).await;
+    let doubled = doubled(&env, 6, &["hold"]).await;
     println!(
         "fault: Redis stopped for {down_ms} ms under load (6 callers) — {decided_down} decisions \
          made from PostgreSQL while it was down ({failed_down} calls failed while the breaker \
@@ -714,29 +703,18 @@ async fn fault_redis_network_cut_under_load() {
     let url = format!("redis://127.0.0.1:{}", proxy.port);
     let mut env = Env::build(Backend::RedisPostgres, 0, BIG_PLAN, &url, Some(redis)).await;
     env.add_sidecar().await;
-    let mut keys = Vec::new();
-    for i in 0..6 {
-        let id = format!("acct{i}");
-        keys.push(env.account(&id, "big", "UTC").await);
-        env.grant(&id, "g", 1_000_000, json!({})).await;
-    }
+    let keys = big_accounts(&env, 6).await;
     env.sync().await;
     let stop = Arc::new(AtomicBool::new(false));
     let ack = Arc::new(Acknowledged::default());
-    let tasks: Vec<_> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            tokio::spawn(caller(
-                env.http.clone(),
-                vec![env.base(0).to_string()],
-                k.clone(),
-                format!("nc{i}"),
-                stop.clone(),
-                ack.clone(),
-            ))
-        })
-        .collect();
+    let tasks = start_callers(
+        &env.http,
+        vec![env.base(0).to_string()],
+        &keys,
+        "nc",
+        &stop,
+        &ack,
+    );
     let e = env.engine().clone();
     let background = tokio::spawn(async move {
         loop {
@@ -758,19 +736,7 @@ async fn fault_redis_network_cut_under_load() {
     for t in tasks {
         t.await.unwrap();
     }
-    for _ in 0..200 {
-        if env
-            .engine()
-            .sync
-            .backlog()
-            .await
-            .map(|n| n == 0)
-            .unwrap_or(false)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    drained(&env).await;
     background.abort();
     env.sync().await;
 
@@ -785,34 +751,10 @@ async fn fault_redis_network_cut_under_load() {
             Some(_) => {}
         }
     }
-    let mut doubled = 0;
-    let e = env.engine();
-    let mut conn = e.store.conn();
-    let mut differ = 0;
-    for i in 0..6 {
-        let acct = format!("acct{i}");
-        for kind in ["hold", "commit"] {
-            doubled += env
-                .sql_i64(
-                    &format!(
-                        "SELECT count(*) - count(DISTINCT hold_id) FROM ledger \
-                         WHERE account_id = $1 AND kind = '{kind}'"
-                    ),
-                    &acct,
-                )
-                .await;
-        }
-        // A first decision in Redis after the cut rebuilds changed accounts; compare after it.
-        for (scope, meter, period, used, _) in e.ledger.usage_of(&acct).await.unwrap() {
-            let r: Option<i64> = redis::AsyncCommands::get(
-                &mut conn,
-                e.store.keys.counter(&acct, &scope, &meter, &period),
-            )
-            .await
-            .unwrap();
-            differ += i64::from(r.is_some() && r.unwrap_or(0) != used);
-        }
-    }
+    let doubled = doubled(&env, 6, &["hold", "commit"]).await;
+    // An account changed during the cut is rebuilt by its next decision in Redis: until then
+    // its counters are absent there, not different.
+    let differ = counters_differing(&env, 6, true).await;
     let failed = ack.failed.load(Ordering::Relaxed);
     println!(
         "fault: Redis network cut for 3 s under load (6 callers), Redis keeping its data — \

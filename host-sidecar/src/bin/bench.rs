@@ -50,24 +50,6 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn redis_commands(url: &str) -> u64 {
-    let Ok(client) = redis::Client::open(url) else {
-        return 0;
-    };
-    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
-        return 0;
-    };
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(&mut c)
-        .await
-        .unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let seconds = arg("--seconds", 10);
@@ -109,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
     while engine.sync.sync_all().await? > 0 {}
 
     eprintln!("running {seconds}s with {concurrency} concurrent callers ...");
-    let commands_before = redis_commands(&redis_url).await;
+    let commands_before = tollgate_sidecar::store::commands_processed(&redis_url).await;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -183,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let commands = redis_commands(&redis_url)
+    let commands = tollgate_sidecar::store::commands_processed(&redis_url)
         .await
         .saturating_sub(commands_before);
     // Drain: how long until the ledger has everything.

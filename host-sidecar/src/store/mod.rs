@@ -227,6 +227,26 @@ pub struct Store {
     pub keys: Keyspace,
 }
 
+/// Commands a Redis server has executed since it started (`INFO stats`), including those run
+/// inside scripts; 0 when it cannot be asked. For benchmarks.
+pub async fn commands_processed(url: &str) -> u64 {
+    let Ok(client) = redis::Client::open(url) else {
+        return 0;
+    };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+        return 0;
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn json<T: Serialize>(v: &T) -> String {
     // Serializing plain structs of strings and integers cannot fail.
     serde_json::to_string(v).unwrap_or_default()

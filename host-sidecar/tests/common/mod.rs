@@ -60,34 +60,25 @@ pub enum Backend {
 /// `conformance! { async fn name(backend: Backend) { ... } }`.
 #[macro_export]
 macro_rules! conformance {
-    ($( $(#[$meta:meta])* async fn $name:ident($b:ident: Backend) $body:block )*) => {
-        mod redis_postgres {
+    ($($tests:tt)*) => {
+        $crate::conformance_on!(redis_postgres, RedisPostgres, $($tests)*);
+        $crate::conformance_on!(redis_cluster, RedisCluster, $($tests)*);
+        $crate::conformance_on!(embedded, Embedded, $($tests)*);
+    };
+}
+
+/// The tests of [`conformance!`] in module `$module`, each on `Backend::$backend`.
+#[macro_export]
+macro_rules! conformance_on {
+    ($module:ident, $backend:ident,
+     $( $(#[$meta:meta])* async fn $name:ident($b:ident: Backend) $body:block )*) => {
+        mod $module {
             #[allow(unused_imports)]
             use super::*;
             $( $(#[$meta])*
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let $b = $crate::common::Backend::RedisPostgres;
-                $body
-            } )*
-        }
-        mod redis_cluster {
-            #[allow(unused_imports)]
-            use super::*;
-            $( $(#[$meta])*
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let $b = $crate::common::Backend::RedisCluster;
-                $body
-            } )*
-        }
-        mod embedded {
-            #[allow(unused_imports)]
-            use super::*;
-            $( $(#[$meta])*
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let $b = $crate::common::Backend::Embedded;
+                let $b = $crate::common::Backend::$backend;
                 $body
             } )*
         }

@@ -136,24 +136,6 @@ async fn paced(port: u16, conns: usize, secs: u64, rate: u64, keys: &Arc<Vec<Str
     load::run(load_of(port, conns, secs, Some(rate), keys)).await
 }
 
-async fn redis_commands(url: &str) -> u64 {
-    let Ok(client) = redis::Client::open(url) else {
-        return 0;
-    };
-    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
-        return 0;
-    };
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(&mut c)
-        .await
-        .unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// A sidecar process on `store` with `conns` accounts and keys, credits for the whole run.
 struct Tollgate {
     process: SidecarProcess,
@@ -318,9 +300,11 @@ async fn main() -> Result<()> {
         let envoy = Envoy::start_with(upstream, tg.port, Some((&filter, &filter_config(None))))?;
         let keys = Arc::new(tg.keys.clone());
         let hot = Arc::new(vec![tg.keys[0].clone()]);
-        let cmds_before = redis_commands(&redis_url).await;
+        let cmds_before = tollgate_sidecar::store::commands_processed(&redis_url).await;
         let out = drive(envoy.port, conns, secs, &keys).await;
-        let cmds = redis_commands(&redis_url).await.saturating_sub(cmds_before);
+        let cmds = tollgate_sidecar::store::commands_processed(&redis_url)
+            .await
+            .saturating_sub(cmds_before);
         let per_req = if label == "redis" {
             format!(
                 "; Redis commands/request {:.1}",
