@@ -10,15 +10,17 @@
 -- KEYS[7..] one usage counter per limit, in the order of lims
 -- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits)
 -- Returns {kind, json}:
---   ok       {hold, exp, credits, balance, limit}   the hold was created
+--   ok       {hold, exp, credits, balance, limit, used}   the hold was created (used: per limit)
 --   replay   the first ok, unchanged                this request id already holds
 --   deny     {reason: limit|credits, limit, credits, balance}
 --   conflict ""   the request id was used with a different request
 --   cold     ""   account state not in Redis: load it from the ledger and retry
+--   stale    ""   the account changed (plan, limits, keys) since the sidecar read it: re-read, retry
 --   recheck  ""   just after a cold load: ask PostgreSQL whether this request id was used
 local req = spend_req()
-local recheck_until = account_state(KEYS[1])
+local recheck_until, ver = account_state(KEYS[1])
 if recheck_until == nil then return reply('cold') end
+if ver > req.ver then return reply('stale') end
 
 local prev = redis.call('HMGET', KEYS[3], 'f', 'a')
 if prev[1] then
@@ -38,7 +40,7 @@ if req.credit > 0 then
 end
 
 -- Admitted: charge counters, draw credit, record the hold.
-local uj, cj = charge_counters(req.lims, 7, req.now)
+local uj, cj, usedj = charge_counters(req.lims, 7, req.now)
 local g, x, draws = {}, {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[5], KEYS[6], expired, x)
@@ -47,7 +49,7 @@ if req.credit > 0 then
 end
 
 local res = '{"hold":"' .. req.hold .. '","exp":' .. req.exp_s .. ',"credits":' .. req.credit_s ..
-  fr('balance', balance) .. fr('limit', limit_state(tight, tight_rem)) .. '}'
+  fr('balance', balance) .. fr('limit', limit_state(tight, tight_rem)) .. fr('used', usedj) .. '}'
 local rec = '{"acct":"' .. req.acct .. '"' .. fs('key', req.key) .. ',"exp":' .. req.exp_s ..
   ',"credit":' .. req.credit_s .. fr('draws', rows_json(draws)) .. fr('ctr', cj) .. ',"meters":' ..
   req.meters .. ',"route":"' .. req.route .. '"' .. fs('model', req.model) .. ',"at":' .. req.now_s ..

@@ -6,10 +6,11 @@
 -- KEYS[4] grant order zset        KEYS[5] grant remaining hash
 -- KEYS[6..] one usage counter per limit
 -- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits)
--- Returns {kind, json}: ok {credits, balance, limit} | replay (first ok) | deny | conflict | cold | recheck
+-- Returns {kind, json}: ok {credits, balance, limit} | replay (first ok) | deny | conflict | cold | recheck | stale
 local req = spend_req()
-local recheck_until = account_state(KEYS[1])
+local recheck_until, ver = account_state(KEYS[1])
 if recheck_until == nil then return reply('cold') end
+if ver > req.ver then return reply('stale') end
 
 local prev = redis.call('HMGET', KEYS[3], 'f', 'a')
 if prev[1] then
@@ -26,14 +27,14 @@ if req.credit > 0 then
   if balance < req.credit then return deny('credits', a, b, req.credit_s, balance) end
 end
 
-local uj = charge_counters(req.lims, 6, req.now)
+local uj, _, usedj = charge_counters(req.lims, 6, req.now)
 local g, x = {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[4], KEYS[5], expired, x)
   draw(KEYS[4], KEYS[5], live, req.credit, g)
   balance = balance - req.credit
 end
-local res = '{"credits":' .. req.credit_s .. fr('balance', balance) .. fr('limit', limit_state(a, b)) .. '}'
+local res = '{"credits":' .. req.credit_s .. fr('balance', balance) .. fr('limit', limit_state(a, b)) .. fr('used', usedj) .. '}'
 redis.call('HSET', KEYS[3], 'f', req.fp, 'a', res)
 redis.call('PEXPIRE', KEYS[3], req.idem_ttl_ms)
 emit(KEYS[2], '{"t":"consume","acct":"' .. req.acct .. '"' .. fs('key', req.key) .. ',"idem":"' .. req.idem ..

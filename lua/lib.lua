@@ -76,7 +76,8 @@ end
 --   [6] "1" if the ledger was already asked about the idempotency key (after a cold load)
 --   [7] credit  [8] route  [9] model or ""  [10] hold id or ""  [11] hold expiry (ms)
 --   [12] idempotency record ttl (ms)  [13] meters as JSON  [14] resource as JSON or ""
---   [15] number of limits, then 7 per limit: scope, meter, period, amount, max, period end, name
+--   [15] number of limits, then 7 per limit: scope, meter, period, amount, max, period end, name,
+--   then the account version the sidecar's limits come from (see `stale`)
 -- The counter of limit i is KEYS[first + i - 1] (first is given by each script).
 local function spend_req()
   local function opt(s) if s == '' then return nil end return s end
@@ -95,6 +96,8 @@ local function spend_req()
       amt = tonumber(ARGV[b + 4]), amt_s = ARGV[b + 4], max = tonumber(ARGV[b + 5]),
       max_s = ARGV[b + 5], ['end'] = tonumber(ARGV[b + 6]), end_s = ARGV[b + 6], name = ARGV[b + 7]}
   end
+  -- After the limits: the version of the account the sidecar priced this with (0 = unknown).
+  req.ver = tonumber(ARGV[16 + n * 7] or '0') or 0
   return req
 end
 
@@ -228,23 +231,30 @@ local function counter_ttl(pend, now)
 end
 
 -- Adds each limit's amount to its counter; new counters expire an hour after their window.
--- Returns the usage deltas [[scope, meter, period, delta, end], ...] and the counters
--- [[key, scope, meter, period, amount, end], ...] as JSON (nil when empty).
+-- Returns the usage deltas [[scope, meter, period, delta, end], ...], the counters
+-- [[key, scope, meter, period, amount, end], ...] and each limit's used amount after the charge
+-- [n1, n2, ...] (what alerts are computed from) as JSON (nil when empty).
 local function charge_counters(lims, first, now)
-  local u, ctr = {}, {}
+  local u, ctr, used = {}, {}, {}
   for i, l in ipairs(lims) do
     local k = KEYS[first + i - 1]
     if l.amt > 0 then
       local v = redis.call('INCRBY', k, l.amt)
+      used[i] = v
       if v == l.amt and l['end'] > 0 then redis.call('PEXPIRE', k, math.max(1, counter_ttl(l['end'], now))) end
       u[#u + 1] = '["' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s .. ']'
+    else
+      used[i] = num(redis.call('GET', k))
     end
     ctr[i] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s .. ']'
   end
-  local uj, cj = nil, nil
+  local uj, cj, usedj = nil, nil, nil
   if #u > 0 then uj = '[' .. table.concat(u, ',') .. ']' end
-  if #ctr > 0 then cj = '[' .. table.concat(ctr, ',') .. ']' end
-  return uj, cj
+  if #ctr > 0 then
+    cj = '[' .. table.concat(ctr, ',') .. ']'
+    usedj = '[' .. table.concat(used, ',') .. ']'
+  end
+  return uj, cj, usedj
 end
 
 -- Applies a delta to a stored counter (commit/release), never below zero. Returns the delta
@@ -290,10 +300,12 @@ end
 -- An account's state is present only after it was loaded (from the ledger, or empty for a new
 -- account). Returns nil when absent; otherwise the time until which idempotency misses must be
 -- re-checked against PostgreSQL (non-zero only just after a cold load).
+-- The second value is the account's version: bumped by the sidecar whenever the account's plan,
+-- limits or keys change, so a sidecar still pricing with an older version is told `stale`.
 local function account_state(akey)
-  local st = redis.call('HMGET', akey, 'loaded', 'recheck_until')
+  local st = redis.call('HMGET', akey, 'loaded', 'recheck_until', 'v')
   if not st[1] then return nil end
-  return num(st[2])
+  return num(st[2]), num(st[3])
 end
 
 local function reply(kind, body)

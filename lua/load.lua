@@ -6,7 +6,7 @@
 -- KEYS[1] account state hash   KEYS[2] grant order zset   KEYS[3] grant remaining hash
 -- KEYS[4] open holds zset
 -- (Counter and hold keys come in ARGV; they share the account's hash tag.)
--- ARGV[1] JSON {now, recheck_until, counters: [[key, used, end]], grants: [[gid, member,
+-- ARGV[1] JSON {now, recheck_until, version, counters: [[key, used, end]], grants: [[gid, member,
 --         remaining]], holds: [[hold key, hold id, record json, fingerprint, authorize answer
 --         json, expires]]}
 -- Returns {kind, json}: ok "" (loaded) | replay "" (already loaded; nothing written)
@@ -29,5 +29,5 @@ for _, h in ipairs(req.holds or {}) do
   redis.call('HSET', h[1], 's', 'open', 'd', h[3], 'f', h[4], 'a', h[5])
   redis.call('ZADD', KEYS[4], h[6], h[2])
 end
-redis.call('HSET', KEYS[1], 'loaded', req.now, 'recheck_until', req.recheck_until)
+redis.call('HSET', KEYS[1], 'loaded', req.now, 'recheck_until', req.recheck_until, 'v', req.version or 0)
 return reply('ok')

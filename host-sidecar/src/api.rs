@@ -1,6 +1,6 @@
 //! The HTTP API (axum). Decisions answer 200 with a decision body, allowed or not; 4xx is a bad
 //! request that changed nothing; 5xx is reserved for "the sidecar is broken", which the filter
-//! treats like "unreachable". Routes are listed in docs/API.md.
+//! treats like "unreachable". Routes are listed in docs/API.md and docs/openapi.json.
 
 use crate::engine::{AccountPatch, Engine, NewAccount, NewKey};
 use crate::error::ApiError;
@@ -20,8 +20,8 @@ use tollgate_protocol::{
     ReleaseRequest, SpendRequest, MAX_BATCH,
 };
 
-type St = State<Arc<Engine>>;
-type Body = Result<Bytes, BytesRejection>;
+pub(crate) type St = State<Arc<Engine>>;
+pub(crate) type Body = Result<Bytes, BytesRejection>;
 
 pub fn router(engine: Arc<Engine>) -> Router {
     let limit = engine.cfg.server.max_body_bytes;
@@ -42,17 +42,18 @@ pub fn router(engine: Arc<Engine>) -> Router {
             get(get_account).patch(patch_account),
         )
         .route("/admin/accounts/{id}/keys", post(create_key).get(list_keys))
-        .route("/admin/accounts/{id}/grants", post(grant))
+        .route("/admin/accounts/{id}/grants", post(grant).get(list_grants))
         .route("/admin/keys/{id}/disable", post(disable_key))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::api_billing::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(engine)
 }
 
-fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let bytes = body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) => {
             ApiError::Invalid("body: too large or unreadable".into())
@@ -62,7 +63,7 @@ fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     serde_json::from_slice(&bytes).map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))
 }
 
-fn require_admin(e: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn require_admin(e: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
     let expected = e
         .cfg
         .server
@@ -82,7 +83,11 @@ fn require_admin(e: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Turns a result into a response, counting errors. `replayed` adds `x-tollgate-replayed: true`.
-fn respond<T: Serialize>(e: &Engine, r: Result<(T, bool), ApiError>, created: bool) -> Response {
+pub(crate) fn respond<T: Serialize>(
+    e: &Engine,
+    r: Result<(T, bool), ApiError>,
+    created: bool,
+) -> Response {
     match r {
         Ok((body, replayed)) => {
             let status = if created && !replayed {
@@ -109,7 +114,7 @@ fn respond<T: Serialize>(e: &Engine, r: Result<(T, bool), ApiError>, created: bo
     }
 }
 
-fn fresh<T>(r: Result<T, ApiError>) -> Result<(T, bool), ApiError> {
+pub(crate) fn fresh<T>(r: Result<T, ApiError>) -> Result<(T, bool), ApiError> {
     r.map(|v| (v, false))
 }
 
@@ -413,6 +418,16 @@ async fn grant(State(e): St, headers: HeaderMap, Path(id): Path<String>, body: B
     }
     .await;
     respond(&e, r, true)
+}
+
+async fn list_grants(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let grants = e.ledger.grants_of(&id).await?;
+        Ok(serde_json::json!({ "account": id, "grants": grants }))
+    }
+    .await;
+    respond(&e, fresh(r), false)
 }
 
 async fn readyz(State(e): St) -> Response {

@@ -56,6 +56,96 @@ pub struct Config {
     /// Route name -> price. A route not listed uses `default`; with no `default`, it is refused.
     #[serde(default)]
     pub prices: BTreeMap<String, RoutePrice>,
+    #[serde(default)]
+    pub billing: BillingConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// Billing providers and how their products map to plans and credit packs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// The plan an account falls back to when its subscription is no longer entitled
+    /// (canceled, expired). Must be a configured plan when any provider is configured.
+    pub fallback_plan: Option<String>,
+    /// How often the scheduler grants plans' included credits and records expired credit.
+    pub schedule_interval_ms: u64,
+    /// Priority of purchased credit packs (lower spends first).
+    pub pack_priority: u32,
+    pub stripe: Option<ProviderConfig>,
+    pub revenuecat: Option<ProviderConfig>,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            fallback_plan: None,
+            schedule_interval_ms: 60_000,
+            pack_priority: 50,
+            stripe: None,
+            revenuecat: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Stripe: the endpoint's signing secret (`whsec_…`). RevenueCat: the authorization header
+    /// value configured for the webhook.
+    pub secret: String,
+    /// Stripe only: how far the signed timestamp may be from now.
+    #[serde(default = "default_tolerance")]
+    pub tolerance_secs: i64,
+    /// Provider price / product id -> plan name. A product named like a plan maps to it.
+    #[serde(default)]
+    pub plans: BTreeMap<String, String>,
+    /// Provider product id -> credits a purchase of it grants.
+    #[serde(default)]
+    pub packs: BTreeMap<String, u64>,
+    /// Days purchased credit stays spendable (absent: it never expires).
+    #[serde(default)]
+    pub pack_expiry_days: Option<u32>,
+}
+
+fn default_tolerance() -> i64 {
+    300
+}
+
+/// Threshold alerts: raised once per account, limit, window and level.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Percentages of a limit at which an alert is raised; 100 = exhausted.
+    pub thresholds: Vec<u32>,
+    /// Per meter, thresholds replacing `thresholds`.
+    pub meters: BTreeMap<String, Vec<u32>>,
+    /// Where alerts are POSTed (JSON), http:// only. Absent: alerts are only recorded (API, metrics).
+    pub webhook_url: Option<String>,
+    /// Signs each delivery: header `Tollgate-Signature: t=<unix s>,v1=<hex HMAC-SHA256 of
+    /// "<t>.<body>">`.
+    pub webhook_secret: Option<String>,
+    /// Delivery attempts per alert before it is left undelivered.
+    pub max_attempts: u32,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            thresholds: vec![80, 95, 100],
+            meters: BTreeMap::new(),
+            webhook_url: None,
+            webhook_secret: None,
+            max_attempts: 8,
+        }
+    }
+}
+
+impl AlertsConfig {
+    pub fn thresholds_for(&self, meter: &str) -> &[u32] {
+        self.meters.get(meter).unwrap_or(&self.thresholds)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,9 +271,29 @@ impl Default for WindowsConfig {
 pub struct Plan {
     #[serde(default)]
     pub limits: Vec<LimitSpec>,
-    /// Credits included per billing period (granted by the billing side; recorded here).
+    /// Credits granted to each account on the plan once per `credits_period` (by the scheduler;
+    /// once per account and period however many sidecars run it).
     #[serde(default)]
     pub included_credits: u64,
+    /// `week` or `month` (in the account's timezone and billing anchor day).
+    #[serde(default = "month")]
+    pub credits_period: Window,
+    /// Included credits expire at the end of their period (true) or never.
+    #[serde(default = "yes")]
+    pub credits_expire: bool,
+    /// Spending priority of included credits (lower spends first).
+    #[serde(default = "ten")]
+    pub credits_priority: u32,
+}
+
+fn month() -> Window {
+    Window::Month
+}
+fn yes() -> bool {
+    true
+}
+fn ten() -> u32 {
+    10
 }
 
 /// One limit: at most `max` of `meter` per `window`.
@@ -360,7 +470,15 @@ impl Config {
                     "too large",
                 ));
             }
+            if !matches!(p.credits_period, Window::Day | Window::Week | Window::Month) {
+                return Err(field_err(
+                    format!("plans.{plan}.credits_period"),
+                    "must be day, week or month",
+                ));
+            }
         }
+        self.validate_billing()?;
+        self.validate_alerts()?;
         for (route, rp) in &self.prices {
             validate_id("prices", route)
                 .map_err(|e| field_err(format!("prices.{route}"), e.problem))?;
@@ -370,6 +488,95 @@ impl Config {
                     .map_err(|e| field_err(format!("prices.{route}.models.{model}"), e.problem))?;
                 self.validate_prices(&format!("prices.{route}.models.{model}"), m)?;
             }
+        }
+        Ok(())
+    }
+
+    fn validate_billing(&self) -> Result<(), ConfigError> {
+        let b = &self.billing;
+        if b.schedule_interval_ms == 0 {
+            return Err(field_err(
+                "billing.schedule_interval_ms",
+                "must be positive",
+            ));
+        }
+        if let Some(p) = &b.fallback_plan {
+            if !self.plans.contains_key(p) {
+                return Err(field_err(
+                    "billing.fallback_plan",
+                    format!("{p:?} is not a configured plan"),
+                ));
+            }
+        }
+        for (name, prov) in [("stripe", &b.stripe), ("revenuecat", &b.revenuecat)] {
+            let Some(prov) = prov else { continue };
+            if b.fallback_plan.is_none() {
+                return Err(field_err(
+                    "billing.fallback_plan",
+                    format!("required when billing.{name} is configured"),
+                ));
+            }
+            if prov.secret.len() < 16 {
+                return Err(field_err(
+                    format!("billing.{name}.secret"),
+                    "must be at least 16 characters",
+                ));
+            }
+            if !(1..=3600).contains(&prov.tolerance_secs) {
+                return Err(field_err(
+                    format!("billing.{name}.tolerance_secs"),
+                    "must be 1..=3600",
+                ));
+            }
+            for (product, plan) in &prov.plans {
+                if !self.plans.contains_key(plan) {
+                    return Err(field_err(
+                        format!("billing.{name}.plans.{product}"),
+                        format!("{plan:?} is not a configured plan"),
+                    ));
+                }
+            }
+            for (product, credits) in &prov.packs {
+                if *credits == 0 || *credits > MAX_AMOUNT {
+                    return Err(field_err(
+                        format!("billing.{name}.packs.{product}"),
+                        "must be 1..=10^14",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_alerts(&self) -> Result<(), ConfigError> {
+        let a = &self.alerts;
+        let check = |field: String, t: &[u32]| -> Result<(), ConfigError> {
+            if t.iter().any(|v| !(1..=100).contains(v)) {
+                return Err(field_err(field, "thresholds are percentages 1..=100"));
+            }
+            Ok(())
+        };
+        check("alerts.thresholds".into(), &a.thresholds)?;
+        for (m, t) in &a.meters {
+            if !self.is_meter(m) {
+                return Err(field_err(
+                    format!("alerts.meters.{m}"),
+                    "not a declared meter",
+                ));
+            }
+            check(format!("alerts.meters.{m}"), t)?;
+        }
+        if let Some(u) = &a.webhook_url {
+            // The sidecar is built without a TLS stack: deliver to a local relay over http.
+            if !u.starts_with("http://") {
+                return Err(field_err(
+                    "alerts.webhook_url",
+                    "must be an http:// URL (TLS is not built in; use a local relay)",
+                ));
+            }
+        }
+        if a.max_attempts == 0 {
+            return Err(field_err("alerts.max_attempts", "must be positive"));
         }
         Ok(())
     }

@@ -16,6 +16,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("missing or wrong admin token")]
     Unauthorized,
+    /// A webhook whose signature or shared secret does not verify.
+    #[error("webhook not authenticated: {0}")]
+    BadSignature(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -52,7 +55,7 @@ impl ApiError {
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::BadSignature(_) => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -64,6 +67,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::BadSignature(_) => "bad_signature",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }

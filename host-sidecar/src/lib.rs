@@ -11,6 +11,7 @@
 //! - [`config`], [`windows`], [`clock`], [`apikey`], [`directory`], [`metrics`]: the supporting facts.
 
 pub mod api;
+pub mod api_billing;
 pub mod apikey;
 pub mod clock;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod store;
 pub mod tokens;
+pub mod webhooks;
 pub mod windows;
 
 use clock::Clock;
@@ -110,6 +112,7 @@ pub fn engine_on(
         handback_pending: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         handback_lock: Arc::default(),
         degraded_slots,
+        alerts: Arc::default(),
     }))
 }
 
@@ -131,7 +134,8 @@ async fn warn_unless_noeviction(redis: &store::Store) {
     }
 }
 
-/// Starts the ledger sync worker and the hold sweeper.
+/// Starts the ledger sync worker, the hold sweeper and the billing scheduler (included credits,
+/// credit expiry, alert delivery retries).
 pub fn spawn_background(engine: &Arc<Engine>) -> Vec<JoinHandle<()>> {
     let sync = engine.sync.clone();
     let wake = engine.sync_wake.clone();
@@ -154,9 +158,21 @@ pub fn spawn_background(engine: &Arc<Engine>) -> Vec<JoinHandle<()>> {
             }
         }
     };
+    let scheduler = {
+        let e = engine.clone();
+        let every = Duration::from_millis(e.cfg.billing.schedule_interval_ms);
+        async move {
+            tokio::time::sleep(Duration::from_secs(1).min(every)).await;
+            loop {
+                e.billing_tick().await;
+                tokio::time::sleep(every).await;
+            }
+        }
+    };
     vec![
         tokio::spawn(sync.run(interval, wake, engine.cfg.sync.backlog_alert)),
         tokio::spawn(sweeper),
+        tokio::spawn(scheduler),
     ]
 }
 

@@ -100,6 +100,24 @@ pub struct Metrics {
     pub sync_events: Counter,
     pub sync_errors: Counter,
     pub sync_bad_events: Counter,
+    pub stale_rereads: Counter,
+    pub periodic_grants: Counter,
+    pub lapsed: Counter,
+    pub pool_claims: Counter,
+    pub pool_denied: Counter,
+    pub alerts_warning: Counter,
+    pub alerts_critical: Counter,
+    pub alerts_exhausted: Counter,
+    pub alerts_other: Counter,
+    pub alerts_delivered: Counter,
+    pub alert_delivery_errors: Counter,
+    pub billing_applied: Counter,
+    pub billing_duplicate: Counter,
+    pub billing_stale: Counter,
+    pub billing_ignored: Counter,
+    pub billing_unknown: Counter,
+    pub billing_unmapped: Counter,
+    pub billing_rejected: Counter,
     pub decision_us: Histogram,
     pub sync_lag_ms: Histogram,
     /// Outbox events not yet in the ledger, over all shards, as of the last sync pass (gauge).
@@ -126,6 +144,24 @@ impl Default for Metrics {
             sync_events: Counter::default(),
             sync_errors: Counter::default(),
             sync_bad_events: Counter::default(),
+            stale_rereads: Counter::default(),
+            periodic_grants: Counter::default(),
+            lapsed: Counter::default(),
+            pool_claims: Counter::default(),
+            pool_denied: Counter::default(),
+            alerts_warning: Counter::default(),
+            alerts_critical: Counter::default(),
+            alerts_exhausted: Counter::default(),
+            alerts_other: Counter::default(),
+            alerts_delivered: Counter::default(),
+            alert_delivery_errors: Counter::default(),
+            billing_applied: Counter::default(),
+            billing_duplicate: Counter::default(),
+            billing_stale: Counter::default(),
+            billing_ignored: Counter::default(),
+            billing_unknown: Counter::default(),
+            billing_unmapped: Counter::default(),
+            billing_rejected: Counter::default(),
             decision_us: Histogram::new(MICROS),
             sync_lag_ms: Histogram::new(MILLIS),
             outbox_backlog: AtomicU64::new(0),
@@ -228,6 +264,64 @@ impl Metrics {
             "tollgate_sync_bad_events_total",
             "Unreadable outbox entries skipped (a bug if non-zero).",
             &[("", &self.sync_bad_events)],
+        );
+        counter(
+            "tollgate_stale_rereads_total",
+            "Accounts re-read because another sidecar changed them (plan, limits, keys).",
+            &[("", &self.stale_rereads)],
+        );
+        counter(
+            "tollgate_periodic_grants_total",
+            "Included credits granted for a plan period.",
+            &[("", &self.periodic_grants)],
+        );
+        counter(
+            "tollgate_credit_lapses_total",
+            "Accounts whose expired or revoked credit was recorded.",
+            &[("", &self.lapsed)],
+        );
+        counter(
+            "tollgate_pool_claims_total",
+            "Claims admitted from shared pools.",
+            &[("", &self.pool_claims)],
+        );
+        counter(
+            "tollgate_pool_claims_denied_total",
+            "Claims refused: the pool was empty.",
+            &[("", &self.pool_denied)],
+        );
+        counter(
+            "tollgate_alerts_delivered_total",
+            "Alerts delivered to the alert webhook.",
+            &[("", &self.alerts_delivered)],
+        );
+        counter(
+            "tollgate_alert_delivery_errors_total",
+            "Failed alert webhook deliveries (retried).",
+            &[("", &self.alert_delivery_errors)],
+        );
+        counter(
+            "tollgate_alerts_total",
+            "Threshold alerts raised (once per account, limit, window and level), by level.",
+            &[
+                ("{level=\"warning\"}", &self.alerts_warning),
+                ("{level=\"critical\"}", &self.alerts_critical),
+                ("{level=\"exhausted\"}", &self.alerts_exhausted),
+                ("{level=\"other\"}", &self.alerts_other),
+            ],
+        );
+        counter(
+            "tollgate_billing_events_total",
+            "Billing-provider webhook events, by outcome.",
+            &[
+                ("{outcome=\"applied\"}", &self.billing_applied),
+                ("{outcome=\"duplicate\"}", &self.billing_duplicate),
+                ("{outcome=\"stale\"}", &self.billing_stale),
+                ("{outcome=\"ignored\"}", &self.billing_ignored),
+                ("{outcome=\"unknown\"}", &self.billing_unknown),
+                ("{outcome=\"unmapped\"}", &self.billing_unmapped),
+                ("{outcome=\"rejected\"}", &self.billing_rejected),
+            ],
         );
         self.decision_us.render(
             &mut out,

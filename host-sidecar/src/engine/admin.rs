@@ -95,6 +95,7 @@ impl Engine {
             billing_anchor_day: n.billing_anchor_day,
             limits: n.limits,
             disabled: false,
+            version: 1,
         };
         self.validate_account(&row)?;
         if !self.ledger.insert_account(&row).await? {
@@ -114,8 +115,8 @@ impl Engine {
             .ok_or_else(|| ApiError::NotFound(format!("unknown account {id:?}")))
     }
 
-    /// Changes take effect on the next request: limits are passed to every script call, never
-    /// cached in Redis.
+    /// Changes take effect on the next request, on every sidecar: the account's version is
+    /// bumped in the ledger and in Redis, and a script given an older version answers `stale`.
     pub async fn patch_account(&self, id: &str, p: AccountPatch) -> Result<AccountRow, ApiError> {
         let mut row = self.get_account(id).await?;
         if let Some(v) = p.plan {
@@ -134,8 +135,8 @@ impl Engine {
             row.disabled = v;
         }
         self.validate_account(&row)?;
-        self.ledger.update_account(&row).await?;
-        self.directory.forget_account(id);
+        row.version = self.ledger.update_account(&row).await?;
+        self.publish_version(id, row.version).await;
         Ok(row)
     }
 
@@ -186,11 +187,24 @@ impl Engine {
     }
 
     pub async fn set_key_disabled(&self, key_id: &str, disabled: bool) -> Result<(), ApiError> {
-        if !self.ledger.set_key_disabled(key_id, disabled).await? {
+        let Some(acct) = self.ledger.set_key_disabled(key_id, disabled).await? else {
             return Err(ApiError::NotFound(format!("unknown key {key_id:?}")));
-        }
+        };
         self.directory.forget_keys();
+        if let Some(v) = self.ledger.bump_version(&acct).await? {
+            self.publish_version(&acct, v).await;
+        }
         Ok(())
+    }
+
+    /// Makes a change to an account visible to every sidecar's next request: this one forgets
+    /// its cached copy; the others are told by the version in Redis (their scripts answer
+    /// `stale`). If Redis cannot be told, the others see the change within their cache TTL.
+    pub(crate) async fn publish_version(&self, acct: &str, version: i64) {
+        self.directory.forget_account(acct);
+        if let Err(e) = self.store.set_version(acct, version).await {
+            tracing::warn!(account = acct, error = %e, "could not publish the account's new version to Redis; other sidecars see it within their cache TTL");
+        }
     }
 
     /// Adds credit. The grant id is its idempotency key, checked against the ledger too, so a
@@ -286,6 +300,7 @@ impl Engine {
                 hold: None,
                 exp: 0,
                 idem_ttl_ms: 0,
+                version: i64::MAX,
             };
             match self.store.check(&args).await? {
                 Reply::Ok(b) => {

@@ -70,12 +70,19 @@ impl Engine {
         let now = self.clock.now_ms();
         let st = self.ledger.account_state(acct, now as i64).await?;
         let window = (self.cfg.server.recheck_window_secs * 1000) as i64;
-        let recheck_until = st
-            .last_idempotent_ms
-            .map(|t| t + window)
-            .filter(|u| *u > now as i64)
-            .unwrap_or(0) as u64;
-        let args = self.load_args(acct, st, now, recheck_until);
+        let recheck_until = if super::pools::is_pool(acct) {
+            // A pool's claims are idempotent forever: after a load, every claimant not yet in
+            // Redis is looked up in the ledger.
+            u64::MAX / 4
+        } else {
+            st.last_idempotent_ms
+                .map(|t| t + window)
+                .filter(|u| *u > now as i64)
+                .unwrap_or(0) as u64
+        };
+        let version = self.ledger.account(acct).await?.map_or(0, |a| a.version);
+        let mut args = self.load_args(acct, st, now, recheck_until);
+        args.version = version;
         self.store.load(acct, &args).await?;
         tracing::info!(
             account = acct,
@@ -97,6 +104,7 @@ impl Engine {
         LoadArgs {
             now,
             recheck_until,
+            version: 0,
             counters: st
                 .usage
                 .into_iter()

@@ -111,6 +111,7 @@ impl Engine {
             handback_pending: Arc::default(),
             handback_lock: Arc::default(),
             degraded_slots: self.degraded_slots.clone(),
+            alerts: self.alerts.clone(),
         })
     }
 

@@ -7,12 +7,19 @@
 //! the script is retried; the script itself stays the only place where anything is decided.
 
 mod admin;
+mod alerts;
+mod billing;
 mod coldload;
 mod degraded;
+mod pools;
+mod report;
 mod settle;
 mod spend;
 
 pub use admin::{AccountPatch, NewAccount, NewKey, UsageLine};
+pub use billing::{SubscriptionChange, WebhookOutcome};
+pub use pools::{Claim, NewPool, PoolState};
+pub use report::{Difference, Reconciliation};
 
 use crate::clock::Clock;
 use crate::config::{Config, LimitSpec};
@@ -44,6 +51,8 @@ pub struct Engine {
     pub handback_lock: Arc<tokio::sync::Mutex<()>>,
     /// Decisions made from PostgreSQL at once: each holds two connections while it runs.
     pub degraded_slots: Arc<tokio::sync::Semaphore>,
+    /// Alerts this sidecar knows were raised, and the client that delivers them.
+    pub alerts: Arc<alerts::AlertState>,
 }
 
 /// The resolved caller of a spend request.

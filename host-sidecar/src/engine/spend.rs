@@ -4,6 +4,7 @@ use super::{fingerprint, not_loaded, unexpected, Caller, Engine, Resolved};
 use crate::error::ApiError;
 use crate::store::{Reply, SpendArgs};
 use serde::Deserialize;
+use std::sync::Arc;
 use std::time::Instant;
 use tollgate_protocol::{Decision, DenyReason, LimitState, SpendRequest};
 
@@ -40,6 +41,13 @@ struct LuaDecision {
     credits: u64,
     #[serde(default)]
     balance: Option<u64>,
+}
+
+/// Each limit's used amount after an admitted request (`used` in the script's answer).
+#[derive(Deserialize)]
+struct UsedAfter {
+    #[serde(default)]
+    used: Vec<u64>,
 }
 
 /// What the caller is charged for: the fingerprint of a spend request.
@@ -136,6 +144,7 @@ impl Engine {
         caller: &Caller,
         credit: u64,
     ) -> Result<(Decision, bool), ApiError> {
+        let mut fresh: Option<Caller> = None;
         let acct = caller.account.row.id.as_str();
         let key_id = caller.key.as_ref().map(|k| k.id.as_str());
         let fp = fingerprint(&SpendPrint {
@@ -150,6 +159,7 @@ impl Engine {
         let hold_id = format!("{acct}/{}", req.idempotency_key);
         let mut checked = false;
         for _ in 0..4 {
+            let caller = fresh.as_ref().unwrap_or(caller);
             // Periods are computed per attempt: a cold load may have taken a while.
             let now = self.clock.now_ms();
             let lims = self.limits_for(caller, &req.meters, credit, now)?;
@@ -169,6 +179,7 @@ impl Engine {
                 hold: (op == Op::Authorize).then_some(hold_id.as_str()),
                 exp: now + self.cfg.server.hold_ttl_secs * 1000,
                 idem_ttl_ms: self.idem_ttl_ms(),
+                version: caller.account.row.version,
             };
             let reply = match op {
                 Op::Authorize => self.store.authorize(&args).await?,
@@ -176,10 +187,31 @@ impl Engine {
                 Op::Check => self.store.check(&args).await?,
             };
             match reply {
-                Reply::Ok(body) => return Ok((self.decision(acct, &body, now)?, false)),
+                Reply::Ok(body) => {
+                    let d = self.decision(acct, &body, now)?;
+                    if op != Op::Check {
+                        let used = serde_json::from_str::<UsedAfter>(&body)
+                            .map(|u| u.used)
+                            .unwrap_or_default();
+                        self.raise_alerts(acct, &lims, &used, None);
+                    }
+                    return Ok((d, false));
+                }
                 Reply::Replay(body) => return Ok((self.decision(acct, &body, now)?, true)),
-                Reply::Deny(body) => return Ok((self.decision(acct, &body, now)?, false)),
+                Reply::Deny(body) => {
+                    let d = self.decision(acct, &body, now)?;
+                    if let (Some(DenyReason::Limit), Some(l), false) =
+                        (d.reason, &d.limit, op == Op::Check)
+                    {
+                        self.raise_alerts(acct, &lims, &[], Some(&l.name));
+                    }
+                    return Ok((d, false));
+                }
                 Reply::Cold => self.cold_load(acct).await?,
+                Reply::Stale => match self.reread(caller).await? {
+                    Resolved::Caller(c) => fresh = Some(c),
+                    Resolved::Denied(d) => return Ok((d, false)),
+                },
                 Reply::Recheck => {
                     if let Some(body) = self
                         .recheck(acct, op.kind(), &req.idempotency_key, &fp)
@@ -199,6 +231,38 @@ impl Engine {
             }
         }
         Err(not_loaded(acct))
+    }
+
+    /// The caller again, from the ledger: another sidecar changed the account (see
+    /// `Engine::publish_version`).
+    async fn reread(&self, caller: &Caller) -> Result<Resolved, ApiError> {
+        let acct = &caller.account.row.id;
+        self.directory.forget_account(acct);
+        self.directory.forget_keys();
+        self.metrics.stale_rereads.inc();
+        let row = self
+            .ledger
+            .account(acct)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("unknown account {acct:?}")))?;
+        let key = match &caller.key {
+            Some(k) => Some(Arc::new(self.ledger.key_by_id(&k.id).await?.ok_or_else(
+                || ApiError::NotFound(format!("unknown key {:?}", k.masked)),
+            )?)),
+            None => None,
+        };
+        if row.disabled || key.as_ref().is_some_and(|k| k.disabled) {
+            self.metrics.denied_auth.inc();
+            return Ok(Resolved::Denied(super::denial(
+                DenyReason::Disabled,
+                Some(acct.clone()),
+            )));
+        }
+        let tz = row.timezone.parse().unwrap_or(chrono_tz::Tz::UTC);
+        Ok(Resolved::Caller(Caller {
+            account: Arc::new(crate::directory::Account { row, tz }),
+            key,
+        }))
     }
 
     fn decision(&self, acct: &str, body: &str, now: u64) -> Result<Decision, ApiError> {

@@ -8,6 +8,7 @@
 //! differ the two statements sit side by side. Queries are checked at run time, so builds need no
 //! database.
 
+pub mod billing;
 pub mod sync;
 
 use crate::config::LimitSpec;
@@ -54,6 +55,8 @@ pub struct AccountRow {
     pub billing_anchor_day: i16,
     pub limits: Vec<LimitSpec>,
     pub disabled: bool,
+    /// Bumped on every change (see `Store::set_version`).
+    pub version: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -115,7 +118,7 @@ pub struct HoldRow {
     pub settle_fp: Option<String>,
 }
 
-fn limits_of(v: String) -> Vec<LimitSpec> {
+pub(crate) fn limits_of(v: String) -> Vec<LimitSpec> {
     serde_json::from_str(&v).unwrap_or_default()
 }
 
@@ -197,7 +200,7 @@ impl Ledger {
     pub async fn account(&self, id: &str) -> Result<Option<AccountRow>, sqlx::Error> {
         const SQL: &str =
             "SELECT id, plan, timezone, billing_anchor_day, CAST(limits AS TEXT) AS limits,
-            disabled FROM accounts WHERE id = $1";
+            disabled, version FROM accounts WHERE id = $1";
         on_db!(&self.db, p => {
             let row = sqlx::query(SQL).bind(id).fetch_optional(p).await?;
             Ok(row.map(|r| AccountRow {
@@ -207,6 +210,7 @@ impl Ledger {
                 billing_anchor_day: r.get("billing_anchor_day"),
                 limits: limits_of(r.get("limits")),
                 disabled: r.get("disabled"),
+                version: r.get("version"),
             }))
         })
     }
@@ -233,25 +237,36 @@ impl Ledger {
         Ok(done == 1)
     }
 
-    pub async fn update_account(&self, a: &AccountRow) -> Result<(), sqlx::Error> {
+    /// Writes the account's fields and bumps its version; returns the new version.
+    pub async fn update_account(&self, a: &AccountRow) -> Result<i64, sqlx::Error> {
         let sql = self.dialect(
             "UPDATE accounts SET plan = $2, timezone = $3, billing_anchor_day = $4, limits = $5::jsonb,
-               disabled = $6, updated_at = CURRENT_TIMESTAMP WHERE id = $1",
+               disabled = $6, version = version + 1, updated_at = CURRENT_TIMESTAMP WHERE id = $1
+             RETURNING version",
             "UPDATE accounts SET plan = $2, timezone = $3, billing_anchor_day = $4, limits = $5,
-               disabled = $6, updated_at = CURRENT_TIMESTAMP WHERE id = $1",
+               disabled = $6, version = version + 1, updated_at = CURRENT_TIMESTAMP WHERE id = $1
+             RETURNING version",
         );
         let limits = limits_json(&a.limits);
-        on_db!(&self.db, p => sqlx::query(sql)
+        on_db!(&self.db, p => sqlx::query_scalar(sql)
             .bind(&a.id)
             .bind(&a.plan)
             .bind(&a.timezone)
             .bind(a.billing_anchor_day)
             .bind(&limits)
             .bind(a.disabled)
-            .execute(p)
-            .await?
-            .rows_affected());
-        Ok(())
+            .fetch_one(p)
+            .await)
+    }
+
+    /// Bumps an account's version (one of its keys changed); returns the new version.
+    pub async fn bump_version(&self, id: &str) -> Result<Option<i64>, sqlx::Error> {
+        on_db!(&self.db, p => sqlx::query_scalar(
+            "UPDATE accounts SET version = version + 1 WHERE id = $1 RETURNING version",
+        )
+        .bind(id)
+        .fetch_optional(p)
+        .await)
     }
 
     pub async fn key_by_hash(&self, hash: &[u8]) -> Result<Option<KeyRow>, sqlx::Error> {
@@ -299,14 +314,19 @@ impl Ledger {
         Ok(())
     }
 
-    pub async fn set_key_disabled(&self, id: &str, disabled: bool) -> Result<bool, sqlx::Error> {
-        let n = on_db!(&self.db, p => sqlx::query("UPDATE api_keys SET disabled = $2 WHERE id = $1")
-            .bind(id)
-            .bind(disabled)
-            .execute(p)
-            .await?
-            .rows_affected());
-        Ok(n == 1)
+    /// Returns the key's account, or None for an unknown key.
+    pub async fn set_key_disabled(
+        &self,
+        id: &str,
+        disabled: bool,
+    ) -> Result<Option<String>, sqlx::Error> {
+        on_db!(&self.db, p => sqlx::query_scalar(
+            "UPDATE api_keys SET disabled = $2 WHERE id = $1 RETURNING account_id",
+        )
+        .bind(id)
+        .bind(disabled)
+        .fetch_optional(p)
+        .await)
     }
 
     // ---- cold load and idempotency -----------------------------------------------------------

@@ -33,6 +33,8 @@ pub enum Reply {
     Recheck,
     /// The idempotency key was used by a different request.
     Conflict,
+    /// The account changed since the sidecar read it (plan, limits, keys): re-read and retry.
+    Stale,
     /// No such hold in Redis.
     Gone,
     /// The hold was already settled otherwise.
@@ -80,11 +82,13 @@ pub struct SpendArgs<'a> {
     pub hold: Option<&'a str>,
     pub exp: u64,
     pub idem_ttl_ms: u64,
+    /// The version of the account the limits were read from (see [`Store::set_version`]).
+    pub version: i64,
 }
 
 impl SpendArgs<'_> {
     fn argv(&self) -> Vec<String> {
-        let mut v = Vec::with_capacity(15 + self.lims.len() * 7);
+        let mut v = Vec::with_capacity(16 + self.lims.len() * 7);
         v.extend([
             self.now.to_string(),
             self.acct.to_string(),
@@ -113,6 +117,7 @@ impl SpendArgs<'_> {
                 l.name.clone(),
             ]);
         }
+        v.push(self.version.to_string());
         v
     }
 }
@@ -161,11 +166,23 @@ pub struct GrantArgs<'a> {
     pub idem_ttl_ms: u64,
 }
 
+#[derive(Debug, Serialize)]
+pub struct LapseArgs<'a> {
+    pub now: u64,
+    pub acct: &'a str,
+    /// `lapse` (expiry) or `revoke`: the ledger kind of the event.
+    pub kind: &'a str,
+    pub idem: &'a str,
+    pub revoke: &'a [String],
+}
+
 /// What a cold load installs.
 #[derive(Debug, Default, Serialize)]
 pub struct LoadArgs {
     pub now: u64,
     pub recheck_until: u64,
+    /// The account's version (see [`Store::set_version`]).
+    pub version: i64,
     /// [key, used, period end ms]
     pub counters: Vec<(String, i64, i64)>,
     /// [grant id, order member, remaining]
@@ -354,6 +371,7 @@ impl Store {
             "cold" => Reply::Cold,
             "recheck" => Reply::Recheck,
             "conflict" => Reply::Conflict,
+            "stale" => Reply::Stale,
             "gone" => Reply::Gone,
             "resolved" => Reply::Resolved(body),
             _ => return Err(StoreError::Reply(kind)),
@@ -443,6 +461,26 @@ impl Store {
             self.keys.idempotency(a.acct, "grant", a.gid),
         ];
         self.run(&self.scripts.grant, &keys, &[json(a)]).await
+    }
+
+    /// Records credit that can no longer be spent: expired grants, and `revoke`d ones.
+    pub async fn lapse(&self, a: &LapseArgs<'_>) -> Result<Reply, StoreError> {
+        let keys = vec![
+            self.keys.account(a.acct),
+            self.keys.outbox(self.keys.shard_of(a.acct)),
+            self.keys.grant_order(a.acct),
+            self.keys.grant_remaining(a.acct),
+        ];
+        self.run(&self.scripts.lapse, &keys, &[json(a)]).await
+    }
+
+    /// Tells every sidecar that `acct` changed: their next request for it is answered `stale`
+    /// until they re-read it. A no-op when the account's state is not loaded (a load sets it).
+    pub async fn set_version(&self, acct: &str, version: i64) -> Result<(), StoreError> {
+        let keys = [self.keys.account(acct)];
+        self.run(&self.scripts.set_version, &keys, &[version.to_string()])
+            .await
+            .map(drop)
     }
 
     pub async fn load(&self, acct: &str, a: &LoadArgs) -> Result<Reply, StoreError> {

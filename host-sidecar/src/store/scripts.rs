@@ -13,6 +13,9 @@ pub struct Scripts {
     pub release: Script,
     pub grant: Script,
     pub load: Script,
+    pub lapse: Script,
+    /// Sets an account's version (see `account_state` in lib.lua) if its state is loaded.
+    pub set_version: Script,
 }
 
 /// Prepends the helpers, keeping a `#!lua flags=...` line first where a script has one.
@@ -37,6 +40,13 @@ impl Scripts {
             release: with_lib(include_str!("../../../lua/release.lua")),
             grant: with_lib(include_str!("../../../lua/grant.lua")),
             load: with_lib(include_str!("../../../lua/load.lua")),
+            lapse: with_lib(include_str!("../../../lua/lapse.lua")),
+            set_version: Script::new(
+                "if redis.call('EXISTS', KEYS[1]) == 1 then \
+                   local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0') or 0 \
+                   if tonumber(ARGV[1]) > v then redis.call('HSET', KEYS[1], 'v', ARGV[1]) end \
+                 end return {'ok', ''}",
+            ),
         }
     }
 }

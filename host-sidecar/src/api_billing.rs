@@ -1,0 +1,389 @@
+//! The billing side of the HTTP API: plans, subscriptions, grants, pools, alerts, billing
+//! webhooks and the operator's reports (export, top consumers, reconciliation, jobs). Every
+//! route except the webhooks needs the admin token; webhooks authenticate with the provider's
+//! signature or shared secret. Documented in docs/openapi.json.
+
+use crate::api::{fresh, parse, require_admin, respond, Body, St};
+use crate::engine::{Engine, NewPool, SubscriptionChange};
+use crate::error::ApiError;
+use crate::webhooks::Provider;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+pub fn routes() -> Router<Arc<Engine>> {
+    Router::new()
+        .route("/admin/plans", get(plans))
+        .route(
+            "/admin/accounts/{id}/subscription",
+            get(get_subscription).put(put_subscription),
+        )
+        .route("/admin/accounts/{id}/alerts", get(alerts))
+        .route("/admin/accounts/{id}/billing-events", get(account_events))
+        .route("/admin/billing-events", get(events))
+        .route("/admin/pools", post(create_pool).get(list_pools))
+        .route("/admin/pools/{id}", get(pool))
+        .route("/admin/pools/{id}/claims", post(claim))
+        .route("/admin/export", get(export))
+        .route("/admin/top", get(top))
+        .route("/admin/reconcile", get(reconcile))
+        .route("/admin/jobs/run", post(run_jobs))
+        .route("/webhooks/stripe", post(stripe))
+        .route("/webhooks/revenuecat", post(revenuecat))
+}
+
+#[derive(Serialize)]
+struct PlanBody {
+    name: String,
+    limits: Vec<crate::config::LimitSpec>,
+    included_credits: u64,
+    credits_period: &'static str,
+    credits_expire: bool,
+    credits_priority: u32,
+}
+
+async fn plans(State(e): St, headers: HeaderMap) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        Ok(serde_json::json!({
+            "fallback_plan": e.cfg.billing.fallback_plan,
+            "plans": e.cfg.plans.iter().map(|(name, p)| PlanBody {
+                name: name.clone(),
+                limits: p.limits.clone(),
+                included_credits: p.included_credits,
+                credits_period: p.credits_period.as_str(),
+                credits_expire: p.credits_expire,
+                credits_priority: p.credits_priority,
+            }).collect::<Vec<_>>(),
+        }))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn get_subscription(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        e.subscription(&id).await
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn put_subscription(
+    State(e): St,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        e.set_subscription(&id, parse::<SubscriptionChange>(body)?)
+            .await
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Limit {
+    #[serde(default = "hundred")]
+    limit: i64,
+}
+
+fn hundred() -> i64 {
+    100
+}
+
+fn check_limit(l: i64) -> Result<i64, ApiError> {
+    if (1..=1000).contains(&l) {
+        Ok(l)
+    } else {
+        Err(ApiError::Invalid("limit: must be 1..=1000".into()))
+    }
+}
+
+async fn alerts(
+    State(e): St,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    q: Result<Query<Limit>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let Query(q) = q.map_err(|err| ApiError::Invalid(err.body_text()))?;
+        let rows = e.ledger.alerts_of(&id, check_limit(q.limit)?).await?;
+        Ok(serde_json::json!({ "account": id, "alerts": rows }))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn account_events(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let rows = e.ledger.billing_events(Some(&id), 100).await?;
+        Ok(serde_json::json!({ "events": rows }))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn events(
+    State(e): St,
+    headers: HeaderMap,
+    q: Result<Query<Limit>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let Query(q) = q.map_err(|err| ApiError::Invalid(err.body_text()))?;
+        let rows = e.ledger.billing_events(None, check_limit(q.limit)?).await?;
+        Ok(serde_json::json!({ "events": rows }))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn create_pool(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        e.create_pool(parse::<NewPool>(body)?).await
+    }
+    .await;
+    respond(&e, fresh(r), true)
+}
+
+async fn list_pools(State(e): St, headers: HeaderMap) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        Ok(serde_json::json!({ "pools": e.ledger.pools().await? }))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn pool(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        e.pool_state(&id).await
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimBody {
+    account: String,
+}
+
+async fn claim(State(e): St, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let b = parse::<ClaimBody>(body)?;
+        e.claim(&id, &b.account).await
+    }
+    .await;
+    // 201 for a new claim, 200 for a replay or an empty pool (see `claimed`).
+    let created = matches!(&r, Ok((c, false)) if c.claimed);
+    respond(&e, r, created)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    #[serde(default)]
+    account: Option<String>,
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "thousand")]
+    limit: i64,
+    #[serde(default = "json_format")]
+    format: String,
+}
+
+fn thousand() -> i64 {
+    1000
+}
+fn json_format() -> String {
+    "json".into()
+}
+
+/// One CSV field, quoted when it needs to be.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+async fn export(
+    State(e): St,
+    headers: HeaderMap,
+    q: Result<Query<ExportQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let Query(q) = q.map_err(|err| ApiError::Invalid(err.body_text()))?;
+        if !(1..=10_000).contains(&q.limit) || q.after < 0 {
+            return Err(ApiError::Invalid(
+                "limit: must be 1..=10000 (and after >= 0)".into(),
+            ));
+        }
+        if let Some(a) = &q.account {
+            tollgate_protocol::validate_id("account", a)?;
+        }
+        let rows = e
+            .ledger
+            .export(q.account.as_deref(), q.after, q.limit)
+            .await?;
+        let next = (rows.len() as i64 == q.limit)
+            .then(|| rows.last().map(|r| r.seq))
+            .flatten();
+        match q.format.as_str() {
+            "json" => Ok(axum::Json(serde_json::json!({ "entries": rows, "next": next }))
+                .into_response()),
+            "csv" => {
+                let mut out = String::from(
+                    "seq,account_id,kind,key_id,idempotency_key,hold_id,credit,shortfall,meters,route,model,at_ms\n",
+                );
+                for r in &rows {
+                    let cells = [
+                        r.seq.to_string(),
+                        r.account_id.clone(),
+                        r.kind.clone(),
+                        r.key_id.clone().unwrap_or_default(),
+                        r.idempotency_key.clone().unwrap_or_default(),
+                        r.hold_id.clone().unwrap_or_default(),
+                        r.credit.to_string(),
+                        r.shortfall.to_string(),
+                        r.meters.clone().unwrap_or_default(),
+                        r.route.clone().unwrap_or_default(),
+                        r.model.clone().unwrap_or_default(),
+                        r.at_ms.to_string(),
+                    ];
+                    let line: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
+                    out.push_str(&line.join(","));
+                    out.push('\n');
+                }
+                let mut resp = ([(header::CONTENT_TYPE, "text/csv")], out).into_response();
+                if let Some(n) = next {
+                    if let Ok(v) = n.to_string().parse() {
+                        resp.headers_mut().insert("x-tollgate-next", v);
+                    }
+                }
+                Ok(resp)
+            }
+            other => Err(ApiError::Invalid(format!(
+                "format: {other:?} is not json or csv"
+            ))),
+        }
+    }
+    .await;
+    match r {
+        Ok(resp) => resp,
+        Err(err) => respond::<()>(&e, Err(err), false),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopQuery {
+    meter: String,
+    #[serde(default)]
+    window: Option<crate::windows::Window>,
+    #[serde(default)]
+    period: Option<String>,
+    #[serde(default = "ten")]
+    limit: i64,
+}
+
+fn ten() -> i64 {
+    10
+}
+
+async fn top(
+    State(e): St,
+    headers: HeaderMap,
+    q: Result<Query<TopQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let Query(q) = q.map_err(|err| ApiError::Invalid(err.body_text()))?;
+        let (period, rows) = e
+            .top(&q.meter, q.window, q.period.as_deref(), q.limit)
+            .await?;
+        Ok(serde_json::json!({ "meter": q.meter, "period": period, "top": rows }))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountQuery {
+    #[serde(default)]
+    account: Option<String>,
+}
+
+async fn reconcile(
+    State(e): St,
+    headers: HeaderMap,
+    q: Result<Query<AccountQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let Query(q) = q.map_err(|err| ApiError::Invalid(err.body_text()))?;
+        e.reconcile(q.account.as_deref()).await
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn run_jobs(State(e): St, headers: HeaderMap) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let granted = e.grant_included_credits().await?;
+        let lapsed = e.lapse_expired_credit().await?;
+        e.deliver_alerts().await;
+        Ok(serde_json::json!({ "included_grants": granted, "lapsed_accounts": lapsed }))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+async fn webhook(e: Arc<Engine>, p: Provider, sig: Option<&str>, body: Body) -> Response {
+    let r = async {
+        let bytes: Bytes =
+            body.map_err(|_| ApiError::Invalid("body: too large or unreadable".into()))?;
+        e.webhook(p, sig, &bytes).await
+    }
+    .await;
+    match r {
+        Ok(out) => (StatusCode::OK, axum::Json(out)).into_response(),
+        Err(err) => respond::<()>(&e, Err(err), false),
+    }
+}
+
+async fn stripe(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let sig = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    webhook(e, Provider::Stripe, sig.as_deref(), body).await
+}
+
+async fn revenuecat(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let sig = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    webhook(e, Provider::RevenueCat, sig.as_deref(), body).await
+}

@@ -1,0 +1,265 @@
+//! Threshold alerts: when a request takes a limit past one of its thresholds (80 %, 95 %, 100 %
+//! by default, per meter configurable) or is refused by it, an alert is raised — once per
+//! account, limit scope, meter, window period and level, however many sidecars see it (the
+//! ledger's primary key decides) — recorded in the ledger, counted in the metrics, and POSTed to
+//! `alerts.webhook_url` (signed, retried until delivered or `alerts.max_attempts`).
+//!
+//! Delivery is at least once: a receiver dedupes on the alert's `id`. Usage that grows at commit
+//! (a response larger than its estimate) is seen by the next request's crossing check.
+
+use super::Engine;
+use crate::ledger::billing::AlertRow;
+use crate::store::LuaLimit;
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use sha2::Sha256;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Past this many remembered alerts the set is cleared (the ledger still dedupes).
+const MAX_REMEMBERED: usize = 100_000;
+
+/// What every sidecar keeps for alerts: the ones it knows were raised, and an HTTP client.
+pub struct AlertState {
+    raised: Mutex<HashSet<String>>,
+    client: reqwest::Client,
+}
+
+impl Default for AlertState {
+    fn default() -> Self {
+        Self {
+            raised: Mutex::new(HashSet::new()),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl AlertState {
+    /// True the first time this sidecar sees the alert.
+    fn first(&self, id: &str) -> bool {
+        let Ok(mut set) = self.raised.lock() else {
+            return true;
+        };
+        if set.len() >= MAX_REMEMBERED {
+            set.clear();
+        }
+        set.insert(id.to_string())
+    }
+}
+
+/// `warning`, `critical` or `exhausted`, from a level in percent.
+pub fn severity(level: i32) -> &'static str {
+    match level {
+        100.. => "exhausted",
+        90..=99 => "critical",
+        _ => "warning",
+    }
+}
+
+/// The body POSTed to the alert webhook.
+#[derive(Debug, Serialize)]
+struct AlertMessage<'a> {
+    id: String,
+    account: &'a str,
+    limit: &'a str,
+    scope: &'a str,
+    meter: &'a str,
+    period: &'a str,
+    level: i32,
+    severity: &'static str,
+    used: i64,
+    max: i64,
+    at_ms: i64,
+}
+
+fn alert_id(a: &AlertRow) -> String {
+    format!(
+        "{}/{}/{}/{}/{}",
+        a.account_id, a.scope, a.meter, a.period, a.level
+    )
+}
+
+/// `t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`, as Stripe signs its webhooks.
+pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+impl Engine {
+    /// After a decision: the alerts it raises. `used` is each limit's used amount after an
+    /// admitted request (same order as `lims`); `denied` names the limit that refused one.
+    pub(crate) fn raise_alerts(
+        &self,
+        acct: &str,
+        lims: &[LuaLimit],
+        used: &[u64],
+        denied: Option<&str>,
+    ) {
+        let now = self.clock.now_ms() as i64;
+        let mut new = Vec::new();
+        for (i, l) in lims.iter().enumerate() {
+            if l.max == 0 {
+                continue;
+            }
+            let (before, after) = match (denied, used.get(i)) {
+                (Some(name), _) if name == l.name => (0, l.max),
+                (None, Some(u)) => (u.saturating_sub(l.amt), *u),
+                _ => continue,
+            };
+            for &level in self.cfg.alerts.thresholds_for(&l.meter) {
+                let at = (u128::from(l.max) * u128::from(level)).div_ceil(100) as u64;
+                if after < at || (denied.is_none() && before >= at) {
+                    continue;
+                }
+                let row = AlertRow {
+                    account_id: acct.to_string(),
+                    scope: l.scope.clone(),
+                    meter: l.meter.clone(),
+                    period: l.period.clone(),
+                    level: level as i32,
+                    name: l.name.clone(),
+                    used: after.min(i64::MAX as u64) as i64,
+                    max: l.max as i64,
+                    at_ms: now,
+                    delivered_at_ms: None,
+                    attempts: 0,
+                    last_error: None,
+                };
+                if self.alerts.first(&alert_id(&row)) {
+                    new.push(row);
+                }
+            }
+        }
+        if new.is_empty() {
+            return;
+        }
+        let e = Delivery {
+            ledger: self.ledger.clone(),
+            metrics: Arc::clone(&self.metrics),
+            alerts: Arc::clone(&self.alerts),
+            cfg: Arc::clone(&self.cfg),
+            clock: Arc::clone(&self.clock),
+        };
+        tokio::spawn(async move {
+            for row in new {
+                match e.ledger.insert_alert(&row).await {
+                    Ok(true) => {
+                        match severity(row.level) {
+                            "exhausted" => e.metrics.alerts_exhausted.inc(),
+                            "critical" => e.metrics.alerts_critical.inc(),
+                            _ => e.metrics.alerts_warning.inc(),
+                        }
+                        tracing::info!(account = %row.account_id, limit = %row.name, period = %row.period, level = row.level, "alert raised");
+                        e.deliver(&row).await;
+                    }
+                    Ok(false) => {}
+                    Err(err) => {
+                        // Forget it so the next crossing request tries again.
+                        if let Ok(mut set) = e.alerts.raised.lock() {
+                            set.remove(&alert_id(&row));
+                        }
+                        tracing::warn!(error = %err, "alert not recorded");
+                    }
+                }
+            }
+        });
+    }
+
+    fn delivery(&self) -> Delivery {
+        Delivery {
+            ledger: self.ledger.clone(),
+            metrics: Arc::clone(&self.metrics),
+            alerts: Arc::clone(&self.alerts),
+            cfg: Arc::clone(&self.cfg),
+            clock: Arc::clone(&self.clock),
+        }
+    }
+
+    /// Retries alerts not delivered yet (a failed webhook, a sidecar that stopped).
+    pub async fn deliver_alerts(&self) {
+        if self.cfg.alerts.webhook_url.is_none() {
+            return;
+        }
+        let d = self.delivery();
+        let max = self.cfg.alerts.max_attempts as i32;
+        match self.ledger.undelivered_alerts(max, 100).await {
+            Ok(rows) => {
+                for a in rows {
+                    d.deliver(&a).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "undelivered alerts not read"),
+        }
+    }
+}
+
+/// What recording and delivering an alert needs, detached from the request that raised it.
+struct Delivery {
+    ledger: crate::ledger::Ledger,
+    metrics: Arc<crate::metrics::Metrics>,
+    alerts: Arc<AlertState>,
+    cfg: Arc<crate::config::Config>,
+    clock: Arc<dyn crate::clock::Clock>,
+}
+
+impl Delivery {
+    /// POSTs one alert to the webhook and records the attempt. Without a webhook it is done.
+    async fn deliver(&self, a: &AlertRow) {
+        let Some(url) = &self.cfg.alerts.webhook_url else {
+            return;
+        };
+        let msg = AlertMessage {
+            id: alert_id(a),
+            account: &a.account_id,
+            limit: &a.name,
+            scope: &a.scope,
+            meter: &a.meter,
+            period: &a.period,
+            level: a.level,
+            severity: severity(a.level),
+            used: a.used,
+            max: a.max,
+            at_ms: a.at_ms,
+        };
+        let body = serde_json::to_vec(&msg).unwrap_or_default();
+        let mut req = self
+            .alerts
+            .client
+            .post(url)
+            .header("content-type", "application/json");
+        if let Some(secret) = &self.cfg.alerts.webhook_secret {
+            let t = (self.clock.now_ms() / 1000) as i64;
+            req = req.header("tollgate-signature", sign(secret, t, &body));
+        }
+        let outcome = match req.body(body).send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("webhook answered {}", r.status())),
+            Err(e) => Err(format!("webhook unreachable: {e}")),
+        };
+        let now = self.clock.now_ms() as i64;
+        let marked = match &outcome {
+            Ok(()) => {
+                self.metrics.alerts_delivered.inc();
+                self.ledger.mark_alert(a, Some(now), None).await
+            }
+            Err(err) => {
+                self.metrics.alert_delivery_errors.inc();
+                tracing::warn!(account = %a.account_id, limit = %a.name, error = %err, "alert delivery failed; will retry");
+                self.ledger.mark_alert(a, None, Some(err)).await
+            }
+        };
+        if let Err(e) = marked {
+            tracing::warn!(error = %e, "alert delivery not recorded");
+        }
+    }
+}

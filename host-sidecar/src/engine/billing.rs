@@ -1,0 +1,497 @@
+//! The billing side: subscriptions (by API or by billing-provider webhooks), the plans' included
+//! credits granted once per period, credit that lapses (expiry) or is revoked (refund).
+//!
+//! A subscription change moves the account to its effective plan — the subscribed plan while
+//! the subscription is entitled (active, trialing, past due), else `billing.fallback_plan` — in
+//! one ledger transaction that also records the provider's event, and bumps the account's
+//! version, so every sidecar applies the new plan's limits on its next request. Events carry
+//! the provider's time: a change older than the one applied is recorded as `stale` and changes
+//! nothing, whatever order the provider delivers them in.
+
+use super::Engine;
+use crate::config::ProviderConfig;
+use crate::error::ApiError;
+use crate::ledger::billing::{BillingEventRow, SubOutcome, SubscriptionRow};
+use crate::ledger::AccountRow;
+use crate::store::{LapseArgs, Reply};
+use crate::webhooks::{self, Action, BillingEvent, Provider, SubStatus};
+use serde::{Deserialize, Serialize};
+use tollgate_protocol::{validate_id, GrantRequest};
+
+/// A subscription change through the admin API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionChange {
+    pub plan: String,
+    /// active | trialing | past_due | canceled | expired
+    pub status: String,
+    #[serde(default)]
+    pub period_start_ms: Option<i64>,
+    #[serde(default)]
+    pub period_end_ms: Option<i64>,
+}
+
+/// What a webhook delivery did.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WebhookOutcome {
+    pub provider: String,
+    pub event_id: String,
+    /// applied | duplicate | stale | ignored | unknown | unmapped
+    pub outcome: String,
+    #[serde(default)]
+    pub detail: String,
+}
+
+fn status_of(s: &str) -> Option<SubStatus> {
+    Some(match s {
+        "active" => SubStatus::Active,
+        "trialing" => SubStatus::Trialing,
+        "past_due" => SubStatus::PastDue,
+        "canceled" => SubStatus::Canceled,
+        "expired" => SubStatus::Expired,
+        _ => return None,
+    })
+}
+
+impl Engine {
+    pub async fn subscription(&self, account: &str) -> Result<SubscriptionRow, ApiError> {
+        self.ledger
+            .subscription(account)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("account {account:?} has no subscription")))
+    }
+
+    /// Sets an account's subscription from the admin API (provider `api`, effective now).
+    pub async fn set_subscription(
+        &self,
+        account: &str,
+        ch: SubscriptionChange,
+    ) -> Result<SubscriptionRow, ApiError> {
+        validate_id("account", account)?;
+        let status = status_of(&ch.status).ok_or_else(|| {
+            ApiError::Invalid(
+                "status: must be active, trialing, past_due, canceled or expired".into(),
+            )
+        })?;
+        if !self.cfg.plans.contains_key(&ch.plan) {
+            return Err(ApiError::Invalid(format!(
+                "plan: {:?} is not a configured plan",
+                ch.plan
+            )));
+        }
+        let now = self.clock.now_ms() as i64;
+        let start = ch.period_start_ms.unwrap_or(now);
+        let end = ch.period_end_ms.unwrap_or(0);
+        if start < 0 || end < 0 || (end != 0 && end < start) || end >= 10_000_000_000_000 {
+            return Err(ApiError::Invalid(
+                "period_end_ms: must be after period_start_ms (both unix ms)".into(),
+            ));
+        }
+        let row = SubscriptionRow {
+            account_id: account.to_string(),
+            plan: ch.plan,
+            status: status.as_str().into(),
+            provider: "api".into(),
+            subject: None,
+            period_start_ms: start,
+            period_end_ms: end,
+            event_at_ms: now,
+            updated_at_ms: now,
+        };
+        match self.apply_subscription(&row, status, None).await? {
+            SubOutcome::NoAccount => {
+                Err(ApiError::NotFound(format!("unknown account {account:?}")))
+            }
+            _ => self.subscription(account).await,
+        }
+    }
+
+    async fn apply_subscription(
+        &self,
+        row: &SubscriptionRow,
+        status: SubStatus,
+        event: Option<&BillingEventRow>,
+    ) -> Result<SubOutcome, ApiError> {
+        let effective = if status.entitled() {
+            row.plan.clone()
+        } else {
+            self.cfg.billing.fallback_plan.clone().ok_or_else(|| {
+                ApiError::Conflict(
+                    "billing.fallback_plan is not configured: an account whose subscription \
+                     ends needs a plan to fall back to"
+                        .into(),
+                )
+            })?
+        };
+        let out = self
+            .ledger
+            .apply_subscription(row, &effective, event)
+            .await?;
+        if let SubOutcome::Applied(version) = out {
+            self.publish_version(&row.account_id, version).await;
+            tracing::info!(
+                account = %row.account_id,
+                plan = %effective,
+                status = status.as_str(),
+                provider = %row.provider,
+                "subscription changed"
+            );
+            // A new plan's included credits are there at once, not at the next scheduler tick.
+            if let Some(acct) = self.ledger.account(&row.account_id).await? {
+                if let Err(e) = self.grant_included_for(&acct).await {
+                    tracing::warn!(account = %row.account_id, error = %e, "included credits not granted yet; the scheduler retries");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn provider_config(&self, p: Provider) -> Result<&ProviderConfig, ApiError> {
+        let cfg = match p {
+            Provider::Stripe => &self.cfg.billing.stripe,
+            Provider::RevenueCat => &self.cfg.billing.revenuecat,
+        };
+        cfg.as_ref()
+            .ok_or_else(|| ApiError::NotFound(format!("billing.{} is not configured", p.as_str())))
+    }
+
+    /// A billing-provider webhook: verified (signature or shared secret), then applied once per
+    /// event id. `signature` is the `Stripe-Signature` or the `Authorization` header.
+    pub async fn webhook(
+        &self,
+        provider: Provider,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Result<WebhookOutcome, ApiError> {
+        let prov = self.provider_config(provider)?;
+        let verified = match provider {
+            Provider::Stripe => webhooks::verify_stripe(
+                body,
+                signature,
+                &prov.secret,
+                (self.clock.now_ms() / 1000) as i64,
+                prov.tolerance_secs,
+            ),
+            Provider::RevenueCat => webhooks::verify_revenuecat(signature, &prov.secret),
+        };
+        if let Err(e) = verified {
+            self.metrics.billing_rejected.inc();
+            tracing::warn!(provider = provider.as_str(), error = %e, "webhook rejected");
+            return Err(ApiError::BadSignature(e.to_string()));
+        }
+        let ev = match provider {
+            Provider::Stripe => webhooks::parse_stripe(body),
+            Provider::RevenueCat => webhooks::parse_revenuecat(body),
+        }
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        if let Some(first) = self.ledger.billing_event(provider.as_str(), &ev.id).await? {
+            self.metrics.billing_duplicate.inc();
+            return Ok(WebhookOutcome {
+                provider: provider.as_str().into(),
+                event_id: ev.id,
+                outcome: "duplicate".into(),
+                detail: format!("first delivery: {}", first.outcome),
+            });
+        }
+        let (outcome, detail) = self.apply_event(prov, &ev).await?;
+        match outcome {
+            "applied" => self.metrics.billing_applied.inc(),
+            "duplicate" => self.metrics.billing_duplicate.inc(),
+            "stale" => self.metrics.billing_stale.inc(),
+            "ignored" => self.metrics.billing_ignored.inc(),
+            "unknown" => self.metrics.billing_unknown.inc(),
+            _ => self.metrics.billing_unmapped.inc(),
+        }
+        tracing::info!(provider = provider.as_str(), event = %ev.id, kind = %ev.kind, outcome, "billing event");
+        Ok(WebhookOutcome {
+            provider: provider.as_str().into(),
+            event_id: ev.id,
+            outcome: outcome.into(),
+            detail,
+        })
+    }
+
+    /// Records an event that changes nothing (or whose change was made already); "duplicate"
+    /// when another delivery of it was recorded first.
+    async fn record(
+        &self,
+        ev: &BillingEvent,
+        outcome: &'static str,
+        detail: String,
+    ) -> Result<(&'static str, String), ApiError> {
+        let row = event_row(ev, outcome, &detail, self.clock.now_ms() as i64);
+        if self.ledger.record_billing_event(&row).await? {
+            Ok((outcome, detail))
+        } else {
+            Ok(("duplicate", detail))
+        }
+    }
+
+    async fn apply_event(
+        &self,
+        prov: &ProviderConfig,
+        ev: &BillingEvent,
+    ) -> Result<(&'static str, String), ApiError> {
+        let account = match (&ev.action, &ev.account) {
+            (Action::Ignore, _) => return self.record(ev, "ignored", String::new()).await,
+            (Action::Unknown, _) => {
+                return self
+                    .record(ev, "unknown", "event type not handled".into())
+                    .await
+            }
+            (_, None) => {
+                return self
+                    .record(ev, "unmapped", "the event names no account".into())
+                    .await
+            }
+            (_, Some(a)) => a.clone(),
+        };
+        if self.directory.account(&account).await?.is_none() {
+            return self
+                .record(ev, "unmapped", format!("unknown account {account:?}"))
+                .await;
+        }
+        match &ev.action {
+            Action::Subscription {
+                product,
+                status,
+                period_start_ms,
+                period_end_ms,
+            } => {
+                let Some(plan) = prov.plans.get(product).cloned().or_else(|| {
+                    self.cfg
+                        .plans
+                        .contains_key(product)
+                        .then(|| product.clone())
+                }) else {
+                    return self
+                        .record(ev, "unmapped", format!("no plan for product {product:?}"))
+                        .await;
+                };
+                let now = self.clock.now_ms() as i64;
+                let row = SubscriptionRow {
+                    account_id: account,
+                    plan: plan.clone(),
+                    status: status.as_str().into(),
+                    provider: ev.provider.as_str().into(),
+                    subject: ev.subject.clone(),
+                    period_start_ms: *period_start_ms,
+                    period_end_ms: *period_end_ms,
+                    event_at_ms: ev.at_ms,
+                    updated_at_ms: now,
+                };
+                let detail = format!("plan {plan}, {}", status.as_str());
+                let rec = event_row(ev, "applied", &detail, now);
+                Ok(
+                    match self.apply_subscription(&row, *status, Some(&rec)).await? {
+                        SubOutcome::Applied(_) => ("applied", detail),
+                        SubOutcome::Stale => ("stale", "a newer change was applied".into()),
+                        SubOutcome::Duplicate => ("duplicate", String::new()),
+                        SubOutcome::NoAccount => {
+                            return self.record(ev, "unmapped", "unknown account".into()).await
+                        }
+                    },
+                )
+            }
+            Action::Purchase { product, amount } => {
+                let Some(credits) = amount.or_else(|| prov.packs.get(product).copied()) else {
+                    return self
+                        .record(ev, "unmapped", format!("no credit pack {product:?}"))
+                        .await;
+                };
+                if credits == 0 {
+                    return self.record(ev, "ignored", "zero credits".into()).await;
+                }
+                // One grant per purchase, whichever of its events arrives: the grant id is its
+                // idempotency key.
+                let gid = format!(
+                    "{}.{}",
+                    ev.provider.as_str(),
+                    ev.subject.as_deref().unwrap_or(&ev.id)
+                );
+                let expires = prov
+                    .pack_expiry_days
+                    .map(|d| ev.at_ms.max(0) as u64 + u64::from(d) * 86_400_000);
+                let g = GrantRequest {
+                    grant_id: gid.clone(),
+                    amount: credits,
+                    priority: self.cfg.billing.pack_priority,
+                    expires_at_ms: expires,
+                    source: "purchase".into(),
+                };
+                self.grant(&account, g).await?;
+                self.record(ev, "applied", format!("granted {credits} as {gid}"))
+                    .await
+            }
+            Action::Refund { reference } => {
+                let out = self
+                    .lapse(&account, "revoke", &ev.id, std::slice::from_ref(reference))
+                    .await?;
+                let revoked: u64 = out
+                    .get("expired")
+                    .and_then(|x| x.as_array())
+                    .map(|rows| {
+                        rows.iter()
+                            .filter_map(|r| r.get(1).and_then(|v| v.as_u64()))
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                self.record(
+                    ev,
+                    "applied",
+                    format!("revoked {revoked} remaining of grant {reference}"),
+                )
+                .await
+            }
+            Action::Ignore | Action::Unknown => unreachable_outcome(),
+        }
+    }
+
+    /// Grants every account's plan its included credits for the current period, once: the
+    /// grant id is `included.<period>`, so any number of schedulers grant it once. Returns how
+    /// many grants were new.
+    pub async fn grant_included_credits(&self) -> Result<u64, ApiError> {
+        let mut after = String::new();
+        let mut granted = 0;
+        loop {
+            let page = self.ledger.accounts_page(&after, 500).await?;
+            let Some(last) = page.last() else { break };
+            after = last.id.clone();
+            for acct in &page {
+                match self.grant_included_for(acct).await {
+                    Ok(true) => granted += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(account = %acct.id, error = %e, "included credits not granted; retried next run")
+                    }
+                }
+            }
+        }
+        Ok(granted)
+    }
+
+    /// Grants one account its plan's included credits for the current period; true if new.
+    pub(crate) async fn grant_included_for(&self, acct: &AccountRow) -> Result<bool, ApiError> {
+        let Some(plan) = self.cfg.plans.get(&acct.plan) else {
+            return Ok(false);
+        };
+        if acct.disabled || plan.included_credits == 0 {
+            return Ok(false);
+        }
+        let tz = acct.timezone.parse().unwrap_or(chrono_tz::Tz::UTC);
+        let now = self.clock.now_ms();
+        let period = crate::windows::current_period(
+            plan.credits_period,
+            now,
+            tz,
+            &self.windows,
+            acct.billing_anchor_day as u32,
+        );
+        let g = GrantRequest {
+            grant_id: format!("included.{}", period.id),
+            amount: plan.included_credits,
+            priority: plan.credits_priority,
+            expires_at_ms: plan.credits_expire.then_some(period.end_ms),
+            source: "plan".into(),
+        };
+        match self.grant(&acct.id, g).await {
+            Ok((_, replay)) => {
+                if !replay {
+                    self.metrics.periodic_grants.inc();
+                }
+                Ok(!replay)
+            }
+            // Granted this period already under another plan's amount: once per period.
+            Err(ApiError::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records the credit that expired, for every account the ledger shows holding some.
+    /// Returns how many accounts had credit lapse.
+    pub async fn lapse_expired_credit(&self) -> Result<u64, ApiError> {
+        let now = self.clock.now_ms() as i64;
+        let mut n = 0;
+        for acct in self.ledger.accounts_with_lapsed_credit(now, 1000).await? {
+            let out = self.lapse(&acct, "lapse", "expiry", &[]).await?;
+            if out
+                .get("expired")
+                .and_then(|x| x.as_array())
+                .is_some_and(|a| !a.is_empty())
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Removes an account's expired grants and the `revoke`d ones, recording their remainder
+    /// in the ledger (kind `lapse` or `revoke`). Returns {expired: [[grant, amount]], balance}.
+    pub(crate) async fn lapse(
+        &self,
+        account: &str,
+        kind: &str,
+        idem: &str,
+        revoke: &[String],
+    ) -> Result<serde_json::Value, ApiError> {
+        if self.redis_down() {
+            return Err(ApiError::Unavailable(
+                "Redis is unreachable; credit lapses are recorded when it is back".into(),
+            ));
+        }
+        for _ in 0..4 {
+            let args = LapseArgs {
+                now: self.clock.now_ms(),
+                acct: account,
+                kind,
+                idem,
+                revoke,
+            };
+            match self.store.lapse(&args).await? {
+                Reply::Ok(b) => {
+                    let v: serde_json::Value = serde_json::from_str(&b).unwrap_or_default();
+                    if v.get("expired")
+                        .and_then(|x| x.as_array())
+                        .is_some_and(|a| !a.is_empty())
+                    {
+                        self.metrics.lapsed.inc();
+                        self.sync_wake.notify_one();
+                    }
+                    return Ok(v);
+                }
+                Reply::Cold => self.cold_load(account).await?,
+                other => return Err(super::unexpected(other)),
+            }
+        }
+        Err(super::not_loaded(account))
+    }
+
+    /// One pass of the billing scheduler: included credits, lapsed credit, alert delivery.
+    pub async fn billing_tick(&self) {
+        if let Err(e) = self.grant_included_credits().await {
+            tracing::warn!(error = %e, "included-credit grants failed; will retry");
+        }
+        if let Err(e) = self.lapse_expired_credit().await {
+            tracing::warn!(error = %e, "credit expiry failed; will retry");
+        }
+        self.deliver_alerts().await;
+    }
+}
+
+fn event_row(ev: &BillingEvent, outcome: &str, detail: &str, now: i64) -> BillingEventRow {
+    BillingEventRow {
+        provider: ev.provider.as_str().into(),
+        event_id: ev.id.clone(),
+        kind: ev.kind.clone(),
+        account_id: ev.account.clone(),
+        event_at_ms: ev.at_ms,
+        outcome: outcome.into(),
+        detail: detail.into(),
+        received_at_ms: now,
+    }
+}
+
+/// Ignore and Unknown are answered before an account is needed.
+fn unreachable_outcome() -> Result<(&'static str, String), ApiError> {
+    Err(ApiError::Internal("unhandled billing action".into()))
+}

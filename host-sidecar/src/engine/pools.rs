@@ -1,0 +1,227 @@
+//! Shared pools: a stock many accounts claim from, each at most once (a coupon's stock, a
+//! free-trial pool).
+//!
+//! A pool is the pseudo-account `pool:<id>` with one lifetime limit (`claims` ≤ stock), and a
+//! claim is a `consume` of one claim on it whose idempotency key is the claimant: the same
+//! script that keeps every limit exact under contention keeps the stock exact, and the same
+//! idempotency record makes a second claim by the same account a replay. A pool's records
+//! never expire, and after a cold load every claimant is looked up in the ledger (see
+//! `coldload.rs`), so "once per account" holds for the pool's lifetime.
+
+use super::{fingerprint, not_loaded, unexpected, Engine};
+use crate::error::ApiError;
+use crate::ledger::billing::PoolRow;
+use crate::store::{LuaLimit, Reply, SpendArgs};
+use serde::{Deserialize, Serialize};
+use tollgate_protocol::{validate_id, Meters, MAX_AMOUNT};
+
+/// Claim records are kept for a century: for the life of the pool.
+const CLAIM_RECORD_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+pub(crate) fn is_pool(acct: &str) -> bool {
+    acct.starts_with("pool:")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPool {
+    pub id: String,
+    pub stock: u64,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// A pool and how much of it is claimed (from Redis, the real-time truth).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolState {
+    pub id: String,
+    pub stock: u64,
+    pub claimed: u64,
+    pub remaining: u64,
+    pub description: String,
+}
+
+/// The answer to a claim.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claim {
+    pub pool: String,
+    pub account: String,
+    /// True when this account holds a claim (now or from before); false when the pool is empty.
+    pub claimed: bool,
+    pub remaining: u64,
+}
+
+impl Engine {
+    pub async fn create_pool(&self, n: NewPool) -> Result<PoolRow, ApiError> {
+        validate_id("id", &n.id)?;
+        if n.stock > MAX_AMOUNT {
+            return Err(ApiError::Invalid("stock: too large".into()));
+        }
+        if n.description.len() > 500 {
+            return Err(ApiError::Invalid(
+                "description: longer than 500 characters".into(),
+            ));
+        }
+        let row = PoolRow {
+            id: n.id,
+            stock: n.stock as i64,
+            description: n.description,
+            created_at_ms: self.clock.now_ms() as i64,
+        };
+        if !self.ledger.insert_pool(&row).await? {
+            return Err(ApiError::Conflict(format!(
+                "pool {:?} already exists",
+                row.id
+            )));
+        }
+        Ok(row)
+    }
+
+    async fn pool_row(&self, id: &str) -> Result<PoolRow, ApiError> {
+        validate_id("pool", id)?;
+        self.ledger
+            .pool(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("unknown pool {id:?}")))
+    }
+
+    fn pool_limit(p: &PoolRow, amt: u64) -> Vec<LuaLimit> {
+        vec![LuaLimit {
+            scope: format!("p:{}", p.id),
+            meter: "claims".into(),
+            period: "l".into(),
+            amt,
+            max: p.stock.max(0) as u64,
+            end: 0,
+            name: format!("pool:{}", p.id),
+        }]
+    }
+
+    /// Claims one unit of `pool` for `account`; a repeat by the same account is a replay.
+    /// Returns the answer and whether it is a replay.
+    pub async fn claim(&self, pool: &str, account: &str) -> Result<(Claim, bool), ApiError> {
+        let p = self.pool_row(pool).await?;
+        validate_id("account", account)?;
+        if self.directory.account(account).await?.is_none() {
+            return Err(ApiError::NotFound(format!("unknown account {account:?}")));
+        }
+        if self.redis_down() {
+            return Err(ApiError::Unavailable(
+                "pool claims need Redis, which is unreachable; retry shortly".into(),
+            ));
+        }
+        self.refuse_if_backlog_full()?;
+        let pacct = format!("pool:{}", p.id);
+        let meters: Meters = [("claims".to_string(), 1u64)].into_iter().collect();
+        let lims = Self::pool_limit(&p, 1);
+        // The same for every claimant: a claim is a claim.
+        let fp = fingerprint(&("claim", &p.id));
+        let mut checked = false;
+        for _ in 0..4 {
+            let args = SpendArgs {
+                now: self.clock.now_ms(),
+                acct: &pacct,
+                key: None,
+                idem: account,
+                fp: &fp,
+                checked,
+                credit: 0,
+                meters: &meters,
+                lims: &lims,
+                route: "pool",
+                model: None,
+                resource: None,
+                hold: None,
+                exp: 0,
+                idem_ttl_ms: CLAIM_RECORD_TTL_MS,
+                version: i64::MAX,
+            };
+            let (body, claimed, replay) = match self.store.consume(&args).await? {
+                Reply::Ok(b) => (b, true, false),
+                Reply::Replay(b) => (b, true, true),
+                Reply::Deny(b) => (b, false, false),
+                Reply::Cold => {
+                    self.cold_load(&pacct).await?;
+                    continue;
+                }
+                Reply::Recheck => match self.recheck(&pacct, "consume", account, &fp).await? {
+                    Some(b) => (b, true, true),
+                    None => {
+                        checked = true;
+                        continue;
+                    }
+                },
+                other => return Err(unexpected(other)),
+            };
+            if claimed && !replay {
+                self.metrics.pool_claims.inc();
+                self.sync_wake.notify_one();
+            } else if !claimed {
+                self.metrics.pool_denied.inc();
+            }
+            let remaining = remaining_of(&body);
+            return Ok((
+                Claim {
+                    pool: p.id,
+                    account: account.to_string(),
+                    claimed,
+                    remaining,
+                },
+                replay,
+            ));
+        }
+        Err(not_loaded(&pacct))
+    }
+
+    /// The pool with how much of it is claimed.
+    pub async fn pool_state(&self, pool: &str) -> Result<PoolState, ApiError> {
+        let p = self.pool_row(pool).await?;
+        let pacct = format!("pool:{}", p.id);
+        let lims = Self::pool_limit(&p, 0);
+        let nothing = Meters::new();
+        for _ in 0..4 {
+            let args = SpendArgs {
+                now: self.clock.now_ms(),
+                acct: &pacct,
+                key: None,
+                idem: "",
+                fp: "",
+                checked: false,
+                credit: 0,
+                meters: &nothing,
+                lims: &lims,
+                route: "pool",
+                model: None,
+                resource: None,
+                hold: None,
+                exp: 0,
+                idem_ttl_ms: 0,
+                version: i64::MAX,
+            };
+            match self.store.check(&args).await? {
+                Reply::Ok(b) | Reply::Deny(b) => {
+                    let stock = p.stock.max(0) as u64;
+                    let remaining = remaining_of(&b).min(stock);
+                    return Ok(PoolState {
+                        id: p.id,
+                        stock,
+                        claimed: stock - remaining,
+                        remaining,
+                        description: p.description,
+                    });
+                }
+                Reply::Cold => self.cold_load(&pacct).await?,
+                other => return Err(unexpected(other)),
+            }
+        }
+        Err(not_loaded(&pacct))
+    }
+}
+
+/// The pool limit's remaining, from a script answer.
+fn remaining_of(body: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("limit")?.get("remaining")?.as_u64())
+        .unwrap_or(0)
+}
