@@ -230,7 +230,9 @@ impl Ledger {
         let _guard = self.write_lock().await;
         let lock_sql = self.dialect(
             "SELECT version FROM accounts WHERE id = $1 FOR UPDATE",
-            "SELECT version FROM accounts WHERE id = $1",
+            // SQLite: a write first, so the transaction holds the write lock from its start
+            // (a read first would make its later writes fail on a stale snapshot).
+            "UPDATE accounts SET version = version WHERE id = $1 RETURNING version",
         );
         on_db!(&self.db, p => {
             let mut tx = p.begin().await?;

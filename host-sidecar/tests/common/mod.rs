@@ -295,6 +295,21 @@ impl Env {
         (status, v, replay)
     }
 
+    /// POST with the admin token to sidecar `i`; returns status, body and the replay mark.
+    pub async fn post_to_admin(&self, i: usize, path: &str, body: &Value) -> (u16, Value, bool) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base(i)))
+            .bearer_auth(ADMIN)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = r.status().as_u16();
+        let replay = r.headers().get("x-tollgate-replayed").is_some();
+        (status, r.json().await.unwrap_or(Value::Null), replay)
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let (s, v, _) = self.post_to(0, path, body).await;
         (s, v)

@@ -1,0 +1,689 @@
+//! The billing side against real Redis and PostgreSQL (and, through `conformance!`, the
+//! embedded store and a Redis Cluster): plan changes on the next request of every sidecar,
+//! included credits once per period with two schedulers, spending order and expiry, shared
+//! pools under contention, threshold alerts once per window, and billing-provider webhooks —
+//! verified, applied once, ordered, and unmoved by forged or malformed deliveries.
+
+#[macro_use]
+mod common;
+
+use common::*;
+use futures::future::join_all;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use tollgate_sidecar::webhooks::sign_stripe;
+
+const STRIPE_SECRET: &str = "whsec_test_secret_0123456789";
+const RC_SECRET: &str = "rc_test_secret_0123456789";
+
+const BILLING: &str = r#"
+[plans.pro]
+limits = [{ meter = "requests", window = "day", max = 50 }]
+included_credits = 500
+credits_period = "week"
+[plans.free]
+limits = [{ meter = "requests", window = "day", max = 5 }]
+[billing]
+fallback_plan = "free"
+[billing.stripe]
+secret = "whsec_test_secret_0123456789"
+plans = { price_pro = "pro" }
+packs = { pack_1000 = 1000 }
+[billing.revenuecat]
+secret = "rc_test_secret_0123456789"
+plans = { "vip.weekly" = "pro" }
+packs = { "points.200" = 200 }
+"#;
+
+async fn env_with(backend: Backend, instances: usize, extra: &str) -> Env {
+    Env::build(
+        backend,
+        instances,
+        &format!("{BILLING}\n{extra}"),
+        &redis_url(),
+        None,
+    )
+    .await
+}
+
+async fn authorize_on(env: &Env, i: usize, key: &str, idem: &str) -> Value {
+    let (s, v, _) = env
+        .post_to(
+            i,
+            "/v1/authorize",
+            &authorize_body(key, idem, json!({"requests": 1})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+async fn admin_send(env: &Env, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let r = env
+        .http
+        .request(m, format!("{}{path}", env.base(0)))
+        .bearer_auth(ADMIN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+conformance! {
+    async fn a_plan_change_applies_on_the_next_request_of_every_sidecar(backend: Backend) {
+        let env = env_with(backend, 2, "").await;
+        let key = env.account("acme", "pro", "UTC").await; // 50 requests per day
+        // Sidecar 1 reads (and caches, for a minute) the account on pro.
+        for i in 0..10 {
+            let v = authorize_on(&env, 1, &key, &format!("a{i}")).await;
+            assert_eq!(v["allowed"], true, "{v}");
+        }
+        // Downgrade through sidecar 0: sidecar 1's very next request sees free's 5 per day.
+        let (s, v) = admin_send(&env, "PATCH", "/admin/accounts/acme", &json!({"plan": "free"})).await;
+        assert_eq!(s, 200, "{v}");
+        let v = authorize_on(&env, 1, &key, "after-downgrade").await;
+        assert_eq!((v["allowed"].clone(), v["status"].clone()), (json!(false), json!(429)), "{v}");
+        assert_eq!(v["limit"]["max"], 5);
+
+        // Upgrade by subscription: back to pro at once, on sidecar 1 too.
+        let (s, v) = admin_send(
+            &env,
+            "PUT",
+            "/admin/accounts/acme/subscription",
+            &json!({"plan": "pro", "status": "active"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!((v["plan"].clone(), v["status"].clone()), (json!("pro"), json!("active")));
+        let v = authorize_on(&env, 1, &key, "after-upgrade").await;
+        assert_eq!(v["allowed"], true, "{v}");
+        // A canceled subscription falls back to the configured plan.
+        let (s, _) = admin_send(
+            &env,
+            "PUT",
+            "/admin/accounts/acme/subscription",
+            &json!({"plan": "pro", "status": "canceled"}),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let (_, a) = env.admin_get("/admin/accounts/acme").await;
+        assert_eq!(a["plan"], "free");
+        let v = authorize_on(&env, 1, &key, "after-cancel").await;
+        assert_eq!(v["limit"]["max"], 5, "{v}");
+
+        // A disabled key is refused on the next request of the other sidecar too.
+        let (_, keys) = env.admin_get("/admin/accounts/acme/keys").await;
+        let key_id = keys[0]["key_id"].as_str().unwrap().to_string();
+        let (s, _) = env.admin_post(&format!("/admin/keys/{key_id}/disable"), &json!({})).await;
+        assert_eq!(s, 200);
+        let v = authorize_on(&env, 1, &key, "after-disable").await;
+        assert_eq!(v["status"], 403, "{v}");
+    }
+
+    async fn included_credits_are_granted_once_per_period_by_two_schedulers(backend: Backend) {
+        let env = env_with(backend, 2, "").await;
+        env.account("acme", "pro", "UTC").await; // 500 included per week
+        env.account("bob", "free", "UTC").await; // none
+        let (a, b) = (env.sidecars[0].engine.clone(), env.sidecars[1].engine.clone());
+        for _ in 0..3 {
+            let (x, y) = tokio::join!(a.grant_included_credits(), b.grant_included_credits());
+            x.unwrap();
+            y.unwrap();
+        }
+        assert_eq!(env.balance("acme").await, 500);
+        assert_eq!(env.balance("bob").await, 0);
+        env.sync().await;
+        let grants = |acct: &'static str| {
+            let env = &env;
+            async move {
+                env.sql_i64("SELECT count(*) FROM grants WHERE account_id = $1 AND source = 'plan'", acct)
+                    .await
+            }
+        };
+        assert_eq!(grants("acme").await, 1);
+        assert_eq!(grants("bob").await, 0);
+
+        // Next week: one more grant; last week's allowance lapsed at its period's end.
+        env.clock.advance_ms(7 * 86_400_000);
+        let (x, y) = tokio::join!(a.grant_included_credits(), b.grant_included_credits());
+        assert_eq!(x.unwrap() + y.unwrap(), 1, "one of the two schedulers granted");
+        assert_eq!(env.balance("acme").await, 500);
+        let lapsed = a.lapse_expired_credit().await.unwrap();
+        env.sync().await;
+        assert_eq!(lapsed, 1);
+        assert_eq!(grants("acme").await, 2);
+        assert_eq!(
+            env.sql_i64("SELECT CAST(sum(expired) AS BIGINT) FROM grants WHERE account_id = $1", "acme").await,
+            500,
+            "last week's unspent allowance is recorded as expired"
+        );
+        assert_eq!(
+            env.sql_i64("SELECT count(*) FROM ledger WHERE account_id = $1 AND kind = 'lapse'", "acme").await,
+            1
+        );
+        // Running the expiry job again records nothing more.
+        assert_eq!(a.lapse_expired_credit().await.unwrap(), 0);
+    }
+
+    async fn credit_spends_by_priority_then_expiry_then_age_and_expired_credit_never(backend: Backend) {
+        let env = env_with(backend, 1, "").await;
+        let key = env.account("acme", "open", "UTC").await;
+        let hour = 3_600_000;
+        for (id, amount, extra) in [
+            ("old", 100, json!({"priority": 100})),
+            ("soon", 100, json!({"priority": 100, "expires_at_ms": NOON + hour})),
+            ("promo", 50, json!({"priority": 10})),
+            ("later", 100, json!({"priority": 100, "expires_at_ms": NOON + 2 * hour})),
+        ] {
+            assert_eq!(env.grant("acme", id, amount, extra).await.0, 201);
+        }
+        let spend = |n: u64, idem: String| {
+            let body = json!({"api_key": key, "idempotency_key": idem, "route": "paid",
+                "meters": {"requests": n}});
+            let env = &env;
+            async move { env.post("/v1/consume", &body).await }
+        };
+        let remaining = || async {
+            env.sync().await;
+            let (_, v) = env.admin_get("/admin/accounts/acme/grants").await;
+            v["grants"].as_array().unwrap().iter()
+                .map(|g| (g["grant_id"].as_str().unwrap().to_string(), g["remaining"].as_i64().unwrap()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        // 50 credits: the lowest priority number first.
+        assert_eq!(spend(5, "s1".into()).await.1["allowed"], true);
+        // 150: then the earliest expiry, then the next.
+        assert_eq!(spend(15, "s2".into()).await.1["allowed"], true);
+        let r = remaining().await;
+        assert_eq!((r["promo"], r["soon"], r["later"], r["old"]), (0, 0, 50, 100), "{r:?}");
+        // Past `later`'s expiry its 50 are never spent: 150 more needs `old`'s 100 + 50 that
+        // do not exist.
+        env.clock.advance_ms(3 * hour);
+        let (_, v) = spend(15, "s3".into()).await;
+        assert_eq!((v["allowed"].clone(), v["status"].clone()), (json!(false), json!(402)), "{v}");
+        assert_eq!(v["balance"], 100);
+        assert_eq!(spend(10, "s4".into()).await.1["allowed"], true);
+        let r = remaining().await;
+        assert_eq!((r["later"], r["old"]), (0, 0), "{r:?}");
+        assert_eq!(
+            env.sql_i64("SELECT CAST(sum(expired) AS BIGINT) FROM grants WHERE account_id = $1", "acme").await,
+            50
+        );
+    }
+
+    async fn five_hundred_accounts_claiming_a_pool_of_one_hundred_get_exactly_one_hundred(backend: Backend) {
+        let env = env_with(backend, 2, "").await;
+        let ids: Vec<String> = (0..500).map(|i| format!("u{i:03}")).collect();
+        for chunk in ids.chunks(50) {
+            join_all(chunk.iter().map(|id| {
+                let env = &env;
+                async move {
+                    let (s, v) = env.admin_post("/admin/accounts", &json!({"id": id, "plan": "free"})).await;
+                    assert_eq!(s, 201, "{v}");
+                }
+            }))
+            .await;
+        }
+        let (s, v) = env.admin_post("/admin/pools", &json!({"id": "coupon", "stock": 100})).await;
+        assert_eq!(s, 201, "{v}");
+        // Every account claims once, the first 100 twice, spread over both sidecars.
+        let claims = ids.iter().chain(ids.iter().take(100)).enumerate().map(|(i, id)| {
+            let env = &env;
+            async move {
+                let (s, v, replay) = env
+                    .post_to_admin(i, "/admin/pools/coupon/claims", &json!({"account": id}))
+                    .await;
+                assert!(s == 200 || s == 201, "{s} {v}");
+                (id.clone(), s, v["claimed"] == true, replay)
+            }
+        });
+        let results = join_all(claims).await;
+        let new: Vec<_> = results.iter().filter(|r| r.1 == 201).collect();
+        assert_eq!(new.len(), 100, "exactly the stock was claimed");
+        let mut winners: Vec<_> = new.iter().map(|r| r.0.clone()).collect();
+        winners.sort();
+        winners.dedup();
+        assert_eq!(winners.len(), 100, "no account claimed twice");
+        // A second claim by a winner is a replay, never a second unit.
+        assert!(results.iter().filter(|r| r.3).all(|r| r.2 && winners.contains(&r.0)));
+        let (_, p) = env.admin_get("/admin/pools/coupon").await;
+        assert_eq!((p["claimed"].clone(), p["remaining"].clone()), (json!(100), json!(0)), "{p}");
+        env.sync().await;
+        assert_eq!(
+            env.sql_i64("SELECT count(*) FROM ledger WHERE account_id = $1 AND kind = 'consume'", "pool:coupon").await,
+            100
+        );
+        assert_eq!(
+            env.sql_i64("SELECT count(DISTINCT idem_key) FROM ledger WHERE account_id = $1", "pool:coupon").await,
+            100
+        );
+    }
+
+    async fn each_alert_threshold_fires_exactly_once_per_window(backend: Backend) {
+        let hook = Hook::start().await;
+        let extra = format!(
+            "[alerts]\nthresholds = [80, 95, 100]\nwebhook_url = \"{}\"\nwebhook_secret = \"alert-secret-0123456789\"",
+            hook.url
+        );
+        let env = env_with(backend, 2, &extra).await;
+        let key = env.account("acme", "basic", "UTC").await; // 100 requests per day
+        let calls = (0..130).map(|i| {
+            let env = &env;
+            let key = key.clone();
+            async move { authorize_on(env, i, &key, &format!("r{i}")).await }
+        });
+        let allowed = join_all(calls).await.iter().filter(|v| v["allowed"] == true).count();
+        assert_eq!(allowed, 100);
+        // Replays raise nothing new.
+        for i in 0..20 {
+            authorize_on(&env, i, &key, &format!("r{i}")).await;
+        }
+        let levels = hook.wait_for(3).await;
+        assert_eq!(levels, vec![80, 95, 100], "each level once, delivered");
+        let (_, v) = env.admin_get("/admin/accounts/acme/alerts").await;
+        let mut recorded: Vec<i64> = v["alerts"].as_array().unwrap().iter()
+            .map(|a| a["level"].as_i64().unwrap()).collect();
+        recorded.sort();
+        assert_eq!(recorded, vec![80, 95, 100], "{v}");
+        assert!(v["alerts"].as_array().unwrap().iter().all(|a| a["delivered_at_ms"].is_i64()), "{v}");
+
+        // A new day is a new window: 80 % fires again, once.
+        env.clock.advance_ms(86_400_000);
+        for i in 0..85 {
+            authorize_on(&env, i, &key, &format!("d2-{i}")).await;
+        }
+        let levels = hook.wait_for(4).await;
+        assert_eq!(levels, vec![80, 80, 95, 100]);
+        let metrics = env.http.get(format!("{}/metrics", env.base(0))).send().await.unwrap()
+            .text().await.unwrap();
+        assert!(metrics.contains("tollgate_alerts_total{level=\"warning\"}"), "{metrics}");
+    }
+}
+
+/// A local alert webhook receiver: records each delivery's level after checking its signature.
+struct Hook {
+    url: String,
+    got: Arc<Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Hook {
+    async fn start() -> Hook {
+        let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let g = got.clone();
+        let app = axum::Router::new().route(
+            "/alerts",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let g = g.clone();
+                    async move {
+                        let sig = headers
+                            .get("tollgate-signature")
+                            .and_then(|v| v.to_str().ok());
+                        let t = (NOON / 1000) as i64;
+                        if tollgate_sidecar::webhooks::verify_stripe(
+                            &body,
+                            sig,
+                            "alert-secret-0123456789",
+                            t,
+                            3 * 86_400,
+                        )
+                        .is_err()
+                        {
+                            return axum::http::StatusCode::UNAUTHORIZED;
+                        }
+                        if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                            g.lock().unwrap().push(v);
+                        }
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Hook { url, got, task }
+    }
+
+    /// The delivered levels, sorted, once at least `n` arrived (or after 10 s).
+    async fn wait_for(&self, n: usize) -> Vec<i64> {
+        for _ in 0..200 {
+            if self.got.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // Give a duplicate the chance to show up.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut v: Vec<i64> = self
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a["level"].as_i64().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// POSTs a webhook body with the given headers; returns status and body.
+async fn deliver(env: &Env, path: &str, body: &[u8], headers: &[(&str, String)]) -> (u16, Value) {
+    let mut r = env
+        .http
+        .post(format!("{}{path}", env.base(0)))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    for (k, v) in headers {
+        r = r.header(*k, v);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+fn now_s() -> i64 {
+    (NOON / 1000) as i64
+}
+
+async fn stripe(env: &Env, body: &Value) -> (u16, Value) {
+    let raw = serde_json::to_vec(body).unwrap();
+    let sig = sign_stripe(&raw, STRIPE_SECRET, now_s());
+    deliver(env, "/webhooks/stripe", &raw, &[("stripe-signature", sig)]).await
+}
+
+fn subscription_event(id: &str, kind: &str, created_s: i64, status: &str, price: &str) -> Value {
+    json!({
+        "id": id, "type": kind, "created": created_s,
+        "data": {"object": {
+            "id": "sub_1", "status": status,
+            "current_period_start": created_s, "current_period_end": created_s + 30 * 86_400,
+            "metadata": {"tollgate_account": "acme"},
+            "items": {"data": [{"price": {"id": price, "lookup_key": null}}]}
+        }}
+    })
+}
+
+async fn plan_and_version(env: &Env) -> (String, i64) {
+    let a = env.engine().ledger.account("acme").await.unwrap().unwrap();
+    (a.plan, a.version)
+}
+
+async fn events(env: &Env) -> i64 {
+    env.sql_i64("SELECT count(*) FROM billing_events WHERE $1 = $1", "")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_webhooks_are_verified_applied_once_and_in_event_order() {
+    let env = env_with(Backend::RedisPostgres, 1, "").await;
+    let key = env.account("acme", "free", "UTC").await;
+    let t = now_s();
+
+    // A subscription starts: acme moves to pro.
+    let e1 = subscription_event(
+        "evt_1",
+        "customer.subscription.created",
+        t - 300,
+        "active",
+        "price_pro",
+    );
+    let (s, v) = stripe(&env, &e1).await;
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("applied")), "{v}");
+    let (plan, version) = plan_and_version(&env).await;
+    assert_eq!(plan, "pro");
+    assert_eq!(authorize_on(&env, 0, &key, "r1").await["limit"]["max"], 50);
+
+    // The same delivery again: acknowledged, nothing changes.
+    let (s, v) = stripe(&env, &e1).await;
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("duplicate")), "{v}");
+    assert_eq!(plan_and_version(&env).await.1, version);
+
+    // Forged, tampered, stale or unsigned: 401, nothing recorded, nothing changed.
+    let before = events(&env).await;
+    let forged = subscription_event(
+        "evt_x",
+        "customer.subscription.deleted",
+        t,
+        "canceled",
+        "price_pro",
+    );
+    let raw = serde_json::to_vec(&forged).unwrap();
+    let cases: Vec<(&str, Vec<u8>, Vec<(&str, String)>)> = vec![
+        (
+            "wrong secret",
+            raw.clone(),
+            vec![(
+                "stripe-signature",
+                sign_stripe(&raw, "whsec_not_the_secret_000", t),
+            )],
+        ),
+        (
+            "tampered body",
+            [&raw[..], b" "].concat(),
+            vec![("stripe-signature", sign_stripe(&raw, STRIPE_SECRET, t))],
+        ),
+        (
+            "stale timestamp",
+            raw.clone(),
+            vec![(
+                "stripe-signature",
+                sign_stripe(&raw, STRIPE_SECRET, t - 3600),
+            )],
+        ),
+        ("no signature", raw.clone(), vec![]),
+        (
+            "garbage header",
+            raw.clone(),
+            vec![("stripe-signature", "t=abc,v1=zz".to_string())],
+        ),
+    ];
+    for (what, body, headers) in cases {
+        let (s, v) = deliver(&env, "/webhooks/stripe", &body, &headers).await;
+        assert_eq!(s, 401, "{what}: {v}");
+        assert_eq!(v["error"]["code"], "bad_signature", "{what}");
+    }
+    assert_eq!(events(&env).await, before);
+    assert_eq!(plan_and_version(&env).await, ("pro".to_string(), version));
+
+    // Out of order: the cancellation (newer) arrives before an update (older).
+    let e3 = subscription_event(
+        "evt_3",
+        "customer.subscription.deleted",
+        t - 100,
+        "canceled",
+        "price_pro",
+    );
+    let e2 = subscription_event(
+        "evt_2",
+        "customer.subscription.updated",
+        t - 200,
+        "active",
+        "price_pro",
+    );
+    assert_eq!(stripe(&env, &e3).await.1["outcome"], "applied");
+    assert_eq!(plan_and_version(&env).await.0, "free");
+    let (s, v) = stripe(&env, &e2).await;
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("stale")), "{v}");
+    assert_eq!(
+        plan_and_version(&env).await.0,
+        "free",
+        "an older event never undoes a newer one"
+    );
+    assert_eq!(authorize_on(&env, 0, &key, "r2").await["limit"]["max"], 5);
+
+    // An event type we do not handle: acknowledged and recorded.
+    let unknown = json!({"id": "evt_u", "type": "customer.tax_id.created", "created": t, "data": {"object": {}}});
+    let (s, v) = stripe(&env, &unknown).await;
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("unknown")), "{v}");
+
+    // A pack purchase grants once, whichever of its deliveries arrives (same session).
+    let purchase = |id: &str| {
+        json!({"id": id, "type": "checkout.session.completed", "created": t,
+        "data": {"object": {"id": "cs_123", "payment_status": "paid",
+            "metadata": {"tollgate_account": "acme", "tollgate_pack": "pack_1000"}}}})
+    };
+    // (500 are there already: pro's weekly allowance, granted when the subscription started.)
+    assert_eq!(env.balance("acme").await, 500);
+    assert_eq!(
+        stripe(&env, &purchase("evt_p1")).await.1["outcome"],
+        "applied"
+    );
+    assert_eq!(
+        stripe(&env, &purchase("evt_p2")).await.1["outcome"],
+        "applied"
+    );
+    assert_eq!(env.balance("acme").await, 1500);
+    // Its refund revokes what is left of it.
+    let refund = json!({"id": "evt_r", "type": "charge.refunded", "created": t,
+        "data": {"object": {"id": "ch_1", "metadata": {"tollgate_account": "acme", "tollgate_grant": "stripe.cs_123"}}}});
+    let (s, v) = stripe(&env, &refund).await;
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("applied")), "{v}");
+    assert_eq!(env.balance("acme").await, 500);
+    env.sync().await;
+    assert_eq!(
+        env.sql_i64(
+            "SELECT count(*) FROM ledger WHERE account_id = $1 AND kind = 'revoke'",
+            "acme"
+        )
+        .await,
+        1
+    );
+    let (_, list) = env.admin_get("/admin/accounts/acme/billing-events").await;
+    assert_eq!(list["events"].as_array().unwrap().len(), 6, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revenuecat_webhooks_need_the_shared_secret_and_apply_once() {
+    let env = env_with(Backend::RedisPostgres, 1, "").await;
+    env.account("acme", "free", "UTC").await;
+    let ev = |id: &str, kind: &str, product: &str, ts: u64| {
+        serde_json::to_vec(&json!({"api_version": "1.0", "event": {
+            "id": id, "type": kind, "app_user_id": "acme", "product_id": product,
+            "event_timestamp_ms": ts, "purchased_at_ms": ts, "expiration_at_ms": ts + 7 * 86_400_000,
+            "transaction_id": format!("tx_{id}"), "original_transaction_id": "otx_1", "period_type": "NORMAL"
+        }}))
+        .unwrap()
+    };
+    let auth = |s: &str| vec![("authorization", format!("Bearer {s}"))];
+    let body = ev("rc1", "INITIAL_PURCHASE", "vip.weekly", NOON - 1000);
+    let (s, _) = deliver(
+        &env,
+        "/webhooks/revenuecat",
+        &body,
+        &auth("wrong-secret-000000000"),
+    )
+    .await;
+    assert_eq!(s, 401);
+    let (s, _) = deliver(&env, "/webhooks/revenuecat", &body, &[]).await;
+    assert_eq!(s, 401);
+    assert_eq!(plan_and_version(&env).await.0, "free");
+    let (s, v) = deliver(&env, "/webhooks/revenuecat", &body, &auth(RC_SECRET)).await;
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("applied")), "{v}");
+    assert_eq!(plan_and_version(&env).await.0, "pro");
+    // The VIP tier's weekly reward came with it, once.
+    assert_eq!(env.balance("acme").await, 500);
+    let (_, v) = deliver(&env, "/webhooks/revenuecat", &body, &auth(RC_SECRET)).await;
+    assert_eq!(v["outcome"], "duplicate");
+
+    // Points pack: granted once per transaction.
+    let pack = ev("rc2", "NON_RENEWING_PURCHASE", "points.200", NOON);
+    assert_eq!(
+        deliver(&env, "/webhooks/revenuecat", &pack, &auth(RC_SECRET))
+            .await
+            .1["outcome"],
+        "applied"
+    );
+    assert_eq!(env.balance("acme").await, 700);
+    // Expiration: back to the fallback plan.
+    let exp = ev("rc3", "EXPIRATION", "vip.weekly", NOON + 1000);
+    assert_eq!(
+        deliver(&env, "/webhooks/revenuecat", &exp, &auth(RC_SECRET))
+            .await
+            .1["outcome"],
+        "applied"
+    );
+    assert_eq!(plan_and_version(&env).await.0, "free");
+    // Unknown product: recorded as unmapped, nothing changes.
+    let odd = ev("rc4", "INITIAL_PURCHASE", "mystery.product", NOON + 2000);
+    assert_eq!(
+        deliver(&env, "/webhooks/revenuecat", &odd, &auth(RC_SECRET))
+            .await
+            .1["outcome"],
+        "unmapped"
+    );
+    assert_eq!(plan_and_version(&env).await.0, "free");
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::TestRunner;
+
+    /// Any bytes, correctly signed or not, to both webhooks: a 4xx, never a 5xx, and an error
+    /// changes nothing (no event recorded, the account untouched). 150 generated cases.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn webhook_payloads_never_panic_and_change_nothing_on_error() {
+        let env = env_with(Backend::RedisPostgres, 1, "").await;
+        env.account("acme", "free", "UTC").await;
+        let strategy = (
+            proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            "\\{\"id\":\"[a-z_]{0,8}\",\"type\":\"[a-z.]{0,30}\",\"created\":[0-9]{0,12}(,\"data\":\\{\\})?\\}",
+            proptest::bool::ANY,
+            0usize..3,
+        );
+        let mut runner = TestRunner::deterministic();
+        let (mut rejected, mut accepted) = (0, 0);
+        for _ in 0..150 {
+            let (body, json_like, signed, which) =
+                strategy.new_tree(&mut runner).unwrap().current();
+            let payload = match which {
+                0 => body.clone(),
+                1 => json_like.into_bytes(),
+                _ => [&b"{\"id\":"[..], &body[..]].concat(),
+            };
+            // A header value must be visible ASCII to be sent at all.
+            let noise: String = body
+                .iter()
+                .take(40)
+                .map(|b| (b % 94 + 33) as char)
+                .collect();
+            let stripe_sig = if signed {
+                sign_stripe(&payload, STRIPE_SECRET, now_s())
+            } else {
+                noise.clone()
+            };
+            let rc_auth = if signed { RC_SECRET.to_string() } else { noise };
+            for (path, header, value) in [
+                ("/webhooks/stripe", "stripe-signature", stripe_sig),
+                ("/webhooks/revenuecat", "authorization", rc_auth),
+            ] {
+                let before = (events(&env).await, plan_and_version(&env).await);
+                let (s, v) = deliver(&env, path, &payload, &[(header, value)]).await;
+                assert!(s < 500, "{path}: {s} {v}");
+                if s >= 400 {
+                    rejected += 1;
+                    assert_eq!(
+                        (events(&env).await, plan_and_version(&env).await),
+                        before,
+                        "{path}: {v}"
+                    );
+                } else {
+                    accepted += 1;
+                }
+            }
+        }
+        println!("webhook fuzz: 300 deliveries, {rejected} rejected with 4xx and no change, {accepted} acknowledged");
+        assert!(rejected > 0);
+    }
+}
