@@ -459,7 +459,8 @@ async fn stripe_webhooks_are_verified_applied_once_and_in_event_order() {
         "price_pro",
     );
     let raw = serde_json::to_vec(&forged).unwrap();
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, String)>)> = vec![
+    type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, String)>);
+    let cases: Vec<Case> = vec![
         (
             "wrong secret",
             raw.clone(),
