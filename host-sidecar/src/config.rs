@@ -236,6 +236,14 @@ pub struct SyncConfig {
     /// Above this backlog, spending decisions are refused (503): the ledger has been unreachable
     /// so long that the store would otherwise keep growing without bound.
     pub max_backlog: u64,
+    /// Answer a change only once it is in the ledger (group commit: the waiting requests'
+    /// changes are written in one transaction). Nothing acknowledged is lost even if Redis loses
+    /// everything at once (FLUSHALL, a restart without persistence); each change waits for one
+    /// ledger write (see BENCHMARKS.md). While the ledger is unreachable changes are answered
+    /// 503 after `ack_timeout_ms` — made in Redis, synced later; a retry with the same
+    /// idempotency key gets the first answer.
+    pub ack_after_ledger: bool,
+    pub ack_timeout_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -245,6 +253,8 @@ impl Default for SyncConfig {
             interval_ms: 10,
             backlog_alert: 100_000,
             max_backlog: 5_000_000,
+            ack_after_ledger: false,
+            ack_timeout_ms: 2_000,
         }
     }
 }

@@ -240,6 +240,7 @@ impl Engine {
                 ))),
             };
         }
+        let epoch = self.ack_epoch(account).await?;
         for _ in 0..4 {
             let args = GrantArgs {
                 now: self.clock.now_ms(),
@@ -257,6 +258,7 @@ impl Engine {
                 Reply::Ok(b) => {
                     self.metrics.granted.inc();
                     self.sync_wake.notify_one();
+                    self.until_in_ledger(account, epoch).await?;
                     return Ok((serde_json::from_str(&b).unwrap_or_default(), false));
                 }
                 Reply::Replay(b) => {

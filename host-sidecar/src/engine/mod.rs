@@ -117,6 +117,84 @@ impl Engine {
         Ok(())
     }
 
+    /// With `sync.ack_after_ledger`: the epoch of the account's outbox before a change is made,
+    /// to confirm the change with [`Engine::until_in_ledger`]. None when not needed.
+    pub(crate) async fn ack_epoch(&self, acct: &str) -> Result<Option<String>, ApiError> {
+        // Decisions made from PostgreSQL (Redis down) are in the ledger already.
+        if !self.cfg.sync.ack_after_ledger || self.redis_down() {
+            return Ok(None);
+        }
+        let shard = self.store.keys.shard_of(acct);
+        Ok(Some(self.sync.epoch(shard).await?))
+    }
+
+    /// With `sync.ack_after_ledger` (`epoch` from [`Engine::ack_epoch`]), returns once the
+    /// account's outbox is in the ledger up to (at least) the change just made. Group commit: a
+    /// waiter applies whatever is pending in one transaction; the others find theirs applied. If
+    /// Redis lost its state meanwhile (a new epoch), the change is not confirmed: 503, and a
+    /// retry with the same idempotency key finds out what became of it.
+    pub(crate) async fn until_in_ledger(
+        &self,
+        acct: &str,
+        epoch: Option<String>,
+    ) -> Result<(), ApiError> {
+        let Some(before) = epoch else {
+            return Ok(());
+        };
+        let unconfirmed = || {
+            ApiError::Unavailable(
+                "the ledger did not confirm the change (sync.ack_after_ledger): retry with the \
+                 same idempotency key"
+                    .into(),
+            )
+        };
+        let shard = self.store.keys.shard_of(acct);
+        // The newest entry is at least as new as this request's own.
+        let Some((epoch, newest)) = self.sync.newest(shard).await? else {
+            // The stream is empty: applied and trimmed, or lost with Redis's state.
+            return if self.sync.epoch(shard).await? == before {
+                Ok(())
+            } else {
+                Err(unconfirmed())
+            };
+        };
+        if epoch != before {
+            return Err(unconfirmed());
+        }
+        let until = std::time::Instant::now()
+            + std::time::Duration::from_millis(self.cfg.sync.ack_timeout_ms);
+        let mut round = 0u32;
+        loop {
+            if self.sync.applied_locally(shard, &epoch, &newest) {
+                return Ok(());
+            }
+            if round % 8 == 0 {
+                // Apply what is pending ourselves (or find another sidecar did).
+                if let Err(e) = self.sync.sync_shard(shard).await {
+                    tracing::debug!(error = %e, "ledger write while waiting to acknowledge");
+                }
+                if self.sync.applied_locally(shard, &epoch, &newest)
+                    || self
+                        .sync
+                        .applied_through(shard, &epoch, &newest)
+                        .await
+                        .unwrap_or(false)
+                {
+                    return Ok(());
+                }
+                // Redis lost its state while we waited: the change went with it.
+                if self.sync.epoch(shard).await? != before {
+                    return Err(unconfirmed());
+                }
+            }
+            if std::time::Instant::now() > until {
+                return Err(unconfirmed());
+            }
+            round += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     pub fn idem_ttl_ms(&self) -> u64 {
         self.cfg.server.idempotency_ttl_secs * 1000
     }

@@ -117,6 +117,7 @@ impl Engine {
         // The same for every claimant: a claim is a claim.
         let fp = fingerprint(&("claim", &p.id));
         let mut checked = false;
+        let epoch = self.ack_epoch(&pacct).await?;
         for _ in 0..4 {
             let args = SpendArgs {
                 now: self.clock.now_ms(),
@@ -156,6 +157,7 @@ impl Engine {
             if claimed && !replay {
                 self.metrics.pool_claims.inc();
                 self.sync_wake.notify_one();
+                self.until_in_ledger(&pacct, epoch.clone()).await?;
             } else if !claimed {
                 self.metrics.pool_denied.inc();
             }

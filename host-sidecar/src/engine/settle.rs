@@ -115,8 +115,13 @@ impl Engine {
                 .await;
         }
         self.hand_back().await?;
-        self.settle_in_store(hold_id, status, meters, credit, fp)
-            .await
+        let (acct, _) = split_hold_id(hold_id)?;
+        let epoch = self.ack_epoch(acct).await?;
+        let out = self
+            .settle_in_store(hold_id, status, meters, credit, fp)
+            .await?;
+        self.until_in_ledger(acct, epoch).await?;
+        Ok(out)
     }
 
     /// The settlement in the store this engine has (Redis, or a private key space).

@@ -91,11 +91,18 @@ impl Engine {
             Resolved::Caller(c) => c,
         };
         let credit = self.price(&req.route, req.model.as_deref(), &req.meters, req.credits)?;
+        let epoch = match op {
+            Op::Check => None,
+            _ => self.ack_epoch(&caller.account.row.id).await?,
+        };
         let out = self.spend_as(op, &req, &caller, credit).await;
         self.metrics
             .decision_us
             .observe(started.elapsed().as_micros() as u64);
         let (d, replay) = out?;
+        if d.allowed {
+            self.until_in_ledger(&caller.account.row.id, epoch).await?;
+        }
         if replay {
             self.metrics.idempotent_replays.inc();
         } else if op != Op::Check {

@@ -602,7 +602,7 @@ impl SyncWorker {
     }
 
     /// The shard's stream epoch, created on first use.
-    async fn epoch(&self, shard: u32) -> Result<String, SyncError> {
+    pub(crate) async fn epoch(&self, shard: u32) -> Result<String, SyncError> {
         let mut conn = self.redis.conn();
         let key = self.redis.keys.epoch(shard);
         if let Some(e) = conn.get::<_, Option<String>>(&key).await? {
@@ -639,6 +639,15 @@ impl SyncWorker {
             .await?;
         let epoch = self.epoch(shard).await?;
         Ok(entries.into_iter().next().map(|(id, _)| (epoch, id)))
+    }
+
+    /// Whether this process saw the shard's outbox applied up to `id` in `epoch` (no round trip).
+    pub fn applied_locally(&self, shard: u32, epoch: &str, id: &str) -> bool {
+        let seen = self.seen[shard as usize]
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or(None);
+        matches!(seen, Some((e, last)) if e == epoch && parse_stream_id(&last) >= parse_stream_id(id))
     }
 
     /// Whether the ledger has applied the shard's outbox up to `id` in `epoch`.
@@ -692,6 +701,13 @@ impl SyncWorker {
                 _ => "0-0".to_string(),
             };
             let entries = self.read(shard, &start, self.batch).await?;
+            // Redis lost its state between reading the epoch and the entries: they may be the
+            // new stream's, which must not be labelled with the old epoch (the next pass would
+            // apply them again under the new one). Apply nothing this pass.
+            if !entries.is_empty() && self.epoch(shard).await? != epoch {
+                tx.rollback().await?;
+                return Ok(0);
+            }
             match entries.last().map(|(id, _)| id.clone()) {
                 None => {
                     tx.commit().await?;
