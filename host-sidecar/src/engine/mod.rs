@@ -168,7 +168,7 @@ impl Engine {
             if self.sync.applied_locally(shard, &epoch, &newest) {
                 return Ok(());
             }
-            if round % 8 == 0 {
+            if round.is_multiple_of(8) {
                 // Apply what is pending ourselves (or find another sidecar did).
                 if let Err(e) = self.sync.sync_shard(shard).await {
                     tracing::debug!(error = %e, "ledger write while waiting to acknowledge");
