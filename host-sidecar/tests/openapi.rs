@@ -22,8 +22,12 @@ fn served_routes() -> BTreeSet<(String, String)> {
     let mut out = BTreeSet::new();
     for src in ROUTER_SOURCES {
         for chunk in src.split(".route(").skip(1) {
-            let Some(rest) = chunk.trim_start().strip_prefix('"') else { continue };
-            let Some((path, after)) = rest.split_once('"') else { continue };
+            let Some(rest) = chunk.trim_start().strip_prefix('"') else {
+                continue;
+            };
+            let Some((path, after)) = rest.split_once('"') else {
+                continue;
+            };
             // The method router is everything up to the parenthesis closing `.route(`.
             let mut depth = 1;
             let mut end = after.len();
@@ -73,7 +77,10 @@ fn documented_routes(d: &Value) -> BTreeSet<(String, String)> {
 #[test]
 fn the_document_lists_exactly_the_routes_the_router_serves() {
     let d = doc();
-    assert_eq!(d["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+    assert_eq!(
+        d["openapi"].as_str().map(|v| v.starts_with("3.")),
+        Some(true)
+    );
     let served = served_routes();
     assert!(served.len() > 30, "router source parsed: {served:?}");
     let documented = documented_routes(&d);
@@ -110,7 +117,9 @@ fn body_for(method: &str, path: &str) -> Option<Value> {
         ("PATCH", "/admin/accounts/{id}") => json!({"timezone": "UTC"}),
         ("POST", "/admin/accounts/{id}/keys") => json!({"name": "doc"}),
         ("POST", "/admin/accounts/{id}/grants") => json!({"grant_id": "oa-g", "amount": 5}),
-        ("PUT", "/admin/accounts/{id}/subscription") => json!({"plan": "basic", "status": "active"}),
+        ("PUT", "/admin/accounts/{id}/subscription") => {
+            json!({"plan": "basic", "status": "active"})
+        }
         ("POST", "/admin/pools") => json!({"id": "oa-pool", "stock": 3}),
         ("POST", "/admin/pools/{id}/claims") => json!({"account": "acme"}),
         ("POST", "/webhooks/stripe") | ("POST", "/webhooks/revenuecat") => json!({"id": "x"}),
@@ -132,7 +141,12 @@ secret = "rc_test_secret_0123456789"
     env.account("acme", "basic", "UTC").await;
     let (_, keys) = env.admin_get("/admin/accounts/acme/keys").await;
     let key_id = keys[0]["key_id"].as_str().unwrap().to_string();
-    assert_eq!(env.admin_post("/admin/pools", &json!({"id": "coupon", "stock": 2})).await.0, 201);
+    assert_eq!(
+        env.admin_post("/admin/pools", &json!({"id": "coupon", "stock": 2}))
+            .await
+            .0,
+        201
+    );
     let d = doc();
     let mut checked = 0;
     for (method, path) in documented_routes(&d) {
@@ -149,7 +163,9 @@ secret = "rc_test_secret_0123456789"
         let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
         let send = |token: bool| {
             let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-            let mut r = env.http.request(m, format!("{}{concrete}{query}", env.base(0)));
+            let mut r = env
+                .http
+                .request(m, format!("{}{concrete}{query}", env.base(0)));
             if token {
                 r = r.bearer_auth(ADMIN);
             }
@@ -176,7 +192,10 @@ secret = "rc_test_secret_0123456789"
         ) {
             for field in required {
                 let f = field.as_str().unwrap();
-                assert!(body.get(f).is_some(), "{method} {path} {status}: no {f:?} in {text}");
+                assert!(
+                    body.get(f).is_some(),
+                    "{method} {path} {status}: no {f:?} in {text}"
+                );
             }
         }
         if secured {

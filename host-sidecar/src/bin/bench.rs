@@ -8,6 +8,7 @@
 //! Options (all optional): --seconds N (10) --concurrency N (64) --accounts N (1000)
 //! --rate N (total authorize+commit pairs per second to offer; 0 = as fast as possible)
 //! --authorize-only (no commits: holds are left to expire)
+//! --ack-after-ledger (sync.ack_after_ledger: every answer waits for its ledger write)
 //! URLs: TOLLGATE_REDIS_URL (redis://127.0.0.1:6379), TOLLGATE_BENCH_DATABASE_URL
 //! (postgres://postgres@127.0.0.1:5432); a fresh database and key prefix are made per run.
 
@@ -57,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let accounts = arg("--accounts", 1000) as usize;
     let rate = arg("--rate", 0);
     let authorize_only = std::env::args().any(|a| a == "--authorize-only");
+    let ack_after_ledger = std::env::args().any(|a| a == "--ack-after-ledger");
     let redis_url =
         std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let pg = std::env::var("TOLLGATE_BENCH_DATABASE_URL")
@@ -68,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.redis.key_prefix = run.clone();
     cfg.postgres.url = Some(format!("{pg}/tollgate_{run}"));
     cfg.server.admin_token = Some("bench-admin-token-unused".into());
+    cfg.sync.ack_after_ledger = ack_after_ledger;
     let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;
     let _bg = tollgate_sidecar::spawn_background(&engine);
 
@@ -194,10 +197,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         "unpaced".into()
     };
-    let mode = if authorize_only {
-        "authorize only"
-    } else {
-        "authorize+commit"
+    let mode = match (authorize_only, ack_after_ledger) {
+        (true, false) => "authorize only",
+        (false, false) => "authorize+commit",
+        (true, true) => "authorize only, ack after ledger",
+        (false, true) => "authorize+commit, ack after ledger",
     };
     println!(
         "tollgate-bench: {mode}, {seconds}s, {concurrency} callers, {accounts} accounts, {offered}, Redis {redis_url}"

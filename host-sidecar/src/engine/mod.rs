@@ -129,8 +129,8 @@ impl Engine {
     }
 
     /// With `sync.ack_after_ledger` (`epoch` from [`Engine::ack_epoch`]), returns once the
-    /// account's outbox is in the ledger up to (at least) the change just made. Group commit: a
-    /// waiter applies whatever is pending in one transaction; the others find theirs applied. If
+    /// account's outbox is in the ledger up to (at least) the change just made. Group commit: the
+    /// sync worker writes whatever is pending in one transaction per shard. If
     /// Redis lost its state meanwhile (a new epoch), the change is not confirmed: 503, and a
     /// retry with the same idempotency key finds out what became of it.
     pub(crate) async fn until_in_ledger(
@@ -163,13 +163,18 @@ impl Engine {
         }
         let until = std::time::Instant::now()
             + std::time::Duration::from_millis(self.cfg.sync.ack_timeout_ms);
+        // The sync worker writes every pending change of the shard in one transaction; wake it
+        // and watch its progress in memory. Every 25 ms a waiter also tries the shard itself,
+        // and reads the ledger's cursor (another sidecar may be the one applying it).
+        self.sync_wake.notify_one();
         let mut round = 0u32;
         loop {
             if self.sync.applied_locally(shard, &epoch, &newest) {
                 return Ok(());
             }
-            if round.is_multiple_of(8) {
-                // Apply what is pending ourselves (or find another sidecar did).
+            round += 1;
+            if round.is_multiple_of(25) {
+                // Slow: apply it ourselves (or learn that another sidecar did).
                 if let Err(e) = self.sync.sync_shard(shard).await {
                     tracing::debug!(error = %e, "ledger write while waiting to acknowledge");
                 }
@@ -186,11 +191,11 @@ impl Engine {
                 if self.sync.epoch(shard).await? != before {
                     return Err(unconfirmed());
                 }
+                self.sync_wake.notify_one();
             }
             if std::time::Instant::now() > until {
                 return Err(unconfirmed());
             }
-            round += 1;
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     }
