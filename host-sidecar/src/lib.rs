@@ -113,6 +113,7 @@ pub fn engine_on(
         handback_lock: Arc::default(),
         degraded_slots,
         alerts: Arc::default(),
+        included_done: Arc::default(),
     }))
 }
 

@@ -387,8 +387,25 @@ impl Engine {
             &self.windows,
             acct.billing_anchor_day as u32,
         );
+        let gid = format!("included.{}", period.id);
+        let done_key = format!("{}/{gid}", acct.id);
+        let known = |insert: bool| {
+            self.included_done.lock().is_ok_and(|mut set| {
+                if insert {
+                    if set.len() >= 1_000_000 {
+                        set.clear();
+                    }
+                    set.insert(done_key.clone())
+                } else {
+                    set.contains(&done_key)
+                }
+            })
+        };
+        if known(false) {
+            return Ok(false);
+        }
         let g = GrantRequest {
-            grant_id: format!("included.{}", period.id),
+            grant_id: gid,
             amount: plan.included_credits,
             priority: plan.credits_priority,
             expires_at_ms: plan.credits_expire.then_some(period.end_ms),
@@ -396,13 +413,17 @@ impl Engine {
         };
         match self.grant(&acct.id, g).await {
             Ok((_, replay)) => {
+                known(true);
                 if !replay {
                     self.metrics.periodic_grants.inc();
                 }
                 Ok(!replay)
             }
             // Granted this period already under another plan's amount: once per period.
-            Err(ApiError::Conflict(_)) => Ok(false),
+            Err(ApiError::Conflict(_)) => {
+                known(true);
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }

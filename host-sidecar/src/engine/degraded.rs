@@ -112,6 +112,7 @@ impl Engine {
             handback_lock: Arc::default(),
             degraded_slots: self.degraded_slots.clone(),
             alerts: self.alerts.clone(),
+            included_done: self.included_done.clone(),
         })
     }
 

@@ -53,6 +53,9 @@ pub struct Engine {
     pub degraded_slots: Arc<tokio::sync::Semaphore>,
     /// Alerts this sidecar knows were raised, and the client that delivers them.
     pub alerts: Arc<alerts::AlertState>,
+    /// Included-credit grants (`<account>/<grant id>`) this sidecar knows exist: the scheduler's
+    /// later passes skip them without a round trip.
+    pub included_done: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// The resolved caller of a spend request.
