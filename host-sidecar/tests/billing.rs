@@ -205,6 +205,20 @@ conformance! {
         assert_eq!((v["allowed"].clone(), v["status"].clone()), (json!(false), json!(402)), "{v}");
         assert_eq!(v["balance"], 100);
         assert_eq!(spend(10, "s4".into()).await.1["allowed"], true);
+        // Refused for credit (twice): one `balance` alert for the day, level 100.
+        assert_eq!(spend(1, "s5".into()).await.1["status"], 402);
+        let mut balance_alerts = Vec::new();
+        for _ in 0..100 {
+            let (_, v) = env.admin_get("/admin/accounts/acme/alerts").await;
+            balance_alerts = v["alerts"].as_array().unwrap().iter()
+                .filter(|a| a["name"] == "balance").cloned().collect();
+            if !balance_alerts.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(balance_alerts.len(), 1, "{balance_alerts:?}");
+        assert_eq!(balance_alerts[0]["level"], 100);
         let r = remaining().await;
         assert_eq!((r["later"], r["old"]), (0, 0), "{r:?}");
         assert_eq!(

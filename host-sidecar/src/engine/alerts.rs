@@ -140,16 +140,52 @@ impl Engine {
                 }
             }
         }
+        self.record_alerts(new);
+    }
+
+    /// A request refused for credit: the account's balance is exhausted. Raised once per day
+    /// (the account's day) as `balance` at level 100, with `used` = the credit asked for and
+    /// `max` = the balance there was.
+    pub(crate) fn raise_balance_alert(
+        &self,
+        account: &crate::directory::Account,
+        wanted: u64,
+        balance: u64,
+    ) {
+        let now = self.clock.now_ms();
+        let day = crate::windows::current_period(
+            crate::windows::Window::Day,
+            now,
+            account.tz,
+            &self.windows,
+            account.row.billing_anchor_day as u32,
+        );
+        let row = AlertRow {
+            account_id: account.row.id.clone(),
+            scope: format!("b:{}", account.row.id),
+            meter: "credits".into(),
+            period: day.id,
+            level: 100,
+            name: "balance".into(),
+            used: wanted.min(i64::MAX as u64) as i64,
+            max: balance.min(i64::MAX as u64) as i64,
+            at_ms: now as i64,
+            delivered_at_ms: None,
+            attempts: 0,
+            last_error: None,
+        };
+        if self.alerts.first(&alert_id(&row)) {
+            self.record_alerts(vec![row]);
+        }
+    }
+
+    /// Records new alerts (once: the ledger's primary key decides), counts and delivers them,
+    /// off the request's path.
+    fn record_alerts(&self, new: Vec<AlertRow>) {
         if new.is_empty() {
             return;
         }
-        let e = Delivery {
-            ledger: self.ledger.clone(),
-            metrics: Arc::clone(&self.metrics),
-            alerts: Arc::clone(&self.alerts),
-            cfg: Arc::clone(&self.cfg),
-            clock: Arc::clone(&self.clock),
-        };
+        let e = self.delivery();
         tokio::spawn(async move {
             for row in new {
                 match e.ledger.insert_alert(&row).await {

@@ -207,10 +207,16 @@ impl Engine {
                 Reply::Replay(body) => return Ok((self.decision(acct, &body, now)?, true)),
                 Reply::Deny(body) => {
                     let d = self.decision(acct, &body, now)?;
-                    if let (Some(DenyReason::Limit), Some(l), false) =
-                        (d.reason, &d.limit, op == Op::Check)
-                    {
-                        self.raise_alerts(acct, &lims, &[], Some(&l.name));
+                    match (d.reason, &d.limit, op == Op::Check) {
+                        (Some(DenyReason::Limit), Some(l), false) => {
+                            self.raise_alerts(acct, &lims, &[], Some(&l.name))
+                        }
+                        (Some(DenyReason::Credits), _, false) => self.raise_balance_alert(
+                            &caller.account,
+                            credit,
+                            d.balance.unwrap_or(0),
+                        ),
+                        _ => {}
                     }
                     return Ok((d, false));
                 }
