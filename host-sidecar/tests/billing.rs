@@ -702,3 +702,40 @@ mod fuzz {
         assert!(rejected > 0);
     }
 }
+
+/// A commit larger than its hold takes a limit past a threshold with no request to see it; the
+/// account's next request raises that alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_threshold_crossed_at_commit_is_raised_by_the_next_request() {
+    let env = env_with(Backend::RedisPostgres, 1, "").await;
+    let key = env.account("acme", "tokens", "UTC").await; // 100 tokens per day
+    let body = |idem: &str, tokens: u64| json!({"api_key": key, "idempotency_key": idem, "meters": {"requests": 1, "tokens": tokens}});
+    let (_, v) = env.post("/v1/authorize", &body("a1", 10)).await;
+    assert_eq!(v["allowed"], true, "{v}");
+    let (s, _) = env
+        .post(
+            "/v1/commit",
+            &json!({"hold_id": "acme/a1", "meters": {"requests": 1, "tokens": 85}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let levels = || async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (_, v) = env.admin_get("/admin/accounts/acme/alerts").await;
+        v["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["meter"] == "tokens")
+            .map(|a| a["level"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        levels().await,
+        Vec::<i64>::new(),
+        "no request has seen it yet"
+    );
+    let (_, v) = env.post("/v1/authorize", &body("a2", 1)).await;
+    assert_eq!(v["allowed"], true, "{v}");
+    assert_eq!(levels().await, vec![80]);
+}

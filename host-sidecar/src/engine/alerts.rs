@@ -5,7 +5,9 @@
 //! `alerts.webhook_url` (signed, retried until delivered or `alerts.max_attempts`).
 //!
 //! Delivery is at least once: a receiver dedupes on the alert's `id`. Usage that grows at commit
-//! (a response larger than its estimate) is seen by the next request's crossing check.
+//! (a response larger than its estimate) raises its alert with the account's next request: every
+//! level at or below the used amount is raised if this sidecar has not seen it raised (a set in
+//! memory; the ledger decides across sidecars).
 
 use super::Engine;
 use crate::ledger::billing::AlertRow;
@@ -111,14 +113,17 @@ impl Engine {
             if l.max == 0 {
                 continue;
             }
-            let (before, after) = match (denied, used.get(i)) {
-                (Some(name), _) if name == l.name => (0, l.max),
-                (None, Some(u)) => (u.saturating_sub(l.amt), *u),
+            // A refusal by this limit counts as the limit reached. Every level at or below the
+            // used amount is raised if it was not yet — not only the one this request crossed:
+            // a commit larger than its hold may have crossed one with no request to see it.
+            let after = match (denied, used.get(i)) {
+                (Some(name), _) if name == l.name => l.max,
+                (None, Some(u)) => *u,
                 _ => continue,
             };
             for &level in self.cfg.alerts.thresholds_for(&l.meter) {
                 let at = (u128::from(l.max) * u128::from(level)).div_ceil(100) as u64;
-                if after < at || (denied.is_none() && before >= at) {
+                if after < at {
                     continue;
                 }
                 let row = AlertRow {
