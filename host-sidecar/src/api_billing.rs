@@ -19,6 +19,7 @@ use std::sync::Arc;
 pub fn routes() -> Router<Arc<Engine>> {
     Router::new()
         .route("/admin/plans", get(plans))
+        .route("/admin/plans/{name}", get(get_plan).put(put_plan))
         .route(
             "/admin/accounts/{id}/subscription",
             get(get_subscription).put(put_subscription),
@@ -52,15 +53,57 @@ async fn plans(State(e): St, headers: HeaderMap) -> Response {
         require_admin(&e, &headers)?;
         Ok(serde_json::json!({
             "fallback_plan": e.cfg.billing.fallback_plan,
-            "plans": e.cfg.plans.iter().map(|(name, p)| PlanBody {
-                name: name.clone(),
-                limits: p.limits.clone(),
-                included_credits: p.included_credits,
-                credits_period: p.credits_period.as_str(),
-                credits_expire: p.credits_expire,
-                credits_priority: p.credits_priority,
-            }).collect::<Vec<_>>(),
+            "plans": e.plan_list().iter().map(|(name, p)| PlanBody::new(name, p)).collect::<Vec<_>>(),
         }))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+impl PlanBody {
+    fn new(name: &str, p: &crate::config::Plan) -> Self {
+        PlanBody {
+            name: name.to_string(),
+            limits: p.limits.clone(),
+            included_credits: p.included_credits,
+            credits_period: p.credits_period.as_str(),
+            credits_expire: p.credits_expire,
+            credits_priority: p.credits_priority,
+        }
+    }
+}
+
+async fn get_plan(State(e): St, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        tollgate_protocol::validate_id("name", &name)?;
+        e.reload_plan(&name).await?;
+        let p = e
+            .plan_list()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown plan {name:?}")))?;
+        Ok(PlanBody::new(&p.0, &p.1))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+/// Creates or replaces a plan; accounts on it get the new limits on their next request.
+async fn put_plan(
+    State(e): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Body,
+) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let plan = parse::<crate::config::Plan>(body)?;
+        let (p, accounts) = e.put_plan(&name, plan).await?;
+        let mut v = serde_json::to_value(PlanBody::new(&name, &p))
+            .map_err(|err| ApiError::Internal(err.to_string()))?;
+        v["accounts"] = serde_json::json!(accounts);
+        Ok(v)
     }
     .await;
     respond(&e, fresh(r), false)

@@ -276,7 +276,7 @@ impl Default for WindowsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     #[serde(default)]
@@ -471,21 +471,7 @@ impl Config {
             validate_id("meters", m).map_err(|e| field_err(format!("meters[{i}]"), e.problem))?;
         }
         for (plan, p) in &self.plans {
-            validate_id("plans", plan)
-                .map_err(|e| field_err(format!("plans.{plan}"), e.problem))?;
-            self.validate_limits(&format!("plans.{plan}.limits"), &p.limits)?;
-            if p.included_credits > MAX_AMOUNT {
-                return Err(field_err(
-                    format!("plans.{plan}.included_credits"),
-                    "too large",
-                ));
-            }
-            if !matches!(p.credits_period, Window::Day | Window::Week | Window::Month) {
-                return Err(field_err(
-                    format!("plans.{plan}.credits_period"),
-                    "must be day, week or month",
-                ));
-            }
+            self.validate_plan(&format!("plans.{plan}"), plan, p)?;
         }
         self.validate_billing()?;
         self.validate_alerts()?;
@@ -498,6 +484,28 @@ impl Config {
                     .map_err(|e| field_err(format!("prices.{route}.models.{model}"), e.problem))?;
                 self.validate_prices(&format!("prices.{route}.models.{model}"), m)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Checks a plan from the configuration (`field` = `plans.NAME`) or from the admin API.
+    pub fn validate_plan(&self, field: &str, name: &str, p: &Plan) -> Result<(), ConfigError> {
+        validate_id("plans", name).map_err(|e| field_err(field.to_string(), e.problem))?;
+        self.validate_limits(&format!("{field}.limits"), &p.limits)?;
+        if p.included_credits > MAX_AMOUNT {
+            return Err(field_err(format!("{field}.included_credits"), "too large"));
+        }
+        if !matches!(p.credits_period, Window::Day | Window::Week | Window::Month) {
+            return Err(field_err(
+                format!("{field}.credits_period"),
+                "must be day, week or month",
+            ));
+        }
+        if p.credits_priority > 9999 {
+            return Err(field_err(
+                format!("{field}.credits_priority"),
+                "must be 0..=9999",
+            ));
         }
         Ok(())
     }

@@ -36,7 +36,12 @@ use tokio::task::JoinHandle;
 /// SQLite ledger where no URL is given, and builds the engine.
 pub async fn build_engine(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Engine>> {
     let (store, ledger) = open_backends(&cfg).await?;
-    engine_on(cfg, clock, store, ledger)
+    let engine = engine_on(cfg, clock, store, ledger)?;
+    engine
+        .load_plans()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the plans written through the API: {e}"))?;
+    Ok(engine)
 }
 
 /// The store and the ledger `cfg` names.
@@ -81,6 +86,7 @@ pub fn engine_on(
     ledger: ledger::Ledger,
 ) -> anyhow::Result<Arc<Engine>> {
     let cfg = Arc::new(cfg);
+    let plans = engine::plans_from_config(&cfg.plans);
     let windows = cfg.window_settings()?;
     let degraded_slots = Arc::new(tokio::sync::Semaphore::new(
         (cfg.postgres.max_connections as usize / 2).max(1),
@@ -114,6 +120,7 @@ pub fn engine_on(
         degraded_slots,
         alerts: Arc::default(),
         included_done: Arc::default(),
+        plans,
     }))
 }
 

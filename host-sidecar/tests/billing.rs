@@ -739,3 +739,47 @@ async fn a_threshold_crossed_at_commit_is_raised_by_the_next_request() {
     assert_eq!(v["allowed"], true, "{v}");
     assert_eq!(levels().await, vec![80]);
 }
+
+/// Plans written through the API, on every backend.
+mod written_plans {
+    use super::*;
+
+    conformance! {
+        async fn a_plan_written_through_the_api_applies_on_the_next_request_of_every_sidecar(backend: Backend) {
+            let env = env_with(backend, 2, "").await;
+            let put = |body: Value| {
+                let env = &env;
+                async move { admin_send(env, "PUT", "/admin/plans/team", &body).await }
+            };
+            let (s, v) = put(json!({"limits": [{"meter": "requests", "window": "day", "max": 3}]})).await;
+            assert_eq!((s, v["accounts"].clone()), (200, json!(0)), "{v}");
+            let key = env.account("acme", "team", "UTC").await;
+            // bob is on the plan too, but sidecar 1 meets him only after the change.
+            let bob = env.account("bob", "team", "UTC").await;
+            for i in 0..3 {
+                assert_eq!(authorize_on(&env, 1, &key, &format!("a{i}")).await["allowed"], true);
+            }
+            assert_eq!(authorize_on(&env, 1, &key, "a3").await["status"], 429);
+            // Raised through sidecar 0: sidecar 1's next request has the new limit.
+            let (s, v) = put(json!({"limits": [{"meter": "requests", "window": "day", "max": 10}]})).await;
+            assert_eq!((s, v["accounts"].clone()), (200, json!(2)), "{v}");
+            // An account sidecar 1 had not cached reads its plan's new version too (first, before
+            // any account it had cached makes it re-read the plan).
+            assert_eq!(authorize_on(&env, 1, &bob, "b1").await["limit"]["max"], 10);
+            let v = authorize_on(&env, 1, &key, "a4").await;
+            assert_eq!((v["allowed"].clone(), v["limit"]["max"].clone()), (json!(true), json!(10)), "{v}");
+            // A bad plan is refused and changes nothing.
+            let (s, v) = put(json!({"limits": [{"meter": "requests", "window": "fortnight", "max": 1}]})).await;
+            assert_eq!(s, 400, "{v}");
+            let (s, v) = put(json!({"limits": [{"meter": "nonsense", "window": "day", "max": 1}]})).await;
+            assert_eq!(s, 400, "{v}");
+            assert_eq!(authorize_on(&env, 1, &key, "a5").await["limit"]["max"], 10);
+            // A sidecar started later knows the plan from the ledger.
+            let mut env = env;
+            env.add_sidecar().await;
+            assert_eq!(authorize_on(&env, 2, &key, "a6").await["limit"]["max"], 10);
+            let (_, list) = env.admin_get("/admin/plans").await;
+            assert!(list["plans"].as_array().unwrap().iter().any(|p| p["name"] == "team"), "{list}");
+        }
+    }
+}

@@ -139,8 +139,19 @@ conformance! {
         let (code, _, err) = cli(&env, &["accounts", "show", "nobody"]).await;
         assert_eq!(code, 1);
         assert!(err.contains("404"), "{err}");
-        let (_, out, _) = cli(&env, &["plans"]).await;
+        let (_, out, _) = cli(&env, &["plans", "list"]).await;
         assert!(json_of(&out)["plans"].as_array().unwrap().iter().any(|p| p["name"] == "basic"));
+        // A plan written through the CLI; delta (on basic) is moved onto it.
+        let (code, out, err) = cli(&env, &["plans", "set", "team", "--limit", "requests:day:2",
+            "--limit", "tokens:month:5000", "--included-credits", "10", "--credits-period", "week"]).await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(json_of(&out)["limits"].as_array().unwrap().len(), 2);
+        let (code, _, _) = cli(&env, &["accounts", "set-plan", "delta", "team"]).await;
+        assert_eq!(code, 0);
+        let (_, out, _) = cli(&env, &["plans", "show", "team"]).await;
+        assert_eq!(json_of(&out)["credits_period"], "week");
+        let (code, _, err) = cli(&env, &["plans", "set", "bad", "--limit", "requests:fortnight:1"]).await;
+        assert_eq!(code, 1, "{err}");
     }
 }
 
@@ -148,7 +159,14 @@ conformance! {
 async fn the_cli_says_when_the_sidecar_is_unreachable_or_the_token_is_wrong() {
     let env = Env::new(1).await;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    cmd.args(["--url", "http://127.0.0.1:9", "--token", ADMIN, "plans"]);
+    cmd.args([
+        "--url",
+        "http://127.0.0.1:9",
+        "--token",
+        ADMIN,
+        "plans",
+        "list",
+    ]);
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .unwrap()
@@ -161,6 +179,7 @@ async fn the_cli_says_when_the_sidecar_is_unreachable_or_the_token_is_wrong() {
         "--token",
         "not-the-admin-token",
         "plans",
+        "list",
     ]);
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await

@@ -121,6 +121,9 @@ fn body_for(method: &str, path: &str) -> Option<Value> {
             json!({"plan": "basic", "status": "active"})
         }
         ("POST", "/admin/pools") => json!({"id": "oa-pool", "stock": 3}),
+        ("PUT", "/admin/plans/{name}") => {
+            json!({"limits": [{"meter": "requests", "window": "day", "max": 7}]})
+        }
         ("POST", "/admin/pools/{id}/claims") => json!({"account": "acme"}),
         ("POST", "/webhooks/stripe") | ("POST", "/webhooks/revenuecat") => json!({"id": "x"}),
         _ => return None,
@@ -155,6 +158,7 @@ secret = "rc_test_secret_0123456789"
             .replace("/keys/{id}/", &format!("/keys/{key_id}/"))
             .replace("/keys/{key}/", &format!("/keys/{key_id}/"))
             .replace("/pools/{id}", "/pools/coupon")
+            .replace("{name}", "basic")
             .replace("{id}", "acme");
         let query = match path.as_str() {
             "/admin/top" => "?meter=requests&window=day",

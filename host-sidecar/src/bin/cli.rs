@@ -30,8 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Plans (declared in the configuration).
-    Plans,
+    #[command(subcommand)]
+    Plans(PlanCmd),
     #[command(subcommand)]
     Accounts(AccountCmd),
     #[command(subcommand)]
@@ -87,6 +87,32 @@ enum Cmd {
     },
     /// Run the scheduler's jobs now: included credits, credit expiry, alert delivery.
     Jobs,
+}
+
+#[derive(Subcommand)]
+enum PlanCmd {
+    /// Every plan (configured, and written through the API).
+    List,
+    Show {
+        name: String,
+    },
+    /// Create or replace a plan; accounts on it get its limits on their next request.
+    Set {
+        name: String,
+        /// A limit as meter:window:max, e.g. requests:day:1000 (repeat for more).
+        #[arg(long = "limit")]
+        limits: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        included_credits: u64,
+        /// day | week | month
+        #[arg(long, default_value = "month")]
+        credits_period: String,
+        /// Included credits never expire (by default they expire at the end of their period).
+        #[arg(long)]
+        credits_keep: bool,
+        #[arg(long, default_value_t = 10)]
+        credits_priority: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -257,7 +283,41 @@ fn print(v: &Value) {
 
 async fn run(api: &Api, cmd: Cmd) -> Result<ExitCode, Failure> {
     let out = match cmd {
-        Cmd::Plans => api.json("GET", "/admin/plans", None).await?,
+        Cmd::Plans(c) => match c {
+            PlanCmd::List => api.json("GET", "/admin/plans", None).await?,
+            PlanCmd::Show { name } => {
+                api.json("GET", &format!("/admin/plans/{}", enc(&name)), None)
+                    .await?
+            }
+            PlanCmd::Set {
+                name,
+                limits,
+                included_credits,
+                credits_period,
+                credits_keep,
+                credits_priority,
+            } => {
+                let mut parsed = Vec::new();
+                for l in &limits {
+                    let parts: Vec<&str> = l.split(':').collect();
+                    let [meter, window, max] = parts[..] else {
+                        return Err(Failure::Refused(
+                            400,
+                            format!("--limit {l:?}: expected meter:window:max"),
+                        ));
+                    };
+                    let max: u64 = max.parse().map_err(|_| {
+                        Failure::Refused(400, format!("--limit {l:?}: max is not a number"))
+                    })?;
+                    parsed.push(json!({"meter": meter, "window": window, "max": max}));
+                }
+                let body = json!({"limits": parsed, "included_credits": included_credits,
+                    "credits_period": credits_period, "credits_expire": !credits_keep,
+                    "credits_priority": credits_priority});
+                api.json("PUT", &format!("/admin/plans/{}", enc(&name)), Some(body))
+                    .await?
+            }
+        },
         Cmd::Accounts(c) => match c {
             AccountCmd::Create { id, plan, timezone } => {
                 api.json(

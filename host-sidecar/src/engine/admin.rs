@@ -65,9 +65,9 @@ pub struct UsageLine {
 impl Engine {
     fn validate_account(&self, a: &AccountRow) -> Result<(), ApiError> {
         validate_id("id", &a.id)?;
-        if !self.cfg.plans.contains_key(&a.plan) {
+        if self.plan(&a.plan).is_none() {
             return Err(ApiError::Invalid(format!(
-                "plan: {:?} is not a configured plan",
+                "plan: {:?} is not a plan (configured or written through /admin/plans)",
                 a.plan
             )));
         }
@@ -96,7 +96,9 @@ impl Engine {
             limits: n.limits,
             disabled: false,
             version: 1,
+            plan_version: 0,
         };
+        self.ensure_plan(&row.plan).await?;
         self.validate_account(&row)?;
         if !self.ledger.insert_account(&row).await? {
             return Err(ApiError::Conflict(format!(
@@ -134,6 +136,7 @@ impl Engine {
         if let Some(v) = p.disabled {
             row.disabled = v;
         }
+        self.ensure_plan(&row.plan).await?;
         self.validate_account(&row)?;
         row.version = self.ledger.update_account(&row).await?;
         self.publish_version(id, row.version).await;
@@ -147,6 +150,7 @@ impl Engine {
             .account(account)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("unknown account {account:?}")))?;
+        self.ensure_plan(&acct.row.plan).await?;
         self.cfg
             .validate_limits("limits", &n.limits)
             .map_err(|e| ApiError::Invalid(e.to_string().replace("invalid configuration: ", "")))?;

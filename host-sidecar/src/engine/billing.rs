@@ -73,9 +73,11 @@ impl Engine {
                 "status: must be active, trialing, past_due, canceled or expired".into(),
             )
         })?;
-        if !self.cfg.plans.contains_key(&ch.plan) {
+        validate_id("plan", &ch.plan)?;
+        self.ensure_plan(&ch.plan).await?;
+        if self.plan(&ch.plan).is_none() {
             return Err(ApiError::Invalid(format!(
-                "plan: {:?} is not a configured plan",
+                "plan: {:?} is not a plan",
                 ch.plan
             )));
         }
@@ -258,12 +260,13 @@ impl Engine {
                 period_start_ms,
                 period_end_ms,
             } => {
-                let Some(plan) = prov.plans.get(product).cloned().or_else(|| {
-                    self.cfg
-                        .plans
-                        .contains_key(product)
-                        .then(|| product.clone())
-                }) else {
+                self.ensure_plan(product).await?;
+                let Some(plan) = prov
+                    .plans
+                    .get(product)
+                    .cloned()
+                    .or_else(|| self.plan(product).is_some().then(|| product.clone()))
+                else {
                     return self
                         .record(ev, "unmapped", format!("no plan for product {product:?}"))
                         .await;
@@ -372,7 +375,8 @@ impl Engine {
 
     /// Grants one account its plan's included credits for the current period; true if new.
     pub(crate) async fn grant_included_for(&self, acct: &AccountRow) -> Result<bool, ApiError> {
-        let Some(plan) = self.cfg.plans.get(&acct.plan) else {
+        self.ensure_plan_at(&acct.plan, acct.plan_version).await?;
+        let Some(plan) = self.plan(&acct.plan) else {
             return Ok(false);
         };
         if acct.disabled || plan.included_credits == 0 {

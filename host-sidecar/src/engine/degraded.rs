@@ -113,6 +113,7 @@ impl Engine {
             degraded_slots: self.degraded_slots.clone(),
             alerts: self.alerts.clone(),
             included_done: self.included_done.clone(),
+            plans: self.plans.clone(),
         })
     }
 

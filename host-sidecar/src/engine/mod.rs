@@ -11,6 +11,7 @@ mod alerts;
 mod billing;
 mod coldload;
 mod degraded;
+mod plans;
 mod pools;
 mod report;
 mod settle;
@@ -18,6 +19,7 @@ mod spend;
 
 pub use admin::{AccountPatch, NewAccount, NewKey, UsageLine};
 pub use billing::{SubscriptionChange, WebhookOutcome};
+pub use plans::from_config as plans_from_config;
 pub use pools::{Claim, NewPool, PoolState};
 pub use report::{Difference, Reconciliation};
 
@@ -56,6 +58,9 @@ pub struct Engine {
     /// Included-credit grants (`<account>/<grant id>`) this sidecar knows exist: the scheduler's
     /// later passes skip them without a round trip.
     pub included_done: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The plans this sidecar knows: the configuration's, overridden by those written through
+    /// the API (see `plans.rs`).
+    pub plans: plans::Plans,
 }
 
 /// The resolved caller of a spend request.
@@ -233,6 +238,8 @@ impl Engine {
             .account(&acct_id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("unknown account {acct_id:?}")))?;
+        self.ensure_plan_at(&account.row.plan, account.row.plan_version)
+            .await?;
         if account.row.disabled || key.as_ref().is_some_and(|k| k.disabled) {
             self.metrics.denied_auth.inc();
             return Ok(Resolved::Denied(denial(
@@ -273,9 +280,9 @@ impl Engine {
     /// The account's limits: the plan's, with the account's overrides replacing the plan's limit
     /// for the same meter and window.
     pub(crate) fn account_limits(&self, account: &Account) -> Result<Vec<LimitSpec>, ApiError> {
-        let plan = self.cfg.plans.get(&account.row.plan).ok_or_else(|| {
+        let plan = self.plan(&account.row.plan).ok_or_else(|| {
             ApiError::Conflict(format!(
-                "account {:?} is on plan {:?}, which the configuration does not declare",
+                "account {:?} is on plan {:?}, which is not a plan (configured or written)",
                 account.row.id, account.row.plan
             ))
         })?;

@@ -271,6 +271,8 @@ impl Engine {
                 Some(acct.clone()),
             )));
         }
+        // The plan itself may be what changed.
+        self.ensure_plan_at(&row.plan, row.plan_version).await?;
         let tz = row.timezone.parse().unwrap_or(chrono_tz::Tz::UTC);
         Ok(Resolved::Caller(Caller {
             account: Arc::new(crate::directory::Account { row, tz }),

@@ -118,9 +118,12 @@ pub struct TopRow {
     pub used: i64,
 }
 
-const ACCOUNT_COLUMNS: &str = "SELECT id, plan, timezone, billing_anchor_day, CAST(limits AS TEXT) AS limits, disabled, version FROM accounts";
+/// An account with the version of its plan (0 when the plan is the configuration's).
+pub(crate) const ACCOUNT_COLUMNS: &str = "SELECT a.id, a.plan, a.timezone, a.billing_anchor_day,
+    CAST(a.limits AS TEXT) AS limits, a.disabled, a.version, COALESCE(p.version, 0) AS plan_version
+    FROM accounts a LEFT JOIN plans p ON p.name = a.plan";
 
-fn account_row<R: Row>(r: &R) -> AccountRow
+pub(crate) fn account_row<R: Row>(r: &R) -> AccountRow
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
     String: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
@@ -136,6 +139,7 @@ where
         limits: super::limits_of(r.get("limits")),
         disabled: r.get("disabled"),
         version: r.get("version"),
+        plan_version: r.get("plan_version"),
     }
 }
 
@@ -173,7 +177,7 @@ impl Ledger {
         after: &str,
         limit: i64,
     ) -> Result<Vec<AccountRow>, sqlx::Error> {
-        let sql = format!("{ACCOUNT_COLUMNS} WHERE id > $1 ORDER BY id LIMIT $2");
+        let sql = format!("{ACCOUNT_COLUMNS} WHERE a.id > $1 ORDER BY a.id LIMIT $2");
         on_db!(&self.db, p => {
             let rows = sqlx::query(&sql).bind(after).bind(limit).fetch_all(p).await?;
             Ok(rows.iter().map(account_row).collect())
@@ -380,6 +384,63 @@ impl Ledger {
                 received_at_ms: r.7,
             })
             .collect())
+    }
+
+    // ---- plans ---------------------------------------------------------------------------------
+
+    /// Plans written through the API: (name, body JSON, version).
+    pub async fn plans(&self) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+        on_db!(&self.db, p => sqlx::query_as(
+            "SELECT name, CAST(body AS TEXT), version FROM plans ORDER BY name",
+        )
+        .fetch_all(p)
+        .await)
+    }
+
+    /// (body JSON, version) of a plan written through the API.
+    pub async fn plan(&self, name: &str) -> Result<Option<(String, i64)>, sqlx::Error> {
+        on_db!(&self.db, p => sqlx::query_as(
+            "SELECT CAST(body AS TEXT), version FROM plans WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(p)
+        .await)
+    }
+
+    /// Writes a plan and bumps the version of every account on it; returns the plan's version
+    /// and those accounts with their new versions.
+    pub async fn put_plan(
+        &self,
+        name: &str,
+        body: &str,
+        now_ms: i64,
+    ) -> Result<(i64, Vec<(String, i64)>), sqlx::Error> {
+        let _guard = self.write_lock().await;
+        let upsert = self.dialect(
+            "INSERT INTO plans (name, body, updated_at) VALUES ($1, $2::jsonb, $3)
+             ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body, updated_at = EXCLUDED.updated_at,
+               version = plans.version + 1 RETURNING version",
+            "INSERT INTO plans (name, body, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body, updated_at = EXCLUDED.updated_at,
+               version = plans.version + 1 RETURNING version",
+        );
+        on_db!(&self.db, p => {
+            let mut tx = p.begin().await?;
+            let version: i64 = sqlx::query_scalar(upsert)
+                .bind(name)
+                .bind(body)
+                .bind(now_ms)
+                .fetch_one(&mut *tx)
+                .await?;
+            let bumped: Vec<(String, i64)> = sqlx::query_as(
+                "UPDATE accounts SET version = version + 1 WHERE plan = $1 RETURNING id, version",
+            )
+            .bind(name)
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok((version, bumped))
+        })
     }
 
     // ---- pools ---------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ pub struct AccountRow {
     pub disabled: bool,
     /// Bumped on every change (see `Store::set_version`).
     pub version: i64,
+    /// The version of its plan as written through the API (0: the configuration's plan).
+    pub plan_version: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -198,20 +200,10 @@ impl Ledger {
     // ---- directory -------------------------------------------------------------------------
 
     pub async fn account(&self, id: &str) -> Result<Option<AccountRow>, sqlx::Error> {
-        const SQL: &str =
-            "SELECT id, plan, timezone, billing_anchor_day, CAST(limits AS TEXT) AS limits,
-            disabled, version FROM accounts WHERE id = $1";
+        let sql = format!("{} WHERE a.id = $1", billing::ACCOUNT_COLUMNS);
         on_db!(&self.db, p => {
-            let row = sqlx::query(SQL).bind(id).fetch_optional(p).await?;
-            Ok(row.map(|r| AccountRow {
-                id: r.get("id"),
-                plan: r.get("plan"),
-                timezone: r.get("timezone"),
-                billing_anchor_day: r.get("billing_anchor_day"),
-                limits: limits_of(r.get("limits")),
-                disabled: r.get("disabled"),
-                version: r.get("version"),
-            }))
+            let row = sqlx::query(&sql).bind(id).fetch_optional(p).await?;
+            Ok(row.as_ref().map(billing::account_row))
         })
     }
 

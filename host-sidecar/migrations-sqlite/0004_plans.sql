@@ -1,0 +1,9 @@
+-- Plans written through the admin API. A plan here overrides the configuration's plan of the
+-- same name; `body` is the plan as JSON (limits, included credits and their period, expiry and
+-- priority, as in the configuration's [plans.NAME]).
+CREATE TABLE plans (
+    name        TEXT PRIMARY KEY,
+    body        TEXT NOT NULL,
+    version     INTEGER NOT NULL DEFAULT 1,  -- bumped on every write
+    updated_at  INTEGER NOT NULL
+);
