@@ -67,6 +67,7 @@ impl Engine {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
+        self.sync.wait_for_passes(shard).await?;
         let now = self.clock.now_ms();
         let st = self.ledger.account_state(acct, now as i64).await?;
         let window = (self.cfg.server.recheck_window_secs * 1000) as i64;

@@ -641,6 +641,28 @@ impl SyncWorker {
         Ok(entries.into_iter().next().map(|(id, _)| (epoch, id)))
     }
 
+    /// Returns once no sync pass of the shard is in flight, in any process: a pass that read its
+    /// entries before Redis lost its state has committed them. A cold load calls this before it
+    /// reads the ledger, so such a pass cannot add to the ledger what the load did not see.
+    /// (A pass that starts later reads the new epoch, or finds it changed and applies nothing.)
+    pub(crate) async fn wait_for_passes(&self, shard: u32) -> Result<(), SyncError> {
+        match self.ledger.db() {
+            super::Db::Pg(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SET LOCAL lock_timeout = '5s'")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(lock_key(self.ledger.prefix(), shard))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+            super::Db::Lite(_) => drop(self.ledger.write_lock().await),
+        }
+        Ok(())
+    }
+
     /// Whether this process saw the shard's outbox applied up to `id` in `epoch` (no round trip).
     pub fn applied_locally(&self, shard: u32, epoch: &str, id: &str) -> bool {
         let seen = self.seen[shard as usize]
