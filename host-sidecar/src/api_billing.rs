@@ -38,39 +38,38 @@ pub fn routes() -> Router<Arc<Engine>> {
         .route("/webhooks/revenuecat", post(revenuecat))
 }
 
+/// A plan as answered: its name, its fields as in the configuration, and (after a write) how
+/// many accounts are on it.
 #[derive(Serialize)]
-struct PlanBody {
-    name: String,
-    limits: Vec<crate::config::LimitSpec>,
-    included_credits: u64,
-    credits_period: &'static str,
-    credits_expire: bool,
-    credits_priority: u32,
+struct PlanBody<'a> {
+    name: &'a str,
+    #[serde(flatten)]
+    plan: &'a crate::config::Plan,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accounts: Option<usize>,
+}
+
+impl<'a> PlanBody<'a> {
+    fn new(name: &'a str, plan: &'a crate::config::Plan) -> Self {
+        PlanBody {
+            name,
+            plan,
+            accounts: None,
+        }
+    }
 }
 
 async fn plans(State(e): St, headers: HeaderMap) -> Response {
     let r = async {
         require_admin(&e, &headers)?;
+        let plans = e.plan_list();
         Ok(serde_json::json!({
             "fallback_plan": e.cfg.billing.fallback_plan,
-            "plans": e.plan_list().iter().map(|(name, p)| PlanBody::new(name, p)).collect::<Vec<_>>(),
+            "plans": plans.iter().map(|(name, p)| PlanBody::new(name, p)).collect::<Vec<_>>(),
         }))
     }
     .await;
     respond(&e, fresh(r), false)
-}
-
-impl PlanBody {
-    fn new(name: &str, p: &crate::config::Plan) -> Self {
-        PlanBody {
-            name: name.to_string(),
-            limits: p.limits.clone(),
-            included_credits: p.included_credits,
-            credits_period: p.credits_period.as_str(),
-            credits_expire: p.credits_expire,
-            credits_priority: p.credits_priority,
-        }
-    }
 }
 
 async fn get_plan(State(e): St, headers: HeaderMap, Path(name): Path<String>) -> Response {
@@ -78,12 +77,11 @@ async fn get_plan(State(e): St, headers: HeaderMap, Path(name): Path<String>) ->
         require_admin(&e, &headers)?;
         tollgate_protocol::validate_id("name", &name)?;
         e.reload_plan(&name).await?;
-        let p = e
-            .plan_list()
-            .into_iter()
-            .find(|(n, _)| *n == name)
+        let plan = e
+            .plan(&name)
             .ok_or_else(|| ApiError::NotFound(format!("unknown plan {name:?}")))?;
-        Ok(PlanBody::new(&p.0, &p.1))
+        serde_json::to_value(PlanBody::new(&name, &plan))
+            .map_err(|err| ApiError::Internal(err.to_string()))
     }
     .await;
     respond(&e, fresh(r), false)
@@ -99,11 +97,12 @@ async fn put_plan(
     let r = async {
         require_admin(&e, &headers)?;
         let plan = parse::<crate::config::Plan>(body)?;
-        let (p, accounts) = e.put_plan(&name, plan).await?;
-        let mut v = serde_json::to_value(PlanBody::new(&name, &p))
-            .map_err(|err| ApiError::Internal(err.to_string()))?;
-        v["accounts"] = serde_json::json!(accounts);
-        Ok(v)
+        let (plan, accounts) = e.put_plan(&name, plan).await?;
+        serde_json::to_value(PlanBody {
+            accounts: Some(accounts),
+            ..PlanBody::new(&name, &plan)
+        })
+        .map_err(|err| ApiError::Internal(err.to_string()))
     }
     .await;
     respond(&e, fresh(r), false)

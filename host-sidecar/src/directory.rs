@@ -23,6 +23,14 @@ pub struct Account {
     pub tz: Tz,
 }
 
+impl Account {
+    /// The row with its timezone (validated when the account was written; UTC if unreadable).
+    pub fn new(row: AccountRow) -> Self {
+        let tz = row.timezone.parse().unwrap_or(Tz::UTC);
+        Account { row, tz }
+    }
+}
+
 /// Past this many entries a cache is cleared rather than grown further.
 const MAX_ENTRIES: usize = 200_000;
 
@@ -175,10 +183,7 @@ impl Directory {
         let owned = id.to_string();
         self.accounts
             .get_or_load(id.to_string(), move || async move {
-                Ok(ledger.account(&owned).await?.map(|row| {
-                    let tz = row.timezone.parse().unwrap_or(Tz::UTC);
-                    Account { row, tz }
-                }))
+                Ok(ledger.account(&owned).await?.map(Account::new))
             })
             .await
     }

@@ -119,7 +119,7 @@ pub fn engine_on(
         handback_lock: Arc::default(),
         degraded_slots,
         alerts: Arc::default(),
-        included_done: Arc::default(),
+        included_done: Arc::new(engine::Remembered::new(1_000_000)),
         plans,
     }))
 }

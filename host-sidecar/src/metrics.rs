@@ -108,7 +108,6 @@ pub struct Metrics {
     pub alerts_warning: Counter,
     pub alerts_critical: Counter,
     pub alerts_exhausted: Counter,
-    pub alerts_other: Counter,
     pub alerts_delivered: Counter,
     pub alert_delivery_errors: Counter,
     pub billing_applied: Counter,
@@ -152,7 +151,6 @@ impl Default for Metrics {
             alerts_warning: Counter::default(),
             alerts_critical: Counter::default(),
             alerts_exhausted: Counter::default(),
-            alerts_other: Counter::default(),
             alerts_delivered: Counter::default(),
             alert_delivery_errors: Counter::default(),
             billing_applied: Counter::default(),
@@ -307,7 +305,6 @@ impl Metrics {
                 ("{level=\"warning\"}", &self.alerts_warning),
                 ("{level=\"critical\"}", &self.alerts_critical),
                 ("{level=\"exhausted\"}", &self.alerts_exhausted),
-                ("{level=\"other\"}", &self.alerts_other),
             ],
         );
         counter(

@@ -11,9 +11,13 @@ use serde_json::{json, Value};
 
 /// Runs the CLI against sidecar 0; returns exit status, stdout and stderr.
 async fn cli(env: &Env, args: &[&str]) -> (i32, String, String) {
+    cli_at(env.base(0), ADMIN, args).await
+}
+
+/// Runs the CLI against `url` with `token`.
+async fn cli_at(url: &str, token: &str, args: &[&str]) -> (i32, String, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    cmd.args(["--url", env.base(0), "--token", ADMIN])
-        .args(args);
+    cmd.args(["--url", url, "--token", token]).args(args);
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .unwrap()
@@ -158,33 +162,9 @@ conformance! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_says_when_the_sidecar_is_unreachable_or_the_token_is_wrong() {
     let env = Env::new(1).await;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    cmd.args([
-        "--url",
-        "http://127.0.0.1:9",
-        "--token",
-        ADMIN,
-        "plans",
-        "list",
-    ]);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(3));
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    cmd.args([
-        "--url",
-        env.base(0),
-        "--token",
-        "not-the-admin-token",
-        "plans",
-        "list",
-    ]);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let (code, _, _) = cli_at("http://127.0.0.1:9", ADMIN, &["plans", "list"]).await;
+    assert_eq!(code, 3);
+    let (code, _, err) = cli_at(env.base(0), "not-the-admin-token", &["plans", "list"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("401"));
 }

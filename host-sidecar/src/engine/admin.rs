@@ -1,6 +1,6 @@
 //! Accounts, keys, grants and reports: what the admin API and the operator's tools call.
 
-use super::{fingerprint, not_loaded, unexpected, Caller, Engine, Resolved};
+use super::{fingerprint, unexpected, Caller, Engine, Resolved};
 use crate::config::LimitSpec;
 use crate::error::ApiError;
 use crate::ledger::{AccountRow, KeyRow};
@@ -245,41 +245,40 @@ impl Engine {
             };
         }
         let epoch = self.ack_epoch(account).await?;
-        for _ in 0..4 {
-            let args = GrantArgs {
-                now: self.clock.now_ms(),
-                acct: account,
-                gid: &g.grant_id,
-                amount: g.amount,
-                priority: g.priority,
-                expires: g.expires_at_ms.unwrap_or(0),
-                source: &g.source,
-                fp: &fp,
-                checked: true,
-                idem_ttl_ms: self.idem_ttl_ms(),
-            };
-            match self.store.grant(&args).await? {
-                Reply::Ok(b) => {
-                    self.metrics.granted.inc();
-                    self.sync_wake.notify_one();
-                    self.until_in_ledger(account, epoch).await?;
-                    return Ok((serde_json::from_str(&b).unwrap_or_default(), false));
-                }
-                Reply::Replay(b) => {
-                    self.metrics.idempotent_replays.inc();
-                    return Ok((serde_json::from_str(&b).unwrap_or_default(), true));
-                }
-                Reply::Cold => self.cold_load(account).await?,
-                Reply::Conflict => {
-                    return Err(ApiError::Conflict(format!(
-                        "grant_id {:?} already exists",
-                        g.grant_id
-                    )))
-                }
-                other => return Err(unexpected(other)),
+        let reply = self
+            .run_loaded(account, || {
+                let args = GrantArgs {
+                    now: self.clock.now_ms(),
+                    acct: account,
+                    gid: &g.grant_id,
+                    amount: g.amount,
+                    priority: g.priority,
+                    expires: g.expires_at_ms.unwrap_or(0),
+                    source: &g.source,
+                    fp: &fp,
+                    checked: true,
+                    idem_ttl_ms: self.idem_ttl_ms(),
+                };
+                async move { self.store.grant(&args).await }
+            })
+            .await?;
+        match reply {
+            Reply::Ok(b) => {
+                self.metrics.granted.inc();
+                self.sync_wake.notify_one();
+                self.until_in_ledger(account, epoch).await?;
+                Ok((serde_json::from_str(&b).unwrap_or_default(), false))
             }
+            Reply::Replay(b) => {
+                self.metrics.idempotent_replays.inc();
+                Ok((serde_json::from_str(&b).unwrap_or_default(), true))
+            }
+            Reply::Conflict => Err(ApiError::Conflict(format!(
+                "grant_id {:?} already exists",
+                g.grant_id
+            ))),
+            other => Err(unexpected(other)),
         }
-        Err(not_loaded(account))
     }
 
     /// Spendable credit now, from Redis (the real-time truth): the check script with nothing to
@@ -289,35 +288,19 @@ impl Engine {
             return Err(ApiError::NotFound(format!("unknown account {account:?}")));
         }
         let nothing = tollgate_protocol::Meters::new();
-        for _ in 0..4 {
-            let args = SpendArgs {
-                now: self.clock.now_ms(),
-                acct: account,
-                key: None,
-                idem: "",
-                fp: "",
-                checked: false,
-                credit: 0,
-                meters: &nothing,
-                lims: &[],
-                route: "default",
-                model: None,
-                resource: None,
-                hold: None,
-                exp: 0,
-                idem_ttl_ms: 0,
-                version: i64::MAX,
-            };
-            match self.store.check(&args).await? {
-                Reply::Ok(b) => {
-                    let v: serde_json::Value = serde_json::from_str(&b).unwrap_or_default();
-                    return Ok(v.get("balance").and_then(|b| b.as_u64()).unwrap_or(0));
-                }
-                Reply::Cold => self.cold_load(account).await?,
-                other => return Err(unexpected(other)),
+        let reply = self
+            .run_loaded(account, || {
+                let args = SpendArgs::probe(self.clock.now_ms(), account, &nothing, &[]);
+                async move { self.store.check(&args).await }
+            })
+            .await?;
+        match reply {
+            Reply::Ok(b) => {
+                let v: serde_json::Value = serde_json::from_str(&b).unwrap_or_default();
+                Ok(v.get("balance").and_then(|b| b.as_u64()).unwrap_or(0))
             }
+            other => Err(unexpected(other)),
         }
-        Err(not_loaded(account))
     }
 
     /// The current window of every limit of the account, or of one of its keys.

@@ -9,47 +9,28 @@
 //! level at or below the used amount is raised if this sidecar has not seen it raised (a set in
 //! memory; the ledger decides across sidecars).
 
-use super::Engine;
+use super::{Engine, Remembered};
 use crate::ledger::billing::AlertRow;
 use crate::store::LuaLimit;
-use hmac::{Hmac, Mac};
 use serde::Serialize;
-use sha2::Sha256;
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-/// Past this many remembered alerts the set is cleared (the ledger still dedupes).
-const MAX_REMEMBERED: usize = 100_000;
 
 /// What every sidecar keeps for alerts: the ones it knows were raised, and an HTTP client.
 pub struct AlertState {
-    raised: Mutex<HashSet<String>>,
+    raised: Remembered,
     client: reqwest::Client,
 }
 
 impl Default for AlertState {
     fn default() -> Self {
         Self {
-            raised: Mutex::new(HashSet::new()),
+            raised: Remembered::new(100_000),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()
                 .unwrap_or_default(),
         }
-    }
-}
-
-impl AlertState {
-    /// True the first time this sidecar sees the alert.
-    fn first(&self, id: &str) -> bool {
-        let Ok(mut set) = self.raised.lock() else {
-            return true;
-        };
-        if set.len() >= MAX_REMEMBERED {
-            set.clear();
-        }
-        set.insert(id.to_string())
     }
 }
 
@@ -83,18 +64,6 @@ fn alert_id(a: &AlertRow) -> String {
         "{}/{}/{}/{}/{}",
         a.account_id, a.scope, a.meter, a.period, a.level
     )
-}
-
-/// `t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`, as Stripe signs its webhooks.
-pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
-    let mut mac = match Hmac::<Sha256>::new_from_slice(secret.as_bytes()) {
-        Ok(m) => m,
-        Err(_) => return String::new(),
-    };
-    mac.update(t.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 impl Engine {
@@ -140,7 +109,7 @@ impl Engine {
                     attempts: 0,
                     last_error: None,
                 };
-                if self.alerts.first(&alert_id(&row)) {
+                if self.alerts.raised.insert(&alert_id(&row)) {
                     new.push(row);
                 }
             }
@@ -179,7 +148,7 @@ impl Engine {
             attempts: 0,
             last_error: None,
         };
-        if self.alerts.first(&alert_id(&row)) {
+        if self.alerts.raised.insert(&alert_id(&row)) {
             self.record_alerts(vec![row]);
         }
     }
@@ -206,9 +175,7 @@ impl Engine {
                     Ok(false) => {}
                     Err(err) => {
                         // Forget it so the next crossing request tries again.
-                        if let Ok(mut set) = e.alerts.raised.lock() {
-                            set.remove(&alert_id(&row));
-                        }
+                        e.alerts.raised.forget(&alert_id(&row));
                         tracing::warn!(error = %err, "alert not recorded");
                     }
                 }
@@ -280,7 +247,12 @@ impl Delivery {
             .header("content-type", "application/json");
         if let Some(secret) = &self.cfg.alerts.webhook_secret {
             let t = (self.clock.now_ms() / 1000) as i64;
-            req = req.header("tollgate-signature", sign(secret, t, &body));
+            // The scheme Stripe signs its webhooks with: `t=<unix s>,v1=<hex HMAC-SHA256 of
+            // "<t>.<body>">`, so receivers can verify it with the same code.
+            req = req.header(
+                "tollgate-signature",
+                crate::webhooks::sign_stripe(&body, secret, t),
+            );
         }
         let outcome = match req.body(body).send().await {
             Ok(r) if r.status().is_success() => Ok(()),

@@ -10,9 +10,9 @@
 
 use super::Engine;
 use crate::config::ProviderConfig;
+use crate::directory::Account;
 use crate::error::ApiError;
 use crate::ledger::billing::{BillingEventRow, SubOutcome, SubscriptionRow};
-use crate::ledger::AccountRow;
 use crate::store::{LapseArgs, Reply};
 use crate::webhooks::{self, Action, BillingEvent, Provider, SubStatus};
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,12 @@ pub struct SubscriptionChange {
     pub period_start_ms: Option<i64>,
     #[serde(default)]
     pub period_end_ms: Option<i64>,
+}
+
+/// What `lua/lapse.lua` recorded: [grant id, amount] per grant removed.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Lapsed {
+    pub expired: Vec<(String, u64)>,
 }
 
 /// What a webhook delivery did.
@@ -140,7 +146,7 @@ impl Engine {
             );
             // A new plan's included credits are there at once, not at the next scheduler tick.
             if let Some(acct) = self.ledger.account(&row.account_id).await? {
-                if let Err(e) = self.grant_included_for(&acct).await {
+                if let Err(e) = self.grant_included_for(&Account::new(acct)).await {
                     tracing::warn!(account = %row.account_id, error = %e, "included credits not granted yet; the scheduler retries");
                 }
             }
@@ -234,32 +240,22 @@ impl Engine {
         prov: &ProviderConfig,
         ev: &BillingEvent,
     ) -> Result<(&'static str, String), ApiError> {
-        let account = match (&ev.action, &ev.account) {
-            (Action::Ignore, _) => return self.record(ev, "ignored", String::new()).await,
+        match (&ev.action, self.known_account(ev).await?) {
+            (Action::Ignore, _) => self.record(ev, "ignored", String::new()).await,
             (Action::Unknown, _) => {
-                return self
-                    .record(ev, "unknown", "event type not handled".into())
+                self.record(ev, "unknown", "event type not handled".into())
                     .await
             }
-            (_, None) => {
-                return self
-                    .record(ev, "unmapped", "the event names no account".into())
-                    .await
-            }
-            (_, Some(a)) => a.clone(),
-        };
-        if self.directory.account(&account).await?.is_none() {
-            return self
-                .record(ev, "unmapped", format!("unknown account {account:?}"))
-                .await;
-        }
-        match &ev.action {
-            Action::Subscription {
-                product,
-                status,
-                period_start_ms,
-                period_end_ms,
-            } => {
+            (_, Err(why)) => self.record(ev, "unmapped", why).await,
+            (
+                Action::Subscription {
+                    product,
+                    status,
+                    period_start_ms,
+                    period_end_ms,
+                },
+                Ok(account),
+            ) => {
                 self.ensure_plan(product).await?;
                 let Some(plan) = prov
                     .plans
@@ -296,7 +292,7 @@ impl Engine {
                     },
                 )
             }
-            Action::Purchase { product, amount } => {
+            (Action::Purchase { product, amount }, Ok(account)) => {
                 let Some(credits) = amount.or_else(|| prov.packs.get(product).copied()) else {
                     return self
                         .record(ev, "unmapped", format!("no credit pack {product:?}"))
@@ -326,19 +322,14 @@ impl Engine {
                 self.record(ev, "applied", format!("granted {credits} as {gid}"))
                     .await
             }
-            Action::Refund { reference } => {
-                let out = self
+            (Action::Refund { reference }, Ok(account)) => {
+                let revoked: u64 = self
                     .lapse(&account, "revoke", &ev.id, std::slice::from_ref(reference))
-                    .await?;
-                let revoked: u64 = out
-                    .get("expired")
-                    .and_then(|x| x.as_array())
-                    .map(|rows| {
-                        rows.iter()
-                            .filter_map(|r| r.get(1).and_then(|v| v.as_u64()))
-                            .sum()
-                    })
-                    .unwrap_or(0);
+                    .await?
+                    .expired
+                    .iter()
+                    .map(|(_, amount)| amount)
+                    .sum();
                 self.record(
                     ev,
                     "applied",
@@ -346,8 +337,18 @@ impl Engine {
                 )
                 .await
             }
-            Action::Ignore | Action::Unknown => unreachable_outcome(),
         }
+    }
+
+    /// The account the event names, if it exists; else why not.
+    async fn known_account(&self, ev: &BillingEvent) -> Result<Result<String, String>, ApiError> {
+        let Some(account) = &ev.account else {
+            return Ok(Err("the event names no account".into()));
+        };
+        Ok(match self.directory.account(account).await? {
+            Some(_) => Ok(account.clone()),
+            None => Err(format!("unknown account {account:?}")),
+        })
     }
 
     /// Grants every account's plan its included credits for the current period, once: the
@@ -360,12 +361,13 @@ impl Engine {
             let page = self.ledger.accounts_page(&after, 500).await?;
             let Some(last) = page.last() else { break };
             after = last.id.clone();
-            for acct in &page {
-                match self.grant_included_for(acct).await {
+            for row in page {
+                let id = row.id.clone();
+                match self.grant_included_for(&Account::new(row)).await {
                     Ok(true) => granted += 1,
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::warn!(account = %acct.id, error = %e, "included credits not granted; retried next run")
+                        tracing::warn!(account = %id, error = %e, "included credits not granted; retried next run")
                     }
                 }
             }
@@ -374,38 +376,25 @@ impl Engine {
     }
 
     /// Grants one account its plan's included credits for the current period; true if new.
-    pub(crate) async fn grant_included_for(&self, acct: &AccountRow) -> Result<bool, ApiError> {
-        self.ensure_plan_at(&acct.plan, acct.plan_version).await?;
-        let Some(plan) = self.plan(&acct.plan) else {
+    pub(crate) async fn grant_included_for(&self, acct: &Account) -> Result<bool, ApiError> {
+        let row = &acct.row;
+        self.ensure_plan_at(&row.plan, row.plan_version).await?;
+        let Some(plan) = self.plan(&row.plan) else {
             return Ok(false);
         };
-        if acct.disabled || plan.included_credits == 0 {
+        if row.disabled || plan.included_credits == 0 {
             return Ok(false);
         }
-        let tz = acct.timezone.parse().unwrap_or(chrono_tz::Tz::UTC);
-        let now = self.clock.now_ms();
         let period = crate::windows::current_period(
             plan.credits_period,
-            now,
-            tz,
+            self.clock.now_ms(),
+            acct.tz,
             &self.windows,
-            acct.billing_anchor_day as u32,
+            row.billing_anchor_day as u32,
         );
         let gid = format!("included.{}", period.id);
-        let done_key = format!("{}/{gid}", acct.id);
-        let known = |insert: bool| {
-            self.included_done.lock().is_ok_and(|mut set| {
-                if insert {
-                    if set.len() >= 1_000_000 {
-                        set.clear();
-                    }
-                    set.insert(done_key.clone())
-                } else {
-                    set.contains(&done_key)
-                }
-            })
-        };
-        if known(false) {
+        let done_key = format!("{}/{gid}", row.id);
+        if self.included_done.contains(&done_key) {
             return Ok(false);
         }
         let g = GrantRequest {
@@ -415,9 +404,9 @@ impl Engine {
             expires_at_ms: plan.credits_expire.then_some(period.end_ms),
             source: "plan".into(),
         };
-        match self.grant(&acct.id, g).await {
+        match self.grant(&row.id, g).await {
             Ok((_, replay)) => {
-                known(true);
+                self.included_done.insert(&done_key);
                 if !replay {
                     self.metrics.periodic_grants.inc();
                 }
@@ -425,7 +414,7 @@ impl Engine {
             }
             // Granted this period already under another plan's amount: once per period.
             Err(ApiError::Conflict(_)) => {
-                known(true);
+                self.included_done.insert(&done_key);
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -438,11 +427,11 @@ impl Engine {
         let now = self.clock.now_ms() as i64;
         let mut n = 0;
         for acct in self.ledger.accounts_with_lapsed_credit(now, 1000).await? {
-            let out = self.lapse(&acct, "lapse", "expiry", &[]).await?;
-            if out
-                .get("expired")
-                .and_then(|x| x.as_array())
-                .is_some_and(|a| !a.is_empty())
+            if !self
+                .lapse(&acct, "lapse", "expiry", &[])
+                .await?
+                .expired
+                .is_empty()
             {
                 n += 1;
             }
@@ -451,44 +440,41 @@ impl Engine {
     }
 
     /// Removes an account's expired grants and the `revoke`d ones, recording their remainder
-    /// in the ledger (kind `lapse` or `revoke`). Returns {expired: [[grant, amount]], balance}.
+    /// in the ledger (kind `lapse` or `revoke`).
     pub(crate) async fn lapse(
         &self,
         account: &str,
         kind: &str,
         idem: &str,
         revoke: &[String],
-    ) -> Result<serde_json::Value, ApiError> {
+    ) -> Result<Lapsed, ApiError> {
         if self.redis_down() {
             return Err(ApiError::Unavailable(
                 "Redis is unreachable; credit lapses are recorded when it is back".into(),
             ));
         }
-        for _ in 0..4 {
-            let args = LapseArgs {
-                now: self.clock.now_ms(),
-                acct: account,
-                kind,
-                idem,
-                revoke,
-            };
-            match self.store.lapse(&args).await? {
-                Reply::Ok(b) => {
-                    let v: serde_json::Value = serde_json::from_str(&b).unwrap_or_default();
-                    if v.get("expired")
-                        .and_then(|x| x.as_array())
-                        .is_some_and(|a| !a.is_empty())
-                    {
-                        self.metrics.lapsed.inc();
-                        self.sync_wake.notify_one();
-                    }
-                    return Ok(v);
-                }
-                Reply::Cold => self.cold_load(account).await?,
-                other => return Err(super::unexpected(other)),
-            }
+        let reply = self
+            .run_loaded(account, || {
+                let args = LapseArgs {
+                    now: self.clock.now_ms(),
+                    acct: account,
+                    kind,
+                    idem,
+                    revoke,
+                };
+                async move { self.store.lapse(&args).await }
+            })
+            .await?;
+        let Reply::Ok(body) = reply else {
+            return Err(super::unexpected(reply));
+        };
+        let out: Lapsed = serde_json::from_str(&body)
+            .map_err(|e| ApiError::Internal(format!("unreadable lapse reply: {e}")))?;
+        if !out.expired.is_empty() {
+            self.metrics.lapsed.inc();
+            self.sync_wake.notify_one();
         }
-        Err(super::not_loaded(account))
+        Ok(out)
     }
 
     /// One pass of the billing scheduler: included credits, lapsed credit, alert delivery.
@@ -514,9 +500,4 @@ fn event_row(ev: &BillingEvent, outcome: &str, detail: &str, now: i64) -> Billin
         detail: detail.into(),
         received_at_ms: now,
     }
-}
-
-/// Ignore and Unknown are answered before an account is needed.
-fn unreachable_outcome() -> Result<(&'static str, String), ApiError> {
-    Err(ApiError::Internal("unhandled billing action".into()))
 }

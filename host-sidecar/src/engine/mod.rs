@@ -30,7 +30,7 @@ use crate::error::ApiError;
 use crate::ledger::sync::SyncWorker;
 use crate::ledger::{KeyRow, Ledger};
 use crate::metrics::Metrics;
-use crate::store::{LuaLimit, Store};
+use crate::store::{LuaLimit, Reply, Store};
 use crate::windows::{current_period, WindowSettings};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -57,10 +57,47 @@ pub struct Engine {
     pub alerts: Arc<alerts::AlertState>,
     /// Included-credit grants (`<account>/<grant id>`) this sidecar knows exist: the scheduler's
     /// later passes skip them without a round trip.
-    pub included_done: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    pub included_done: Arc<Remembered>,
     /// The plans this sidecar knows: the configuration's, overridden by those written through
     /// the API (see `plans.rs`).
     pub plans: plans::Plans,
+}
+
+/// Keys this sidecar knows are done (an alert raised, a grant made), so it can skip a round
+/// trip; the ledger stays the judge. Cleared, not grown, past `cap` entries.
+pub struct Remembered {
+    set: std::sync::Mutex<std::collections::HashSet<String>>,
+    cap: usize,
+}
+
+impl Remembered {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            set: Default::default(),
+            cap,
+        }
+    }
+
+    /// True when `key` was not remembered yet (also when the set is unusable).
+    pub fn insert(&self, key: &str) -> bool {
+        let Ok(mut set) = self.set.lock() else {
+            return true;
+        };
+        if set.len() >= self.cap {
+            set.clear();
+        }
+        set.insert(key.to_string())
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.set.lock().is_ok_and(|s| s.contains(key))
+    }
+
+    pub fn forget(&self, key: &str) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(key);
+        }
+    }
 }
 
 /// The resolved caller of a spend request.
@@ -206,6 +243,27 @@ impl Engine {
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
+    }
+
+    /// Runs a script on `acct`'s state until that state is in Redis: a `cold` answer loads it
+    /// from the ledger and the script runs again (a few times at most). Returns the first other
+    /// answer.
+    pub(crate) async fn run_loaded<F, Fut>(
+        &self,
+        acct: &str,
+        mut script: F,
+    ) -> Result<Reply, ApiError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Reply, crate::store::StoreError>>,
+    {
+        for _ in 0..4 {
+            match script().await? {
+                Reply::Cold => self.cold_load(acct).await?,
+                other => return Ok(other),
+            }
+        }
+        Err(not_loaded(acct))
     }
 
     pub fn idem_ttl_ms(&self) -> u64 {

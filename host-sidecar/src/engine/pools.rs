@@ -120,22 +120,12 @@ impl Engine {
         let epoch = self.ack_epoch(&pacct).await?;
         for _ in 0..4 {
             let args = SpendArgs {
-                now: self.clock.now_ms(),
-                acct: &pacct,
-                key: None,
                 idem: account,
                 fp: &fp,
                 checked,
-                credit: 0,
-                meters: &meters,
-                lims: &lims,
                 route: "pool",
-                model: None,
-                resource: None,
-                hold: None,
-                exp: 0,
                 idem_ttl_ms: CLAIM_RECORD_TTL_MS,
-                version: i64::MAX,
+                ..SpendArgs::probe(self.clock.now_ms(), &pacct, &meters, &lims)
             };
             let (body, claimed, replay) = match self.store.consume(&args).await? {
                 Reply::Ok(b) => (b, true, false),
@@ -181,42 +171,26 @@ impl Engine {
         let pacct = format!("pool:{}", p.id);
         let lims = Self::pool_limit(&p, 0);
         let nothing = Meters::new();
-        for _ in 0..4 {
-            let args = SpendArgs {
-                now: self.clock.now_ms(),
-                acct: &pacct,
-                key: None,
-                idem: "",
-                fp: "",
-                checked: false,
-                credit: 0,
-                meters: &nothing,
-                lims: &lims,
-                route: "pool",
-                model: None,
-                resource: None,
-                hold: None,
-                exp: 0,
-                idem_ttl_ms: 0,
-                version: i64::MAX,
-            };
-            match self.store.check(&args).await? {
-                Reply::Ok(b) | Reply::Deny(b) => {
-                    let stock = p.stock.max(0) as u64;
-                    let remaining = remaining_of(&b).min(stock);
-                    return Ok(PoolState {
-                        id: p.id,
-                        stock,
-                        claimed: stock - remaining,
-                        remaining,
-                        description: p.description,
-                    });
-                }
-                Reply::Cold => self.cold_load(&pacct).await?,
-                other => return Err(unexpected(other)),
+        let reply = self
+            .run_loaded(&pacct, || {
+                let args = SpendArgs::probe(self.clock.now_ms(), &pacct, &nothing, &lims);
+                async move { self.store.check(&args).await }
+            })
+            .await?;
+        match reply {
+            Reply::Ok(b) | Reply::Deny(b) => {
+                let stock = p.stock.max(0) as u64;
+                let remaining = remaining_of(&b).min(stock);
+                Ok(PoolState {
+                    id: p.id,
+                    stock,
+                    claimed: stock - remaining,
+                    remaining,
+                    description: p.description,
+                })
             }
+            other => Err(unexpected(other)),
         }
-        Err(not_loaded(&pacct))
     }
 }
 

@@ -4,7 +4,6 @@ use super::{fingerprint, not_loaded, unexpected, Caller, Engine, Resolved};
 use crate::error::ApiError;
 use crate::store::{Reply, SpendArgs};
 use serde::Deserialize;
-use std::sync::Arc;
 use std::time::Instant;
 use tollgate_protocol::{Decision, DenyReason, LimitState, SpendRequest};
 
@@ -41,11 +40,7 @@ struct LuaDecision {
     credits: u64,
     #[serde(default)]
     balance: Option<u64>,
-}
-
-/// Each limit's used amount after an admitted request (`used` in the script's answer).
-#[derive(Deserialize)]
-struct UsedAfter {
+    /// Each limit's used amount after an admitted request (what alerts are computed from).
     #[serde(default)]
     used: Vec<u64>,
 }
@@ -195,18 +190,17 @@ impl Engine {
             };
             match reply {
                 Reply::Ok(body) => {
-                    let d = self.decision(acct, &body, now)?;
+                    let lua = parse_decision(&body)?;
                     if op != Op::Check {
-                        let used = serde_json::from_str::<UsedAfter>(&body)
-                            .map(|u| u.used)
-                            .unwrap_or_default();
-                        self.raise_alerts(acct, &lims, &used, None);
+                        self.raise_alerts(acct, &lims, &lua.used, None);
                     }
-                    return Ok((d, false));
+                    return Ok((self.decision(acct, lua, now), false));
                 }
-                Reply::Replay(body) => return Ok((self.decision(acct, &body, now)?, true)),
+                Reply::Replay(body) => {
+                    return Ok((self.decision(acct, parse_decision(&body)?, now), true))
+                }
                 Reply::Deny(body) => {
-                    let d = self.decision(acct, &body, now)?;
+                    let d = self.decision(acct, parse_decision(&body)?, now);
                     match (d.reason, &d.limit, op == Op::Check) {
                         (Some(DenyReason::Limit), Some(l), false) => {
                             self.raise_alerts(acct, &lims, &[], Some(&l.name))
@@ -221,16 +215,26 @@ impl Engine {
                     return Ok((d, false));
                 }
                 Reply::Cold => self.cold_load(acct).await?,
-                Reply::Stale => match self.reread(caller).await? {
-                    Resolved::Caller(c) => fresh = Some(c),
-                    Resolved::Denied(d) => return Ok((d, false)),
-                },
+                // Another sidecar changed the account (see `Engine::publish_version`): resolve
+                // the caller again from the ledger, plan included.
+                Reply::Stale => {
+                    self.metrics.stale_rereads.inc();
+                    self.directory.forget_account(acct);
+                    self.directory.forget_keys();
+                    match self
+                        .resolve(req.api_key.as_deref(), req.account.as_deref())
+                        .await?
+                    {
+                        Resolved::Caller(c) => fresh = Some(c),
+                        Resolved::Denied(d) => return Ok((d, false)),
+                    }
+                }
                 Reply::Recheck => {
                     if let Some(body) = self
                         .recheck(acct, op.kind(), &req.idempotency_key, &fp)
                         .await?
                     {
-                        return Ok((self.decision(acct, &body, now)?, true));
+                        return Ok((self.decision(acct, parse_decision(&body)?, now), true));
                     }
                     checked = true;
                 }
@@ -246,43 +250,7 @@ impl Engine {
         Err(not_loaded(acct))
     }
 
-    /// The caller again, from the ledger: another sidecar changed the account (see
-    /// `Engine::publish_version`).
-    async fn reread(&self, caller: &Caller) -> Result<Resolved, ApiError> {
-        let acct = &caller.account.row.id;
-        self.directory.forget_account(acct);
-        self.directory.forget_keys();
-        self.metrics.stale_rereads.inc();
-        let row = self
-            .ledger
-            .account(acct)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("unknown account {acct:?}")))?;
-        let key = match &caller.key {
-            Some(k) => Some(Arc::new(self.ledger.key_by_id(&k.id).await?.ok_or_else(
-                || ApiError::NotFound(format!("unknown key {:?}", k.masked)),
-            )?)),
-            None => None,
-        };
-        if row.disabled || key.as_ref().is_some_and(|k| k.disabled) {
-            self.metrics.denied_auth.inc();
-            return Ok(Resolved::Denied(super::denial(
-                DenyReason::Disabled,
-                Some(acct.clone()),
-            )));
-        }
-        // The plan itself may be what changed.
-        self.ensure_plan_at(&row.plan, row.plan_version).await?;
-        let tz = row.timezone.parse().unwrap_or(chrono_tz::Tz::UTC);
-        Ok(Resolved::Caller(Caller {
-            account: Arc::new(crate::directory::Account { row, tz }),
-            key,
-        }))
-    }
-
-    fn decision(&self, acct: &str, body: &str, now: u64) -> Result<Decision, ApiError> {
-        let d: LuaDecision = serde_json::from_str(body)
-            .map_err(|e| ApiError::Internal(format!("unreadable script reply: {e}")))?;
+    fn decision(&self, acct: &str, d: LuaDecision, now: u64) -> Decision {
         let allowed = d.reason.is_none();
         let retry_after_s = match (d.reason, &d.limit) {
             (Some(DenyReason::Limit), Some(l)) if l.reset_ms > 0 => {
@@ -290,7 +258,7 @@ impl Engine {
             }
             _ => None,
         };
-        Ok(Decision {
+        Decision {
             allowed,
             status: d.reason.map_or(200, |r| r.http_status()),
             reason: d.reason,
@@ -301,6 +269,11 @@ impl Engine {
             retry_after_s,
             credits: d.credits,
             balance: d.balance,
-        })
+        }
     }
+}
+
+fn parse_decision(body: &str) -> Result<LuaDecision, ApiError> {
+    serde_json::from_str(body)
+        .map_err(|e| ApiError::Internal(format!("unreadable script reply: {e}")))
 }

@@ -594,41 +594,25 @@ impl Ledger {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<ExportRow>, sqlx::Error> {
-        let at_ms = self.dialect("(extract(epoch FROM at) * 1000)::int8", "at");
-        let filter = if account.is_some() {
-            "AND account_id = $3"
-        } else {
-            ""
-        };
-        let sql = format!(
-            "SELECT seq, account_id, kind, key_id, idem_key, hold_id, credit, shortfall,
-                    CAST(meters AS TEXT) AS meters, route, model, {at_ms} AS at_ms
-             FROM ledger WHERE seq > $1 {filter} ORDER BY seq LIMIT $2"
-        );
-        on_db!(&self.db, p => {
-            let mut q = sqlx::query(&sql).bind(after_seq).bind(limit);
-            if let Some(a) = account {
-                q = q.bind(a);
-            }
-            let rows = q.fetch_all(p).await?;
-            Ok(rows
-                .into_iter()
-                .map(|r| ExportRow {
-                    seq: r.get("seq"),
-                    account_id: r.get("account_id"),
-                    kind: r.get("kind"),
-                    key_id: r.get("key_id"),
-                    idempotency_key: r.get("idem_key"),
-                    hold_id: r.get("hold_id"),
-                    credit: r.get("credit"),
-                    shortfall: r.get("shortfall"),
-                    meters: r.get("meters"),
-                    route: r.get("route"),
-                    model: r.get("model"),
-                    at_ms: r.get("at_ms"),
-                })
-                .collect())
-        })
+        Ok(self
+            .entries(account, after_seq, limit)
+            .await?
+            .into_iter()
+            .map(|r| ExportRow {
+                seq: r.seq,
+                account_id: r.account_id,
+                kind: r.kind,
+                key_id: r.key_id,
+                idempotency_key: r.idem_key,
+                hold_id: r.hold_id,
+                credit: r.credit,
+                shortfall: r.shortfall,
+                meters: r.meters,
+                route: r.route,
+                model: r.model,
+                at_ms: r.at_ms,
+            })
+            .collect())
     }
 
     /// The accounts that used the most of `meter` in `period` (account scope), as synced.

@@ -101,6 +101,25 @@ pub struct LedgerEntry {
     pub at_ms: i64,
 }
 
+/// A ledger row as stored, JSON columns as text (see [`Ledger::entries`]).
+#[derive(Debug, Clone)]
+pub(crate) struct StoredEntry {
+    pub seq: i64,
+    pub account_id: String,
+    pub kind: String,
+    pub key_id: Option<String>,
+    pub idem_key: Option<String>,
+    pub hold_id: Option<String>,
+    pub credit: i64,
+    pub shortfall: i64,
+    pub meters: Option<String>,
+    pub expired: Option<String>,
+    pub route: Option<String>,
+    pub model: Option<String>,
+    pub resource: Option<String>,
+    pub at_ms: i64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct GrantRow {
     pub grant_id: String,
@@ -437,36 +456,71 @@ impl Ledger {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<LedgerEntry>, sqlx::Error> {
-        let at_ms = self.dialect("(extract(epoch FROM at) * 1000)::int8", "at");
-        let sql = format!(
-            "SELECT seq, kind, key_id, idem_key, hold_id, credit, shortfall, CAST(meters AS TEXT) AS meters,
-                    CAST(expired AS TEXT) AS expired, route, model, CAST(resource AS TEXT) AS resource,
-                    {at_ms} AS at_ms
-             FROM ledger WHERE account_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
-        );
         let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+        Ok(self
+            .entries(Some(account), after_seq, limit)
+            .await?
+            .into_iter()
+            .map(|r| LedgerEntry {
+                seq: r.seq,
+                kind: r.kind,
+                key_id: r.key_id,
+                idempotency_key: r.idem_key,
+                hold_id: r.hold_id,
+                credit: r.credit,
+                shortfall: r.shortfall,
+                meters: json(r.meters),
+                expired: json(r.expired),
+                route: r.route,
+                model: r.model,
+                resource: json(r.resource),
+                at_ms: r.at_ms,
+            })
+            .collect())
+    }
+
+    /// Ledger rows after `after_seq`, oldest first, as stored (JSON as text); of one account
+    /// when given. What the history and the export are made from.
+    pub(crate) async fn entries(
+        &self,
+        account: Option<&str>,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEntry>, sqlx::Error> {
+        let at_ms = self.dialect("(extract(epoch FROM at) * 1000)::int8", "at");
+        let filter = if account.is_some() {
+            "AND account_id = $3"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT seq, account_id, kind, key_id, idem_key, hold_id, credit, shortfall,
+                    CAST(meters AS TEXT) AS meters, CAST(expired AS TEXT) AS expired, route, model,
+                    CAST(resource AS TEXT) AS resource, {at_ms} AS at_ms
+             FROM ledger WHERE seq > $1 {filter} ORDER BY seq LIMIT $2"
+        );
         on_db!(&self.db, p => {
-            let rows = sqlx::query(&sql)
-                .bind(account)
-                .bind(after_seq)
-                .bind(limit)
-                .fetch_all(p)
-                .await?;
+            let mut q = sqlx::query(&sql).bind(after_seq).bind(limit);
+            if let Some(a) = account {
+                q = q.bind(a);
+            }
+            let rows = q.fetch_all(p).await?;
             Ok(rows
                 .into_iter()
-                .map(|r| LedgerEntry {
+                .map(|r| StoredEntry {
                     seq: r.get("seq"),
+                    account_id: r.get("account_id"),
                     kind: r.get("kind"),
                     key_id: r.get("key_id"),
-                    idempotency_key: r.get("idem_key"),
+                    idem_key: r.get("idem_key"),
                     hold_id: r.get("hold_id"),
                     credit: r.get("credit"),
                     shortfall: r.get("shortfall"),
-                    meters: json(r.get("meters")),
-                    expired: json(r.get("expired")),
+                    meters: r.get("meters"),
+                    expired: r.get("expired"),
                     route: r.get("route"),
                     model: r.get("model"),
-                    resource: json(r.get("resource")),
+                    resource: r.get("resource"),
                     at_ms: r.get("at_ms"),
                 })
                 .collect())

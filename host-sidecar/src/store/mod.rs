@@ -86,7 +86,31 @@ pub struct SpendArgs<'a> {
     pub version: i64,
 }
 
-impl SpendArgs<'_> {
+impl<'a> SpendArgs<'a> {
+    /// Arguments that ask for nothing: the check script then reads `lims`' counters and the
+    /// balance (reports). Other calls fill in what they ask on top of it.
+    pub fn probe(now: u64, acct: &'a str, meters: &'a Meters, lims: &'a [LuaLimit]) -> Self {
+        SpendArgs {
+            now,
+            acct,
+            key: None,
+            idem: "",
+            fp: "",
+            checked: false,
+            credit: 0,
+            meters,
+            lims,
+            route: "default",
+            model: None,
+            resource: None,
+            hold: None,
+            exp: 0,
+            idem_ttl_ms: 0,
+            // Not a caller's request: never told `stale`.
+            version: i64::MAX,
+        }
+    }
+
     fn argv(&self) -> Vec<String> {
         let mut v = Vec::with_capacity(16 + self.lims.len() * 7);
         v.extend([
@@ -452,26 +476,27 @@ impl Store {
         self.run(&self.scripts.release, &keys, &argv).await
     }
 
+    /// The keys of a script that changes an account's grants: its state, its shard's outbox,
+    /// its grant order and remaining amounts.
+    fn grant_keys(&self, acct: &str) -> Vec<String> {
+        vec![
+            self.keys.account(acct),
+            self.keys.outbox(self.keys.shard_of(acct)),
+            self.keys.grant_order(acct),
+            self.keys.grant_remaining(acct),
+        ]
+    }
+
     pub async fn grant(&self, a: &GrantArgs<'_>) -> Result<Reply, StoreError> {
-        let keys = vec![
-            self.keys.account(a.acct),
-            self.keys.outbox(self.keys.shard_of(a.acct)),
-            self.keys.grant_order(a.acct),
-            self.keys.grant_remaining(a.acct),
-            self.keys.idempotency(a.acct, "grant", a.gid),
-        ];
+        let mut keys = self.grant_keys(a.acct);
+        keys.push(self.keys.idempotency(a.acct, "grant", a.gid));
         self.run(&self.scripts.grant, &keys, &[json(a)]).await
     }
 
     /// Records credit that can no longer be spent: expired grants, and `revoke`d ones.
     pub async fn lapse(&self, a: &LapseArgs<'_>) -> Result<Reply, StoreError> {
-        let keys = vec![
-            self.keys.account(a.acct),
-            self.keys.outbox(self.keys.shard_of(a.acct)),
-            self.keys.grant_order(a.acct),
-            self.keys.grant_remaining(a.acct),
-        ];
-        self.run(&self.scripts.lapse, &keys, &[json(a)]).await
+        self.run(&self.scripts.lapse, &self.grant_keys(a.acct), &[json(a)])
+            .await
     }
 
     /// Tells every sidecar that `acct` changed: their next request for it is answered `stale`

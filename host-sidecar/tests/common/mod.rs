@@ -282,29 +282,26 @@ impl Env {
 
     /// POST to sidecar `i`; returns status, body and whether it was marked as a replay.
     pub async fn post_to(&self, i: usize, path: &str, body: &Value) -> (u16, Value, bool) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base(i)))
-            .json(body)
-            .send()
-            .await
-            .expect("request sent");
-        let status = r.status().as_u16();
-        let replay = r.headers().get("x-tollgate-replayed").is_some();
-        let v = r.json().await.unwrap_or(Value::Null);
-        (status, v, replay)
+        self.send_post(i, path, body, None).await
     }
 
     /// POST with the admin token to sidecar `i`; returns status, body and the replay mark.
     pub async fn post_to_admin(&self, i: usize, path: &str, body: &Value) -> (u16, Value, bool) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base(i)))
-            .bearer_auth(ADMIN)
-            .json(body)
-            .send()
-            .await
-            .expect("request sent");
+        self.send_post(i, path, body, Some(ADMIN)).await
+    }
+
+    async fn send_post(
+        &self,
+        i: usize,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> (u16, Value, bool) {
+        let mut r = self.http.post(format!("{}{path}", self.base(i))).json(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let r = r.send().await.expect("request sent");
         let status = r.status().as_u16();
         let replay = r.headers().get("x-tollgate-replayed").is_some();
         (status, r.json().await.unwrap_or(Value::Null), replay)
@@ -329,15 +326,8 @@ impl Env {
     }
 
     pub async fn admin_post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base(0)))
-            .bearer_auth(ADMIN)
-            .json(body)
-            .send()
-            .await
-            .expect("request sent");
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        let (s, v, _) = self.post_to_admin(0, path, body).await;
+        (s, v)
     }
 
     pub async fn admin_get(&self, path: &str) -> (u16, Value) {
