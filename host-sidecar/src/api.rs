@@ -49,8 +49,37 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::api_billing::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(axum::middleware::from_fn(refuse_control_characters))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(engine)
+}
+
+/// Path parameters (account, key, pool ids) reach the ledger: one with a control character once
+/// percent-decoded (a NUL, which PostgreSQL text cannot hold) is refused here with a 400.
+async fn refuse_control_characters(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path().as_bytes();
+    let mut i = 0;
+    while i < path.len() {
+        let b = match (path[i], path.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) => {
+                i += 2;
+                std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .unwrap_or(b'%')
+            }
+            (b, _) => b,
+        };
+        if b < 0x20 || b == 0x7f {
+            return ApiError::Invalid("path: control characters are not allowed".into())
+                .into_response();
+        }
+        i += 1;
+    }
+    next.run(req).await
 }
 
 pub(crate) fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {

@@ -304,3 +304,38 @@ async fn no_secret_reaches_the_log() {
         "part of the API key appears in the log"
     );
 }
+
+/// Ids with a control character — in a path (percent-encoded) or in a body — get a 400 before
+/// they reach the ledger (PostgreSQL text cannot hold a NUL: it used to answer 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_ids_get_a_400() {
+    let env = Env::new(1).await;
+    env.account("acme", "basic", "UTC").await;
+    for path in [
+        "/admin/accounts/%00",
+        "/admin/accounts/a%00b/alerts",
+        "/v1/accounts/%01/balance",
+        "/admin/pools/%7F",
+        "/admin/plans/%0A",
+    ] {
+        let (s, v) = env.admin_get(path).await;
+        assert_eq!(s, 400, "{path}: {v}");
+    }
+    let (s, _) = env
+        .admin_post(
+            "/admin/accounts/%00/grants",
+            &json!({"grant_id": "g", "amount": 1}),
+        )
+        .await;
+    assert_eq!(s, 400);
+    let (s, v) = env
+        .admin_post("/admin/accounts", &json!(["x", "\u{0}"]))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = env
+        .admin_post("/admin/accounts", &json!({"id": "y", "plan": "\u{0}"}))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (_, a) = env.admin_get("/admin/accounts/acme").await;
+    assert_eq!(a["plan"], "basic");
+}

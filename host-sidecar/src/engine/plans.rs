@@ -72,6 +72,8 @@ impl Engine {
 
     /// Re-reads one plan from the ledger (another sidecar may have written it).
     pub(crate) async fn reload_plan(&self, name: &str) -> Result<(), ApiError> {
+        // A name from a request is checked before it reaches the ledger.
+        tollgate_protocol::validate_id("plan", name)?;
         if let Some((body, version)) = self.ledger.plan(name).await? {
             let p: Plan = serde_json::from_str(&body).map_err(|e| unreadable(name, e))?;
             self.remember_plan(name, p, version);
