@@ -3,7 +3,7 @@
 //! of the ledger: one statement text for both databases where they agree, side by side where
 //! they differ; times are unix milliseconds.
 
-use super::{on_db, AccountRow, Ledger};
+use super::{on_db, AccountRow, BeginWrite, Ledger};
 use serde::Serialize;
 use sqlx::Row;
 
@@ -239,7 +239,7 @@ impl Ledger {
             "UPDATE accounts SET version = version WHERE id = $1 RETURNING version",
         );
         on_db!(&self.db, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             if let Some(ev) = event {
                 let n = insert_event!(&mut *tx, ev);
                 if n == 0 {
@@ -425,7 +425,7 @@ impl Ledger {
                version = plans.version + 1 RETURNING version",
         );
         on_db!(&self.db, p => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             let version: i64 = sqlx::query_scalar(upsert)
                 .bind(name)
                 .bind(body)

@@ -23,8 +23,10 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub enum Db {
     Pg(PgPool),
-    /// The embedded ledger: one file, one sidecar. Its writers take [`Ledger::write_lock`] so
-    /// transactions never race for SQLite's single write lock.
+    /// The embedded ledger: one file, one sidecar. Its multi-statement writers take
+    /// [`Ledger::write_lock`] so they queue in-process rather than in SQLite's busy wait, and
+    /// open their transactions with [`BeginWrite::begin_write`] (`BEGIN IMMEDIATE`), so a
+    /// single-statement writer committing meanwhile cannot make them fail.
     Lite(SqlitePool),
 }
 
@@ -39,6 +41,29 @@ macro_rules! on_db {
     };
 }
 pub(crate) use on_db;
+
+/// Opens a transaction that is going to write. On SQLite it is `BEGIN IMMEDIATE`: a deferred
+/// transaction that reads first pins a snapshot, and if any other connection commits before its
+/// first write, that write fails at once with "database is locked" (no busy wait can help). An
+/// immediate one takes the write lock up front, waiting up to the busy timeout for it.
+pub(crate) trait BeginWrite {
+    type Db: sqlx::Database;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>;
+}
+
+impl BeginWrite for PgPool {
+    type Db = sqlx::Postgres;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
+impl BeginWrite for SqlitePool {
+    type Db = sqlx::Sqlite;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
 
 #[derive(Clone)]
 pub struct Ledger {

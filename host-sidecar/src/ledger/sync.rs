@@ -10,7 +10,7 @@
 //! PostgreSQL with one statement per table (UNNEST arrays), in the embedded SQLite ledger row by
 //! row inside one transaction (a local file: the round trips cost nothing).
 
-use super::{on_db, Ledger};
+use super::{on_db, BeginWrite, Ledger};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use redis::AsyncCommands;
@@ -706,7 +706,7 @@ impl SyncWorker {
         }
         let _writer = self.ledger.write_lock().await;
         let applied = on_db!(self.ledger.db(), p => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             if !tx.lock_shard(lock_key(self.ledger.prefix(), shard)).await? {
                 return Ok(0);
             }
