@@ -352,11 +352,7 @@ impl Drop for Process {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::cluster::spare_port()
 }
 
 /// Two sidecar processes on one Redis and one PostgreSQL; one of them is killed with SIGKILL five

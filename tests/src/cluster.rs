@@ -4,6 +4,31 @@
 //! the end-to-end tests.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A free loopback port for a server a test starts: below the kernel's ephemeral range (32768
+/// and up here), so no outgoing connection takes it between this check and the server's bind,
+/// and with port + 10000 free too (a cluster node's bus port). Another test may still pick the
+/// same one, so whoever starts a server on it retries on another port if the bind fails.
+pub fn spare_port() -> u16 {
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    loop {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32)
+            ^ STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        let mut x = seed | 1;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let p = 12_000 + (x % 10_000) as u16;
+        if free(p) && free(p + 10_000) {
+            return p;
+        }
+    }
+}
 
 /// A 3-master Redis Cluster on loopback ports (no replicas, nothing on disk), made with
 /// `redis-cli --cluster create`. Every server is stopped (by PID) when dropped.
@@ -14,7 +39,19 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
+    /// Starts the cluster; a node that cannot start (its port was taken between the check and
+    /// the server's bind) makes it try again on other ports, up to five times.
     pub async fn start() -> LocalCluster {
+        for attempt in 1..=5 {
+            match Self::try_start().await {
+                Ok(c) => return c,
+                Err(why) => eprintln!("local cluster, attempt {attempt}: {why}"),
+            }
+        }
+        panic!("the local Redis Cluster did not start in five attempts");
+    }
+
+    async fn try_start() -> Result<LocalCluster, String> {
         let dir = std::env::temp_dir().join(format!(
             "tgt_cluster_{}_{}",
             std::process::id(),
@@ -23,15 +60,10 @@ impl LocalCluster {
                 .map_or(0, |d| d.as_nanos())
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        // A port whose cluster bus port (+10000) is free too.
         let mut ports = Vec::new();
         while ports.len() < 3 {
-            let p = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            let p = spare_port();
+            if !ports.contains(&p) {
                 ports.push(p);
             }
         }
@@ -71,7 +103,9 @@ impl LocalCluster {
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(25)).await;
             }
-            assert!(up, "cluster node {p} did not start");
+            if !up {
+                return Err(format!("cluster node {p} did not start"));
+            }
         }
         let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli")
@@ -80,15 +114,19 @@ impl LocalCluster {
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .output()
             .expect("redis-cli on PATH");
-        assert!(
-            out.status.success(),
-            "cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        if !out.status.success() {
+            return Err(format!(
+                "cluster create: {}",
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
         // Every node must agree the cluster is up before the first command.
         for p in &ports {
             let client = redis::Client::open(format!("redis://127.0.0.1:{p}")).unwrap();
-            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let mut c = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| format!("node {p}: {e}"))?;
             let mut ok = false;
             for _ in 0..400 {
                 let info: String = redis::cmd("CLUSTER")
@@ -102,9 +140,11 @@ impl LocalCluster {
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(25)).await;
             }
-            assert!(ok, "cluster not ok on {p}");
+            if !ok {
+                return Err(format!("cluster not ok on {p}"));
+            }
         }
-        cluster
+        Ok(cluster)
     }
 
     pub fn url(&self) -> String {

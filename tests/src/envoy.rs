@@ -25,12 +25,9 @@ pub fn envoy_binary() -> Result<String> {
     bail!("no Envoy binary under {venv}; run ./tg test")
 }
 
-/// A free loopback port (bound and released; good enough for tests on one machine).
+/// A free loopback port below the ephemeral range (see [`crate::cluster::spare_port`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    crate::cluster::spare_port()
 }
 
 fn http_get(port: u16, path: &str) -> Option<String> {

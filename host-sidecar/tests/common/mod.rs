@@ -417,12 +417,17 @@ pub struct PrivateRedis {
 }
 
 impl PrivateRedis {
+    /// A redis-server of its own on a spare port (another port if that one was taken).
     pub async fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        for _ in 0..5 {
+            if let Some(server) = Self::try_start(cluster::spare_port()).await {
+                return server;
+            }
+        }
+        panic!("private redis-server did not start in five attempts");
+    }
+
+    async fn try_start(port: u16) -> Option<PrivateRedis> {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -439,25 +444,28 @@ impl PrivateRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server on PATH");
-        // Owned from here on: dropping it (also on the panic below) stops the server.
-        let server = PrivateRedis {
+        // Owned from here on: dropping it (also on the way out below) stops the server.
+        let mut server = PrivateRedis {
             child,
             url: format!("redis://127.0.0.1:{port}"),
         };
         let client = redis::Client::open(server.url.as_str()).unwrap();
         for _ in 0..200 {
+            if let Ok(Some(_)) = server.child.try_wait() {
+                return None; // exited: the port was taken
+            }
             if let Ok(mut c) = client.get_multiplexed_async_connection().await {
                 if redis::cmd("PING")
                     .query_async::<String>(&mut c)
                     .await
                     .is_ok()
                 {
-                    return server;
+                    return Some(server);
                 }
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
-        panic!("private redis-server did not start");
+        None
     }
 
     /// Stops the server (SIGKILL): Redis is down.
@@ -581,5 +589,5 @@ impl Drop for FaultProxy {
 
 // The local Redis Cluster is shared with the end-to-end tests (tests/src/cluster.rs).
 #[path = "../../../tests/src/cluster.rs"]
-mod cluster;
+pub mod cluster;
 pub use cluster::LocalCluster;
