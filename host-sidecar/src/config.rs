@@ -128,6 +128,9 @@ pub struct AlertsConfig {
     pub webhook_secret: Option<String>,
     /// Delivery attempts per alert before it is left undelivered.
     pub max_attempts: u32,
+    /// Credits below which an admitted spend raises the `low_balance` warning (once per account
+    /// and day), before the account runs out. 0: off.
+    pub low_balance: u64,
 }
 
 impl Default for AlertsConfig {
@@ -138,6 +141,7 @@ impl Default for AlertsConfig {
             webhook_url: None,
             webhook_secret: None,
             max_attempts: 8,
+            low_balance: 0,
         }
     }
 }
@@ -595,6 +599,9 @@ impl Config {
         }
         if a.max_attempts == 0 {
             return Err(field_err("alerts.max_attempts", "must be positive"));
+        }
+        if a.low_balance > MAX_AMOUNT {
+            return Err(field_err("alerts.low_balance", "must be 0..=10^14"));
         }
         Ok(())
     }

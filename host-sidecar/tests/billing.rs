@@ -227,6 +227,60 @@ conformance! {
         );
     }
 
+    /// `alerts.low_balance`: a spend that leaves fewer credits than the threshold warns (level
+    /// 80, `low_balance`) once per account and day, before the account runs out.
+    async fn a_low_balance_warns_once_a_day_before_credit_runs_out(backend: Backend) {
+        let env = env_with(backend, 1, "[alerts]\nlow_balance = 100").await;
+        let key = env.account("acme", "open", "UTC").await;
+        assert_eq!(env.grant("acme", "g", 300, json!({})).await.0, 201);
+        let spend = |n: u64, idem: &str| {
+            let body = json!({"api_key": key, "idempotency_key": idem, "route": "paid",
+                "meters": {"requests": n}});
+            let env = &env;
+            async move { env.post("/v1/consume", &body).await.1 }
+        };
+        let low = || async {
+            let (_, v) = env.admin_get("/admin/accounts/acme/alerts").await;
+            v["alerts"].as_array().unwrap().iter()
+                .filter(|a| a["name"] == "low_balance").cloned().collect::<Vec<_>>()
+        };
+        let settle = || async {
+            // Alerts are recorded off the request's path.
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        };
+        assert_eq!(spend(15, "a").await["balance"], 150);
+        settle().await;
+        assert!(low().await.is_empty(), "150 left is above the threshold");
+        assert_eq!(spend(6, "b").await["balance"], 90);
+        assert_eq!(spend(3, "c").await["balance"], 60);
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            seen = low().await;
+            if !seen.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        settle().await;
+        let seen_now = low().await;
+        assert_eq!(seen_now.len(), 1, "once for the day: {seen_now:?}");
+        assert_eq!(seen.len(), 1);
+        let a = &seen_now[0];
+        assert_eq!((a["level"].clone(), a["used"].clone(), a["max"].clone()), (json!(80), json!(90), json!(100)), "{a}");
+        // The next day, still low: one more.
+        env.clock.advance_ms(24 * 3_600_000);
+        assert_eq!(spend(1, "d").await["balance"], 50);
+        let mut n = 0;
+        for _ in 0..100 {
+            n = low().await.len();
+            if n == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(n, 2);
+    }
+
     async fn five_hundred_accounts_claiming_a_pool_of_one_hundred_get_exactly_one_hundred(backend: Backend) {
         let env = env_with(backend, 2, "").await;
         let ids: Vec<String> = (0..500).map(|i| format!("u{i:03}")).collect();

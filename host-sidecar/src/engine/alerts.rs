@@ -126,6 +126,33 @@ impl Engine {
         wanted: u64,
         balance: u64,
     ) {
+        self.raise_daily_credit_alert(account, "balance", 100, wanted, balance);
+    }
+
+    /// An admitted spend of `spent` credits left `balance`: below `alerts.low_balance` it raises
+    /// `low_balance` at level 80 (a warning, before the account runs out) once per day, with
+    /// `used` = the balance left and `max` = the threshold.
+    pub(crate) fn check_low_balance(
+        &self,
+        account: &crate::directory::Account,
+        spent: u64,
+        balance: u64,
+    ) {
+        let floor = self.cfg.alerts.low_balance;
+        if floor > 0 && spent > 0 && balance < floor {
+            self.raise_daily_credit_alert(account, "low_balance", 80, balance, floor);
+        }
+    }
+
+    /// A credit alert (scope `b:<account>`, meter `credits`) keyed by the account's day.
+    fn raise_daily_credit_alert(
+        &self,
+        account: &crate::directory::Account,
+        name: &str,
+        level: i32,
+        used: u64,
+        max: u64,
+    ) {
         let now = self.clock.now_ms();
         let day = crate::windows::current_period(
             crate::windows::Window::Day,
@@ -139,10 +166,10 @@ impl Engine {
             scope: format!("b:{}", account.row.id),
             meter: "credits".into(),
             period: day.id,
-            level: 100,
-            name: "balance".into(),
-            used: wanted.min(i64::MAX as u64) as i64,
-            max: balance.min(i64::MAX as u64) as i64,
+            level,
+            name: name.into(),
+            used: used.min(i64::MAX as u64) as i64,
+            max: max.min(i64::MAX as u64) as i64,
             at_ms: now as i64,
             delivered_at_ms: None,
             attempts: 0,

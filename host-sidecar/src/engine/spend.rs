@@ -193,6 +193,9 @@ impl Engine {
                     let lua = parse_decision(&body)?;
                     if op != Op::Check {
                         self.raise_alerts(acct, &lims, &lua.used, None);
+                        if let Some(balance) = lua.balance {
+                            self.check_low_balance(&caller.account, lua.credits, balance);
+                        }
                     }
                     return Ok((self.decision(acct, lua, now), false));
                 }
