@@ -7,6 +7,7 @@
 -- KEYS[4] open holds zset      KEYS[5] grant order     KEYS[6] grant remaining
 -- (The hold's usage counters are named in the hold record; they share the hash tag.)
 -- ARGV: see settle_req in lib.lua (now, hold id, fingerprint, credit, ttl, meters)
--- Returns {kind, json}: ok {hold, status, credits, shortfall, meters} | replay (same) |
+-- Returns {kind, json}: ok {hold, status, credits, shortfall, meters, grew: [[name, scope, meter,
+--   period, max, used], ...] (limits taken past their estimate, for alerts)} | replay (same) |
 --   resolved {status} (already settled otherwise) | gone (no such hold in Redis) | cold
 return settle_hold(settle_req(), 'committed')

@@ -232,7 +232,7 @@ end
 
 -- Adds each limit's amount to its counter; new counters expire an hour after their window.
 -- Returns the usage deltas [[scope, meter, period, delta, end], ...], the counters
--- [[key, scope, meter, period, amount, end], ...] and each limit's used amount after the charge
+-- [[key, scope, meter, period, amount, end, max, name], ...] and each limit's used amount after the charge
 -- [n1, n2, ...] (what alerts are computed from) as JSON (nil when empty).
 local function charge_counters(lims, first, now)
   local u, ctr, used = {}, {}, {}
@@ -246,7 +246,10 @@ local function charge_counters(lims, first, now)
     else
       used[i] = num(redis.call('GET', k))
     end
-    ctr[i] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s .. ']'
+    -- The limit's max and name (max as a string: a decoded number past 2^53 or printed by Lua
+    -- as 1e+14 would not survive) let a commit that grows the counter raise its alerts.
+    ctr[i] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s ..
+      ',"' .. l.max_s .. '","' .. l.name .. '"]'
   end
   local uj, cj, usedj = nil, nil, nil
   if #u > 0 then uj = '[' .. table.concat(u, ',') .. ']' end
@@ -341,15 +344,22 @@ local function settle_hold(req, status)
     meters_raw = '{}'
   end
 
-  local u = {}
+  local u, grew = {}, {}
   for _, c in ipairs(h.ctr or {}) do
     local d = adjust_counter(c[1], num(meters[c[3]]) - c[5], c[6], req.now)
     if d ~= 0 then
       u[#u + 1] = '["' .. c[2] .. '","' .. c[3] .. '","' .. c[4] .. '",' .. d .. ',' .. c[6] .. ']'
     end
+    -- A limit this commit took further than its estimate: [name, scope, meter, period, max,
+    -- used] for its alerts (holds recorded before counters carried max and name have none).
+    if d > 0 and c[8] then
+      grew[#grew + 1] = '["' .. c[8] .. '","' .. c[2] .. '","' .. c[3] .. '","' .. c[4] .. '",' .. c[7] ..
+        ',' .. (redis.call('GET', c[1]) or '0') .. ']'
+    end
   end
-  local uj = nil
+  local uj, gj = nil, nil
   if #u > 0 then uj = '[' .. table.concat(u, ',') .. ']' end
+  if #grew > 0 then gj = '[' .. table.concat(grew, ',') .. ']' end
 
   local want = 0
   if committing then want = req.credit end
@@ -366,7 +376,7 @@ local function settle_hold(req, status)
   end
 
   local res = '{"hold":"' .. req.hold .. '","status":"' .. status .. '","credits":' .. charged ..
-    ',"shortfall":' .. short .. ',"meters":' .. meters_raw .. '}'
+    ',"shortfall":' .. short .. ',"meters":' .. meters_raw .. fr('grew', gj) .. '}'
   redis.call('HSET', KEYS[3], 's', status, 'sf', req.fp, 'sr', res)
   redis.call('PEXPIRE', KEYS[3], req.idem_ttl_ms)
   redis.call('ZREM', KEYS[4], req.hold)

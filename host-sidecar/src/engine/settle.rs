@@ -2,7 +2,7 @@
 
 use super::{fingerprint, not_loaded, unexpected, Engine};
 use crate::error::ApiError;
-use crate::store::{Reply, SettleArgs};
+use crate::store::{LuaLimit, Reply, SettleArgs};
 use redis::AsyncCommands;
 use serde::Deserialize;
 use std::time::Instant;
@@ -17,21 +17,36 @@ struct LuaSettlement {
     shortfall: u64,
     #[serde(default)]
     meters: serde_json::Value,
+    #[serde(default)]
+    grew: Vec<Grew>,
+}
+
+/// A limit a commit took past its estimate: name, scope, meter, period, max, used after.
+#[derive(Deserialize)]
+struct Grew(String, String, String, String, u64, u64);
+
+fn parse_settlement(body: &str) -> Result<LuaSettlement, ApiError> {
+    serde_json::from_str(body)
+        .map_err(|e| ApiError::Internal(format!("unreadable script reply: {e}")))
 }
 
 fn settlement(body: &str) -> Result<Settlement, ApiError> {
-    let s: LuaSettlement = serde_json::from_str(body)
-        .map_err(|e| ApiError::Internal(format!("unreadable script reply: {e}")))?;
-    // An empty Lua table encodes as `{}` or `[]`; the `credits` meter is internal.
-    let mut meters: Meters = serde_json::from_value(s.meters).unwrap_or_default();
-    meters.remove("credits");
-    Ok(Settlement {
-        hold_id: s.hold,
-        status: s.status,
-        credits: s.credits,
-        shortfall: s.shortfall,
-        meters,
-    })
+    parse_settlement(body).map(Settlement::from)
+}
+
+impl From<LuaSettlement> for Settlement {
+    fn from(s: LuaSettlement) -> Self {
+        // An empty Lua table encodes as `{}` or `[]`; the `credits` meter is internal.
+        let mut meters: Meters = serde_json::from_value(s.meters).unwrap_or_default();
+        meters.remove("credits");
+        Settlement {
+            hold_id: s.hold,
+            status: s.status,
+            credits: s.credits,
+            shortfall: s.shortfall,
+            meters,
+        }
+    }
 }
 
 impl Engine {
@@ -182,7 +197,11 @@ impl Engine {
                 self.store.release(acct, &args, status).await?
             };
             match reply {
-                Reply::Ok(body) => return Ok((settlement(&body)?, false)),
+                Reply::Ok(body) => {
+                    let s = parse_settlement(&body)?;
+                    self.raise_commit_alerts(acct, &s.grew);
+                    return Ok((s.into(), false));
+                }
                 Reply::Replay(body) => return Ok((settlement(&body)?, true)),
                 Reply::Resolved(body) => {
                     let st: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -213,6 +232,28 @@ impl Engine {
             }
         }
         Err(not_loaded(acct))
+    }
+
+    /// A commit larger than its estimate may take a limit past a threshold: its alerts are
+    /// raised now, as a request's would be.
+    fn raise_commit_alerts(&self, acct: &str, grew: &[Grew]) {
+        if grew.is_empty() {
+            return;
+        }
+        let lims: Vec<LuaLimit> = grew
+            .iter()
+            .map(|Grew(name, scope, meter, period, max, _)| LuaLimit {
+                scope: scope.clone(),
+                meter: meter.clone(),
+                period: period.clone(),
+                amt: 0,
+                max: *max,
+                end: 0,
+                name: name.clone(),
+            })
+            .collect();
+        let used: Vec<u64> = grew.iter().map(|g| g.5).collect();
+        self.raise_alerts(acct, &lims, &used, None);
     }
 
     /// Expires every hold past its expiry, in every shard. Safe to run on several sidecars at
