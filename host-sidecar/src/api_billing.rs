@@ -19,7 +19,10 @@ use std::sync::Arc;
 pub fn routes() -> Router<Arc<Engine>> {
     Router::new()
         .route("/admin/plans", get(plans))
-        .route("/admin/plans/{name}", get(get_plan).put(put_plan))
+        .route(
+            "/admin/plans/{name}",
+            get(get_plan).put(put_plan).delete(delete_plan),
+        )
         .route(
             "/admin/accounts/{id}/subscription",
             get(get_subscription).put(put_subscription),
@@ -103,6 +106,24 @@ async fn put_plan(
             ..PlanBody::new(&name, &plan)
         })
         .map_err(|err| ApiError::Internal(err.to_string()))
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+/// Deletes a plan written through the API (409 while accounts are on it, unless the
+/// configuration has a plan of that name to fall back to).
+async fn delete_plan(State(e): St, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    let r = async {
+        require_admin(&e, &headers)?;
+        let accounts = e.delete_plan(&name).await?;
+        // The configuration's plan of that name, if any, applies again.
+        Ok(serde_json::json!({
+            "name": name,
+            "deleted": true,
+            "accounts": accounts,
+            "reverted_to_config": e.cfg.plans.contains_key(&name),
+        }))
     }
     .await;
     respond(&e, fresh(r), false)

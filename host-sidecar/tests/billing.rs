@@ -59,10 +59,14 @@ async fn authorize_on(env: &Env, i: usize, key: &str, idem: &str) -> Value {
 }
 
 async fn admin_send(env: &Env, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    admin_send_on(env, 0, method, path, body).await
+}
+
+async fn admin_send_on(env: &Env, i: usize, method: &str, path: &str, body: &Value) -> (u16, Value) {
     let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     let r = env
         .http
-        .request(m, format!("{}{path}", env.base(0)))
+        .request(m, format!("{}{path}", env.base(i)))
         .bearer_auth(ADMIN)
         .json(body)
         .send()
@@ -844,6 +848,58 @@ mod written_plans {
             assert_eq!(authorize_on(&env, 2, &key, "a6").await["limit"]["max"], 10);
             let (_, list) = env.admin_get("/admin/plans").await;
             assert!(list["plans"].as_array().unwrap().iter().any(|p| p["name"] == "team"), "{list}");
+        }
+
+        /// DELETE /admin/plans/{name}: refused while accounts are on a written plan; once
+        /// deleted, no sidecar puts an account on it (also one that had it in memory); written
+        /// again it applies afresh; deleting an override of a configured plan gives its accounts
+        /// the configured limits again on every sidecar.
+        async fn a_written_plan_is_deleted_once_no_account_is_on_it(backend: Backend) {
+            let env = env_with(backend, 2, "").await;
+            let on = |i: usize, method: &'static str, path: &'static str, body: Value| {
+                let env = &env;
+                async move { admin_send_on(env, i, method, path, &body).await }
+            };
+            let limit = |max: u64| json!({"limits": [{"meter": "requests", "window": "day", "max": max}]});
+            assert_eq!(on(0, "PUT", "/admin/plans/team", limit(3)).await.0, 200);
+            assert_eq!(on(1, "GET", "/admin/plans/team", json!(null)).await.0, 200, "sidecar 1 knows it");
+            env.account("acme", "team", "UTC").await;
+            let (s, v) = on(0, "DELETE", "/admin/plans/team", json!(null)).await;
+            assert_eq!(s, 409, "acme is on it: {v}");
+            assert_eq!(on(1, "GET", "/admin/plans/team", json!(null)).await.0, 200, "still there");
+            assert_eq!(admin_send(&env, "PATCH", "/admin/accounts/acme", &json!({"plan": "basic"})).await.0, 200);
+            let (s, v) = on(0, "DELETE", "/admin/plans/team", json!(null)).await;
+            assert_eq!((s, v["accounts"].clone(), v["reverted_to_config"].clone()), (200, json!(0), json!(false)), "{v}");
+            assert_eq!(on(0, "DELETE", "/admin/plans/team", json!(null)).await.0, 404, "deleted already");
+            // Sidecar 1 had it in memory: it still refuses to put an account on it.
+            let (s, v) = on(1, "POST", "/admin/accounts", json!({"id": "beta", "plan": "team"})).await;
+            assert_eq!(s, 400, "{v}");
+            assert_eq!(on(1, "GET", "/admin/plans/team", json!(null)).await.0, 404);
+            let (_, list) = env.admin_get("/admin/plans").await;
+            assert!(!list["plans"].as_array().unwrap().iter().any(|p| p["name"] == "team"), "{list}");
+            // Written again: the new limits, on the sidecar that knew the old ones too.
+            assert_eq!(on(0, "PUT", "/admin/plans/team", limit(2)).await.0, 200);
+            assert_eq!(on(1, "POST", "/admin/accounts", json!({"id": "gamma", "plan": "team"})).await.0, 201);
+            let (_, keys) = on(1, "POST", "/admin/accounts/gamma/keys", json!({"name": "k"})).await;
+            let gamma = keys["api_key"].as_str().unwrap().to_string();
+            let allowed = [
+                authorize_on(&env, 1, &gamma, "g1").await["allowed"].clone(),
+                authorize_on(&env, 1, &gamma, "g2").await["allowed"].clone(),
+                authorize_on(&env, 1, &gamma, "g3").await["allowed"].clone(),
+            ];
+            assert_eq!(allowed, [json!(true), json!(true), json!(false)]);
+            // A plan only in the configuration is not deleted here.
+            assert_eq!(on(0, "DELETE", "/admin/plans/free", json!(null)).await.0, 409);
+            // An override of a configured plan: deleting it brings the configured one back.
+            let key = env.account("dan", "free", "UTC").await; // 5 a day
+            assert_eq!(on(0, "PUT", "/admin/plans/free", limit(1)).await.0, 200);
+            assert_eq!(authorize_on(&env, 1, &key, "d1").await["limit"]["max"], 1);
+            let (s, v) = on(0, "DELETE", "/admin/plans/free", json!(null)).await;
+            assert_eq!((s, v["accounts"].clone(), v["reverted_to_config"].clone()), (200, json!(1), json!(true)), "{v}");
+            let v = authorize_on(&env, 1, &key, "d2").await;
+            assert_eq!((v["allowed"].clone(), v["limit"]["max"].clone()), (json!(true), json!(5)), "{v}");
+            let (_, p) = on(1, "GET", "/admin/plans/free", json!(null)).await;
+            assert_eq!(p["limits"][0]["max"], 5, "{p}");
         }
     }
 }

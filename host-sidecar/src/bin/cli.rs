@@ -96,6 +96,11 @@ enum PlanCmd {
     Show {
         name: String,
     },
+    /// Delete a plan written through the API (refused while accounts are on it, unless the
+    /// configuration has a plan of that name to fall back to).
+    Delete {
+        name: String,
+    },
     /// Create or replace a plan; accounts on it get its limits on their next request.
     Set {
         name: String,
@@ -287,6 +292,10 @@ async fn run(api: &Api, cmd: Cmd) -> Result<ExitCode, Failure> {
             PlanCmd::List => api.json("GET", "/admin/plans", None).await?,
             PlanCmd::Show { name } => {
                 api.json("GET", &format!("/admin/plans/{}", enc(&name)), None)
+                    .await?
+            }
+            PlanCmd::Delete { name } => {
+                api.json("DELETE", &format!("/admin/plans/{}", enc(&name)), None)
                     .await?
             }
             PlanCmd::Set {

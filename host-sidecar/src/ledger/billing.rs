@@ -93,6 +93,20 @@ pub struct AlertRow {
     pub last_error: Option<String>,
 }
 
+/// What [`Ledger::delete_plan`] did.
+#[derive(Debug)]
+pub enum PlanDeleted {
+    /// Tombstoned at `version`; `bumped` are the accounts on it with their new versions.
+    Deleted {
+        version: i64,
+        bumped: Vec<(String, i64)>,
+    },
+    /// No plan of that name was written through the API (or it was deleted already).
+    NoSuchPlan,
+    /// That many accounts are on it, and the configuration has no plan of that name.
+    InUse(i64),
+}
+
 /// One row of a ledger export.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportRow {
@@ -391,20 +405,73 @@ impl Ledger {
     /// Plans written through the API: (name, body JSON, version).
     pub async fn plans(&self) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
         on_db!(&self.db, p => sqlx::query_as(
-            "SELECT name, CAST(body AS TEXT), version FROM plans ORDER BY name",
+            "SELECT name, CAST(body AS TEXT), version FROM plans WHERE NOT deleted ORDER BY name",
         )
         .fetch_all(p)
         .await)
     }
 
-    /// (body JSON, version) of a plan written through the API.
-    pub async fn plan(&self, name: &str) -> Result<Option<(String, i64)>, sqlx::Error> {
-        on_db!(&self.db, p => sqlx::query_as(
-            "SELECT CAST(body AS TEXT), version FROM plans WHERE name = $1",
+    /// (body JSON — none once deleted —, version) of a plan written through the API.
+    pub async fn plan(&self, name: &str) -> Result<Option<(Option<String>, i64)>, sqlx::Error> {
+        let row: Option<(String, i64, bool)> = on_db!(&self.db, p => sqlx::query_as(
+            "SELECT CAST(body AS TEXT), version, deleted FROM plans WHERE name = $1",
         )
         .bind(name)
         .fetch_optional(p)
-        .await)
+        .await)?;
+        Ok(row.map(|(body, v, deleted)| ((!deleted).then_some(body), v)))
+    }
+
+    /// Deletes a plan written through the API, leaving a tombstone with the next version.
+    /// A plan with accounts on it is kept unless `config_has_it` (the configuration's plan of
+    /// that name takes over; its accounts' versions are bumped so every sidecar re-reads them).
+    pub async fn delete_plan(
+        &self,
+        name: &str,
+        config_has_it: bool,
+        now_ms: i64,
+    ) -> Result<PlanDeleted, sqlx::Error> {
+        let _guard = self.write_lock().await;
+        let lock = self.dialect(
+            "SELECT deleted FROM plans WHERE name = $1 FOR UPDATE",
+            "SELECT deleted FROM plans WHERE name = $1",
+        );
+        on_db!(&self.db, p => {
+            let mut tx = p.begin_write().await?;
+            let deleted: Option<bool> = sqlx::query_scalar(lock)
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if deleted.is_none_or(|d| d) {
+                return Ok(PlanDeleted::NoSuchPlan);
+            }
+            if !config_has_it {
+                let on_it: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM accounts WHERE plan = $1")
+                        .bind(name)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                if on_it > 0 {
+                    return Ok(PlanDeleted::InUse(on_it));
+                }
+            }
+            let version: i64 = sqlx::query_scalar(
+                "UPDATE plans SET deleted = TRUE, version = version + 1, updated_at = $2
+                 WHERE name = $1 RETURNING version",
+            )
+            .bind(name)
+            .bind(now_ms)
+            .fetch_one(&mut *tx)
+            .await?;
+            let bumped: Vec<(String, i64)> = sqlx::query_as(
+                "UPDATE accounts SET version = version + 1 WHERE plan = $1 RETURNING id, version",
+            )
+            .bind(name)
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(PlanDeleted::Deleted { version, bumped })
+        })
     }
 
     /// Writes a plan and bumps the version of every account on it; returns the plan's version
@@ -419,10 +486,10 @@ impl Ledger {
         let upsert = self.dialect(
             "INSERT INTO plans (name, body, updated_at) VALUES ($1, $2::jsonb, $3)
              ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body, updated_at = EXCLUDED.updated_at,
-               version = plans.version + 1 RETURNING version",
+               version = plans.version + 1, deleted = FALSE RETURNING version",
             "INSERT INTO plans (name, body, updated_at) VALUES ($1, $2, $3)
              ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body, updated_at = EXCLUDED.updated_at,
-               version = plans.version + 1 RETURNING version",
+               version = plans.version + 1, deleted = FALSE RETURNING version",
         );
         on_db!(&self.db, p => {
             let mut tx = p.begin_write().await?;
