@@ -62,7 +62,13 @@ async fn admin_send(env: &Env, method: &str, path: &str, body: &Value) -> (u16, 
     admin_send_on(env, 0, method, path, body).await
 }
 
-async fn admin_send_on(env: &Env, i: usize, method: &str, path: &str, body: &Value) -> (u16, Value) {
+async fn admin_send_on(
+    env: &Env,
+    i: usize,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> (u16, Value) {
     let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     let r = env
         .http

@@ -156,6 +156,13 @@ conformance! {
         assert_eq!(json_of(&out)["credits_period"], "week");
         let (code, _, err) = cli(&env, &["plans", "set", "bad", "--limit", "requests:fortnight:1"]).await;
         assert_eq!(code, 1, "{err}");
+        // delta is on team: not deleted until it moves.
+        let (code, _, err) = cli(&env, &["plans", "delete", "team"]).await;
+        assert_eq!(code, 1);
+        assert!(err.contains("409"), "{err}");
+        assert_eq!(cli(&env, &["accounts", "set-plan", "delta", "basic"]).await.0, 0);
+        let (code, out, err) = cli(&env, &["plans", "delete", "team"]).await;
+        assert_eq!((code, json_of(&out)["deleted"].clone()), (0, json!(true)), "{out}{err}");
     }
 }
 

@@ -31,7 +31,11 @@ fn unreadable(name: &str, e: serde_json::Error) -> ApiError {
 impl Engine {
     /// The plan named `name`, if this sidecar knows it.
     pub(crate) fn plan(&self, name: &str) -> Option<Arc<Plan>> {
-        self.plans.read().ok()?.get(name).and_then(|(p, _)| p.clone())
+        self.plans
+            .read()
+            .ok()?
+            .get(name)
+            .and_then(|(p, _)| p.clone())
     }
 
     fn plan_version(&self, name: &str) -> Option<i64> {
