@@ -4,10 +4,11 @@
 //! ledger's primary key decides) — recorded in the ledger, counted in the metrics, and POSTed to
 //! `alerts.webhook_url` (signed, retried until delivered or `alerts.max_attempts`).
 //!
-//! Delivery is at least once: a receiver dedupes on the alert's `id`. Usage that grows at commit
-//! (a response larger than its estimate) raises its alert with the account's next request: every
-//! level at or below the used amount is raised if this sidecar has not seen it raised (a set in
-//! memory; the ledger decides across sidecars).
+//! Delivery is at least once: a receiver dedupes on the alert's `id`. A commit larger than its
+//! estimate raises the levels it crossed at the commit (the script answers the limits that grew).
+//! Every level at or below the used amount is raised if this sidecar has not seen it raised (a
+//! set in memory; the ledger decides across sidecars). With `alerts.low_balance`, a spend that
+//! leaves fewer credits raises `low_balance` once a day, before a 402 raises `balance`.
 
 use super::{Engine, Remembered};
 use crate::ledger::billing::AlertRow;
