@@ -7,6 +7,19 @@ use super::{on_db, AccountRow, BeginWrite, Ledger};
 use serde::Serialize;
 use sqlx::Row;
 
+/// Bumps the version of every account on plan `$name` inside a transaction (so every sidecar
+/// re-reads them on their next request); evaluates to those (account, new version) pairs.
+macro_rules! bump_accounts_on_plan {
+    ($ex:expr, $name:expr) => {
+        sqlx::query_as::<_, (String, i64)>(
+            "UPDATE accounts SET version = version + 1 WHERE plan = $1 RETURNING id, version",
+        )
+        .bind($name)
+        .fetch_all($ex)
+        .await?
+    };
+}
+
 /// Inserts a billing event (`ON CONFLICT DO NOTHING`) on `$ex`; evaluates to rows affected.
 /// A macro, not a function: the statement runs on either driver's pool or transaction.
 macro_rules! insert_event {
@@ -463,12 +476,7 @@ impl Ledger {
             .bind(now_ms)
             .fetch_one(&mut *tx)
             .await?;
-            let bumped: Vec<(String, i64)> = sqlx::query_as(
-                "UPDATE accounts SET version = version + 1 WHERE plan = $1 RETURNING id, version",
-            )
-            .bind(name)
-            .fetch_all(&mut *tx)
-            .await?;
+            let bumped = bump_accounts_on_plan!(&mut *tx, name);
             tx.commit().await?;
             Ok(PlanDeleted::Deleted { version, bumped })
         })
@@ -499,12 +507,7 @@ impl Ledger {
                 .bind(now_ms)
                 .fetch_one(&mut *tx)
                 .await?;
-            let bumped: Vec<(String, i64)> = sqlx::query_as(
-                "UPDATE accounts SET version = version + 1 WHERE plan = $1 RETURNING id, version",
-            )
-            .bind(name)
-            .fetch_all(&mut *tx)
-            .await?;
+            let bumped = bump_accounts_on_plan!(&mut *tx, name);
             tx.commit().await?;
             Ok((version, bumped))
         })
