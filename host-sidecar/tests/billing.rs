@@ -293,6 +293,9 @@ conformance! {
 
     async fn five_hundred_accounts_claiming_a_pool_of_one_hundred_get_exactly_one_hundred(backend: Backend) {
         let env = env_with(backend, 2, "").await;
+        // A pool is the pseudo-account `pool:<id>`: no account may take such an id.
+        let (s, v) = env.admin_post("/admin/accounts", &json!({"id": "pool:trial", "plan": "basic"})).await;
+        assert_eq!(s, 400, "{v}");
         let ids: Vec<String> = (0..500).map(|i| format!("u{i:03}")).collect();
         for chunk in ids.chunks(50) {
             join_all(chunk.iter().map(|id| {

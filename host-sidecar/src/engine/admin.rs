@@ -65,6 +65,11 @@ pub struct UsageLine {
 impl Engine {
     fn validate_account(&self, a: &AccountRow) -> Result<(), ApiError> {
         validate_id("id", &a.id)?;
+        if super::pools::is_pool(&a.id) {
+            return Err(ApiError::Invalid(
+                "id: the prefix \"pool:\" is reserved for shared pools".into(),
+            ));
+        }
         if self.plan(&a.plan).is_none() {
             return Err(ApiError::Invalid(format!(
                 "plan: {:?} is not a plan (configured or written through /admin/plans)",

@@ -448,7 +448,7 @@ impl Engine {
         idem: &str,
         revoke: &[String],
     ) -> Result<Lapsed, ApiError> {
-        if self.redis_down() {
+        if self.redis_down().await {
             return Err(ApiError::Unavailable(
                 "Redis is unreachable; credit lapses are recorded when it is back".into(),
             ));

@@ -13,6 +13,9 @@
 //! hash and grants, the touched hold records — so the next request rebuilds the account from
 //! the ledger (after the Redis outbox backlog that survived has been applied, as any cold load).
 //!
+//! Shared pools take the same path: a claim locks the pool's row instead of an account's, and
+//! every claimant not in the private key space is looked up in the ledger.
+//!
 //! Limits of this mode: what Redis had not yet synced when it became unreachable is not in the
 //! ledger, so decisions made from PostgreSQL do not see it (the sync lag's worth of usage); and a
 //! sidecar that still reaches Redis while another does not decides in Redis meanwhile — Redis
@@ -27,13 +30,39 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Engine {
-    /// Whether this decision is to be made from PostgreSQL. While the breaker is open it is,
-    /// except that once per pause one decision goes to Redis as the probe (`Breaker::allow`):
-    /// call this once per decision.
-    pub(crate) fn redis_down(&self) -> bool {
-        matches!(self.ledger.db(), Db::Pg(_))
-            && self.store.kind() != "embedded"
-            && !self.store.breaker.allow()
+    /// Whether this decision is to be made from PostgreSQL: while the breaker is open, it is.
+    /// Once per pause one caller probes Redis with a PING (not with its decision: a decision in
+    /// Redis must come after the hand-back of what PostgreSQL changed meanwhile, see
+    /// [`Engine::hand_back_before_decision`]); if Redis answers, the breaker closes and this
+    /// decision goes to Redis.
+    pub(crate) async fn redis_down(&self) -> bool {
+        if !matches!(self.ledger.db(), Db::Pg(_)) || self.store.kind() == "embedded" {
+            return false;
+        }
+        let breaker = &self.store.breaker;
+        if breaker.closed() {
+            return false;
+        }
+        // This sidecar saw Redis unreachable: others may be deciding from PostgreSQL too, so
+        // its next decision in Redis hands back first, whoever made the changes.
+        self.handback_pending.store(true, Ordering::Release);
+        if !breaker.allow() {
+            return true;
+        }
+        let mut conn = self.store.conn();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        match tokio::time::timeout(std::time::Duration::from_secs(1), ping).await {
+            Ok(Ok(_)) => {
+                breaker.success();
+                tracing::info!("Redis answers again: deciding there after the hand-back");
+                false
+            }
+            _ => {
+                breaker.failure();
+                true
+            }
+        }
     }
 
     /// Runs `op` for account `acct` against a private key space loaded from the ledger, under
@@ -52,11 +81,15 @@ impl Engine {
             .await
             .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
         let mut tx = pool.begin().await?;
-        let found: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE")
-                .bind(acct)
-                .fetch_optional(&mut *tx)
-                .await?;
+        // A shared pool (pseudo-account `pool:<id>`) is serialized on its `pools` row.
+        let (lock, id) = match acct.strip_prefix("pool:") {
+            Some(id) => ("SELECT 1 FROM pools WHERE id = $1 FOR UPDATE", id),
+            None => ("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", acct),
+        };
+        let found: Option<i32> = sqlx::query_scalar(lock)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
         if found.is_none() {
             // Unknown account: the normal path gives the normal answer (no state to lock).
             return op(self.private_engine()).await;
@@ -75,7 +108,7 @@ impl Engine {
         {
             sqlx::query(
                 "INSERT INTO degraded_changes (prefix, account_id, hold_id) VALUES ($1, $2, $3)
-                 ON CONFLICT DO NOTHING",
+                 ON CONFLICT (prefix, account_id, hold_id) DO UPDATE SET n = degraded_changes.n + 1",
             )
             .bind(self.ledger.prefix())
             .bind(&a)
@@ -117,13 +150,23 @@ impl Engine {
         })
     }
 
-    /// Drops the Redis state of what was changed from PostgreSQL, once Redis answers again.
-    /// Cheap when there is nothing to do; safe to run on several sidecars at once.
+    /// Drops the Redis state of what was changed from PostgreSQL, once Redis answers again (a
+    /// background job: nothing while the breaker is open). Cheap when there is nothing to do;
+    /// safe to run on several sidecars at once.
     pub async fn hand_back(&self) -> Result<(), ApiError> {
+        if !self.store.breaker.closed() {
+            return Ok(());
+        }
+        self.hand_back_before_decision().await
+    }
+
+    /// [`Engine::hand_back`] for a decision about to be made in Redis — also the breaker's probe,
+    /// made while it is still open: the probe must not decide on state that PostgreSQL changed
+    /// meanwhile. If Redis is still unreachable this fails, as the decision would have.
+    pub(crate) async fn hand_back_before_decision(&self) -> Result<(), ApiError> {
         if !matches!(self.ledger.db(), Db::Pg(_))
             || self.store.kind() == "embedded"
             || !self.handback_pending.load(Ordering::Acquire)
-            || !self.store.breaker.closed()
         {
             return Ok(());
         }
@@ -131,18 +174,21 @@ impl Engine {
         if !self.handback_pending.load(Ordering::Acquire) {
             return Ok(());
         }
-        let rows: Vec<(String, String)> = match self.ledger.db() {
+        let rows: Vec<(String, String, i64)> = match self.ledger.db() {
             Db::Pg(p) => {
-                sqlx::query_as("SELECT account_id, hold_id FROM degraded_changes WHERE prefix = $1")
-                    .bind(self.ledger.prefix())
-                    .fetch_all(p)
-                    .await?
+                sqlx::query_as(
+                    "SELECT account_id, hold_id, n FROM degraded_changes WHERE prefix = $1",
+                )
+                .bind(self.ledger.prefix())
+                .fetch_all(p)
+                .await?
             }
             Db::Lite(_) => Vec::new(),
         };
         let keys = &self.store.keys;
         let mut conn = self.store.conn();
-        for (acct, hold) in &rows {
+        let mut kept = false;
+        for (acct, hold, _) in &rows {
             let mut del = redis::cmd("DEL");
             if hold.is_empty() {
                 del.arg(keys.account(acct))
@@ -163,15 +209,24 @@ impl Engine {
                 .map_err(crate::store::StoreError::from)?;
         }
         if let Db::Pg(p) = self.ledger.db() {
-            for (acct, hold) in &rows {
-                sqlx::query(
-                    "DELETE FROM degraded_changes WHERE prefix = $1 AND account_id = $2 AND hold_id = $3",
+            for (acct, hold, n) in &rows {
+                // At the count read: a decision from PostgreSQL that changed it again meanwhile
+                // (this sidecar's probe may run while others still decide there) keeps the row,
+                // and the next hand-back drops what that decision made stale.
+                let gone = sqlx::query(
+                    "DELETE FROM degraded_changes
+                     WHERE prefix = $1 AND account_id = $2 AND hold_id = $3 AND n = $4",
                 )
                 .bind(self.ledger.prefix())
                 .bind(acct)
                 .bind(hold)
+                .bind(n)
                 .execute(p)
-                .await?;
+                .await?
+                .rows_affected();
+                if gone == 0 {
+                    kept = true;
+                }
             }
         }
         if !rows.is_empty() {
@@ -180,7 +235,7 @@ impl Engine {
                 "Redis is back: state changed meanwhile dropped, to be rebuilt from the ledger"
             );
         }
-        self.handback_pending.store(false, Ordering::Release);
+        self.handback_pending.store(kept, Ordering::Release);
         Ok(())
     }
 }

@@ -166,7 +166,7 @@ impl Engine {
     /// to confirm the change with [`Engine::until_in_ledger`]. None when not needed.
     pub(crate) async fn ack_epoch(&self, acct: &str) -> Result<Option<String>, ApiError> {
         // Decisions made from PostgreSQL (Redis down) are in the ledger already.
-        if !self.cfg.sync.ack_after_ledger || self.redis_down() {
+        if !self.cfg.sync.ack_after_ledger || self.redis_down().await {
             return Ok(None);
         }
         let shard = self.store.keys.shard_of(acct);

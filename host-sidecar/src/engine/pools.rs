@@ -105,19 +105,34 @@ impl Engine {
         if self.directory.account(account).await?.is_none() {
             return Err(ApiError::NotFound(format!("unknown account {account:?}")));
         }
-        if self.redis_down() {
-            return Err(ApiError::Unavailable(
-                "pool claims need Redis, which is unreachable; retry shortly".into(),
-            ));
+        let pacct = format!("pool:{}", p.id);
+        if self.redis_down().await {
+            // Decided from PostgreSQL under the pool's row lock (see `degraded.rs`).
+            let account = account.to_string();
+            return self
+                .via_ledger(&pacct, move |e| async move {
+                    e.claim_in_store(&p, &account).await
+                })
+                .await;
         }
         self.refuse_if_backlog_full()?;
+        self.hand_back_before_decision().await?;
+        let epoch = self.ack_epoch(&pacct).await?;
+        let (claim, replay) = self.claim_in_store(&p, account).await?;
+        if claim.claimed && !replay {
+            self.until_in_ledger(&pacct, epoch).await?;
+        }
+        Ok((claim, replay))
+    }
+
+    /// The claim in the store this engine has (Redis, or a private key space).
+    async fn claim_in_store(&self, p: &PoolRow, account: &str) -> Result<(Claim, bool), ApiError> {
         let pacct = format!("pool:{}", p.id);
         let meters: Meters = [("claims".to_string(), 1u64)].into_iter().collect();
-        let lims = Self::pool_limit(&p, 1);
+        let lims = Self::pool_limit(p, 1);
         // The same for every claimant: a claim is a claim.
         let fp = fingerprint(&("claim", &p.id));
         let mut checked = false;
-        let epoch = self.ack_epoch(&pacct).await?;
         for _ in 0..4 {
             let args = SpendArgs {
                 idem: account,
@@ -147,17 +162,15 @@ impl Engine {
             if claimed && !replay {
                 self.metrics.pool_claims.inc();
                 self.sync_wake.notify_one();
-                self.until_in_ledger(&pacct, epoch.clone()).await?;
             } else if !claimed {
                 self.metrics.pool_denied.inc();
             }
-            let remaining = remaining_of(&body);
             return Ok((
                 Claim {
-                    pool: p.id,
+                    pool: p.id.clone(),
                     account: account.to_string(),
                     claimed,
-                    remaining,
+                    remaining: remaining_of(&body),
                 },
                 replay,
             ));

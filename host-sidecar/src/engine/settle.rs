@@ -113,7 +113,7 @@ impl Engine {
         credit: u64,
         fp: &str,
     ) -> Result<(Settlement, bool), ApiError> {
-        if self.redis_down() {
+        if self.redis_down().await {
             let (acct, _) = split_hold_id(hold_id)?;
             let acct = acct.to_string();
             let (hold, status, meters, fp) = (
@@ -129,7 +129,7 @@ impl Engine {
                 })
                 .await;
         }
-        self.hand_back().await?;
+        self.hand_back_before_decision().await?;
         let (acct, _) = split_hold_id(hold_id)?;
         let epoch = self.ack_epoch(acct).await?;
         let out = self

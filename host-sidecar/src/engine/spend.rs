@@ -125,7 +125,7 @@ impl Engine {
         caller: &Caller,
         credit: u64,
     ) -> Result<(Decision, bool), ApiError> {
-        if self.redis_down() {
+        if self.redis_down().await {
             let (req, caller) = (req.clone(), caller.clone());
             let acct = caller.account.row.id.clone();
             return self
@@ -134,7 +134,7 @@ impl Engine {
                 })
                 .await;
         }
-        self.hand_back().await?;
+        self.hand_back_before_decision().await?;
         self.spend_in_store(op, req, caller, credit).await
     }
 

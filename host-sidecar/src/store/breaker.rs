@@ -2,7 +2,8 @@
 //! a timeout) every call fails at once for a short while instead of each waiting out its own
 //! timeout, so a sidecar whose Redis is down answers 503 in microseconds (the filter then applies
 //! each route's failure mode within its deadline) and does not pile up waiting requests. After
-//! the pause one call is let through as a probe; its success closes the breaker.
+//! the pause one caller is let through to probe (the engine sends a PING: see
+//! `Engine::redis_down`); any successful call closes the breaker.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
