@@ -885,3 +885,126 @@ async fn fault_pool_claims_while_redis_is_cut() {
     assert_eq!(state["remaining"], 0, "{state}");
     drop(proxy);
 }
+
+/// Limits reached across a Redis network cut: six accounts of 100 requests a day, consumed
+/// through two sidecars at a steady pace; the network to Redis is cut for 3 s in the middle and
+/// restored. Each account is admitted exactly 100 times — some in Redis, some from PostgreSQL,
+/// some in Redis again after the hand-back — and the ledger and Redis both say 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_limits_reached_across_a_redis_network_cut() {
+    let redis = PrivateRedis::start().await;
+    let redis_port: u16 = redis.url.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = FaultProxy::start(redis_port).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    let mut env = Env::build(Backend::RedisPostgres, 0, "", &url, Some(redis)).await;
+    env.add_sidecar().await;
+    env.add_sidecar().await;
+    let ids: Vec<String> = (0..6).map(|i| format!("lim{i}")).collect();
+    for id in &ids {
+        let (s, v) = env
+            .admin_post("/admin/accounts", &json!({"id": id, "plan": "basic"}))
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let admitted = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    // Each caller consumes until refused twice; a failed call is retried with the same
+    // idempotency key, so what it did (if anything) is counted once.
+    let callers: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            let (http, bases) = (
+                env.http.clone(),
+                [env.base(0).to_string(), env.base(1).to_string()],
+            );
+            let (id, admitted, failed) = (id.clone(), admitted.clone(), failed.clone());
+            tokio::spawn(async move {
+                let (mut mine, mut refused, mut i) = (0u64, 0, 0u64);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while refused < 2 && Instant::now() < deadline {
+                    let body = json!({"account": id, "idempotency_key": format!("k{i}"),
+                                      "meters": {"requests": 1}});
+                    let r = http
+                        .post(format!("{}/v1/consume", bases[(n + i as usize) % 2]))
+                        .json(&body)
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == 200 => {
+                            let v: Value = r.json().await.unwrap_or(Value::Null);
+                            if v["allowed"] == true {
+                                mine += 1;
+                                admitted.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                refused += 1;
+                            }
+                            i += 1;
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                }
+                (id, mine)
+            })
+        })
+        .collect();
+    while admitted.load(Ordering::Relaxed) < 150 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let at_cut = admitted.load(Ordering::Relaxed);
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let during = admitted.load(Ordering::Relaxed) - at_cut;
+    proxy.restore();
+    let mut per_account = Vec::new();
+    for c in callers {
+        per_account.push(c.await.unwrap());
+    }
+    let after = admitted.load(Ordering::Relaxed) - at_cut - during;
+    let sidecar = env.engine().clone();
+    sidecar.hand_back().await.unwrap();
+    env.sync().await;
+    // Exact: the ledger and Redis both hold 100 per account. What callers were told may differ
+    // by a call in flight when the network went: Redis applied it, the answer was lost, and
+    // its retry was decided from PostgreSQL, which could not see it yet (the sync lag's blind
+    // spot, see DESIGN-NOTES) — reported, not hidden.
+    let (mut wrong, mut told_otherwise) = (Vec::new(), 0);
+    for (id, mine) in &per_account {
+        let in_ledger = env
+            .sql_i64(
+                "SELECT count(*) FROM ledger WHERE account_id = $1 AND kind = 'consume'",
+                id,
+            )
+            .await;
+        let keys = env
+            .sql_i64(
+                "SELECT count(DISTINCT idem_key) FROM ledger WHERE account_id = $1 AND kind = 'consume'",
+                id,
+            )
+            .await;
+        let (_, usage) = env.admin_get(&format!("/v1/accounts/{id}/usage")).await;
+        let used = usage["limits"][0]["used"].as_i64().unwrap_or(-1);
+        if (in_ledger, keys, used) != (100, 100, 100) {
+            wrong.push(format!(
+                "{id}: told {mine}, ledger {in_ledger}, used {used}"
+            ));
+        }
+        told_otherwise += mine.abs_diff(100);
+    }
+    println!(
+        "fault: limits reached across a Redis network cut of 3 s (6 accounts of 100, 2 sidecars) — \
+         {at_cut} admitted before the cut, {during} during it (from PostgreSQL), {after} after; \
+         {} calls failed and were retried; accounts not at exactly 100 in the ledger and Redis: \
+         {}; answers that differ from what was charged (a call in flight at the cut): \
+         {told_otherwise}",
+        failed.load(Ordering::Relaxed),
+        wrong.len()
+    );
+    assert!(during > 0, "decisions went on during the cut");
+    assert!(wrong.is_empty(), "{wrong:?}");
+    assert!(told_otherwise <= 6, "at most a call in flight per caller");
+    drop(proxy);
+}
