@@ -570,6 +570,12 @@ impl Config {
         Ok(())
     }
 
+    /// How many decisions from PostgreSQL (Redis down) may run at once: each holds a
+    /// transaction and reads on a second connection, so half the pool.
+    pub fn degraded_slots(&self) -> u32 {
+        (self.postgres.max_connections / 2).max(1)
+    }
+
     fn validate_alerts(&self) -> Result<(), ConfigError> {
         let a = &self.alerts;
         let check = |field: String, t: &[u32]| -> Result<(), ConfigError> {

@@ -88,9 +88,7 @@ pub fn engine_on(
     let cfg = Arc::new(cfg);
     let plans = engine::plans_from_config(&cfg.plans);
     let windows = cfg.window_settings()?;
-    let degraded_slots = Arc::new(tokio::sync::Semaphore::new(
-        (cfg.postgres.max_connections as usize / 2).max(1),
-    ));
+    let degraded_slots = Arc::new(tokio::sync::Semaphore::new(cfg.degraded_slots() as usize));
     let metrics = Arc::new(metrics::Metrics::default());
     let sync = ledger::sync::SyncWorker::new(
         ledger.clone(),

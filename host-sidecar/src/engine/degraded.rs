@@ -174,6 +174,14 @@ impl Engine {
         if !self.handback_pending.load(Ordering::Acquire) {
             return Ok(());
         }
+        // Decisions from PostgreSQL still in flight on this sidecar finish first: a decision in
+        // Redis must not load an account from the ledger before their changes are in it.
+        let total = self.cfg.degraded_slots();
+        let _drained = self
+            .degraded_slots
+            .acquire_many(total)
+            .await
+            .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
         let rows: Vec<(String, String, i64)> = match self.ledger.db() {
             Db::Pg(p) => {
                 sqlx::query_as(

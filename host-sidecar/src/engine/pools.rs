@@ -178,32 +178,42 @@ impl Engine {
         Err(not_loaded(&pacct))
     }
 
-    /// The pool with how much of it is claimed.
+    /// The pool with how much of it is claimed: from Redis, the real-time truth, or while
+    /// Redis is unreachable from the ledger (where claims decided meanwhile are written at once).
     pub async fn pool_state(&self, pool: &str) -> Result<PoolState, ApiError> {
         let p = self.pool_row(pool).await?;
         let pacct = format!("pool:{}", p.id);
-        let lims = Self::pool_limit(&p, 0);
-        let nothing = Meters::new();
-        let reply = self
-            .run_loaded(&pacct, || {
-                let args = SpendArgs::probe(self.clock.now_ms(), &pacct, &nothing, &lims);
-                async move { self.store.check(&args).await }
-            })
-            .await?;
-        match reply {
-            Reply::Ok(b) | Reply::Deny(b) => {
-                let stock = p.stock.max(0) as u64;
-                let remaining = remaining_of(&b).min(stock);
-                Ok(PoolState {
-                    id: p.id,
-                    stock,
-                    claimed: stock - remaining,
-                    remaining,
-                    description: p.description,
+        let stock = p.stock.max(0) as u64;
+        let remaining = if self.redis_down().await {
+            let claimed = self
+                .ledger
+                .scalar(
+                    "SELECT count(*) FROM ledger WHERE account_id = $1 AND kind = 'consume'",
+                    &pacct,
+                )
+                .await?;
+            stock.saturating_sub(claimed.max(0) as u64)
+        } else {
+            let lims = Self::pool_limit(&p, 0);
+            let nothing = Meters::new();
+            let reply = self
+                .run_loaded(&pacct, || {
+                    let args = SpendArgs::probe(self.clock.now_ms(), &pacct, &nothing, &lims);
+                    async move { self.store.check(&args).await }
                 })
+                .await?;
+            match reply {
+                Reply::Ok(b) | Reply::Deny(b) => remaining_of(&b).min(stock),
+                other => return Err(unexpected(other)),
             }
-            other => Err(unexpected(other)),
-        }
+        };
+        Ok(PoolState {
+            id: p.id,
+            stock,
+            claimed: stock - remaining,
+            remaining,
+            description: p.description,
+        })
     }
 }
 
