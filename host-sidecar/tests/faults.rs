@@ -893,12 +893,16 @@ async fn fault_pool_claims_while_redis_is_cut() {
     drop(proxy);
 }
 
-/// Limits reached across a Redis network cut: six accounts of 100 requests a day, consumed at a
-/// steady pace; the network to Redis is cut for 3 s in the middle and restored. Each account is
-/// admitted exactly 100 times — some in Redis, some from PostgreSQL, some in Redis again after
-/// the hand-back — and the ledger and Redis both say 100. One sidecar: with two, each leaves
-/// PostgreSQL mode at its own probe, up to a second apart, and in that window one decides in
-/// Redis while the other still decides from the ledger (a known limit, see DESIGN-NOTES).
+/// Limits reached across a Redis network cut, with `sync.ack_after_ledger` (without it the
+/// decisions from PostgreSQL cannot see what Redis had not synced at the cut: the sync lag's worth
+/// of admissions, the mode's known blind spot). Six accounts of 100 requests a day are consumed
+/// at a steady pace; the network to Redis is cut for 3 s in the middle and restored. Each
+/// account ends at 100 — admitted partly in Redis, partly from PostgreSQL, partly in Redis again
+/// after the hand-back — with Redis and the ledger agreeing. The one exception allowed: a call
+/// in flight when the network went, applied in Redis but never confirmed (503), whose retry is
+/// decided from PostgreSQL without seeing it — at most one per caller, reported. One sidecar:
+/// with two, each leaves PostgreSQL mode at its own probe, up to a second apart (a known limit,
+/// see DESIGN-NOTES).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_limits_reached_across_a_redis_network_cut() {
     let redis = PrivateRedis::start().await;
@@ -906,6 +910,8 @@ async fn fault_limits_reached_across_a_redis_network_cut() {
     let proxy = FaultProxy::start(redis_port).await;
     let url = format!("redis://127.0.0.1:{}", proxy.port);
     let mut env = Env::build(Backend::RedisPostgres, 0, "", &url, Some(redis)).await;
+    env.cfg.sync.ack_after_ledger = true;
+    env.cfg.sync.ack_timeout_ms = 300;
     env.add_sidecar().await;
     let ids: Vec<String> = (0..6).map(|i| format!("lim{i}")).collect();
     for id in &ids {
@@ -971,11 +977,7 @@ async fn fault_limits_reached_across_a_redis_network_cut() {
     let sidecar = env.engine().clone();
     sidecar.hand_back().await.unwrap();
     env.sync().await;
-    // Exact: the ledger and Redis both hold 100 per account. What callers were told may differ
-    // by a call in flight when the network went: Redis applied it, the answer was lost, and
-    // its retry was decided from PostgreSQL, which could not see it yet (the sync lag's blind
-    // spot, see DESIGN-NOTES) — reported, not hidden.
-    let (mut wrong, mut told_otherwise) = (Vec::new(), 0);
+    let (mut wrong, mut told_otherwise, mut over) = (Vec::new(), 0, 0);
     for (id, mine) in &per_account {
         let in_ledger = env
             .sql_i64(
@@ -991,24 +993,32 @@ async fn fault_limits_reached_across_a_redis_network_cut() {
             .await;
         let (_, usage) = env.admin_get(&format!("/v1/accounts/{id}/usage")).await;
         let used = usage["limits"][0]["used"].as_i64().unwrap_or(-1);
-        if (in_ledger, keys, used) != (100, 100, 100) {
+        // 100 charges; a key charged twice only for the retry of a call left unconfirmed at
+        // the cut (at most one per caller), which may also take the account one past its limit.
+        let twice = in_ledger - keys;
+        if twice > 1 || !(100..=100 + twice).contains(&in_ledger) || used != in_ledger {
             wrong.push(format!(
-                "{id}: told {mine}, ledger {in_ledger}, used {used}"
+                "{id}: told {mine}, ledger {in_ledger} ({keys} keys), used {used}"
             ));
         }
+        over += twice;
         told_otherwise += mine.abs_diff(100);
     }
     println!(
-        "fault: limits reached across a Redis network cut of 3 s (6 accounts of 100, 1 sidecar) — \
-         {at_cut} admitted before the cut, {during} during it (from PostgreSQL), {after} after; \
-         {} calls failed and were retried; accounts not at exactly 100 in the ledger and Redis: \
-         {}; answers that differ from what was charged (a call in flight at the cut): \
+        "fault: limits reached across a Redis network cut of 3 s (6 accounts of 100, 1 sidecar, \
+         sync.ack_after_ledger) — {at_cut} admitted before the cut, {during} during it (from \
+         PostgreSQL), {after} after; {} calls failed and were retried; accounts off their limit \
+         or with Redis != ledger: {}; keys charged twice (the retry of a call left unconfirmed at \
+         the cut, decided from PostgreSQL): {over}; answers that differ from what was charged: \
          {told_otherwise}",
         failed.load(Ordering::Relaxed),
         wrong.len()
     );
     assert!(during > 0, "decisions went on during the cut");
     assert!(wrong.is_empty(), "{wrong:?}");
-    assert!(told_otherwise <= 6, "at most a call in flight per caller");
+    assert!(
+        over <= 6 && told_otherwise <= 6,
+        "at most one call in flight per caller"
+    );
     drop(proxy);
 }

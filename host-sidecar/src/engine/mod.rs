@@ -170,7 +170,16 @@ impl Engine {
             return Ok(None);
         }
         let shard = self.store.keys.shard_of(acct);
-        Ok(Some(self.sync.epoch(shard).await?))
+        match self.sync.epoch(shard).await {
+            Ok(epoch) => Ok(Some(epoch)),
+            Err(e) => {
+                // The first round trip of such a decision: Redis not answering it counts toward
+                // the breaker, as a script's would (else the breaker never opens and every
+                // decision waits out its timeout).
+                self.store.breaker.failure();
+                Err(e.into())
+            }
+        }
     }
 
     /// With `sync.ack_after_ledger` (`epoch` from [`Engine::ack_epoch`]), returns once the
