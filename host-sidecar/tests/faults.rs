@@ -718,17 +718,33 @@ async fn fault_redis_stopped_under_load() {
     assert_eq!(differ, 0, "Redis and the ledger agree afterwards");
 }
 
+/// No sidecar yet, on a private Redis reached through a [`FaultProxy`] that can cut the network.
+async fn behind_a_fault_proxy(extra: &str) -> (Env, FaultProxy) {
+    let redis = PrivateRedis::start().await;
+    let redis_port: u16 = redis.url.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = FaultProxy::start(redis_port).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    let env = Env::build(Backend::RedisPostgres, 0, extra, &url, Some(redis)).await;
+    (env, proxy)
+}
+
+/// Creates these accounts on plan `basic` (no keys).
+async fn basic_accounts(env: &Env, ids: &[String]) {
+    for id in ids {
+        let (s, v) = env
+            .admin_post("/admin/accounts", &json!({"id": id, "plan": "basic"}))
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+}
+
 /// The network to Redis cut for 3 s under load; Redis itself keeps everything, including the
 /// outbox entries not yet in the ledger. Decisions go on from PostgreSQL; when the network is
 /// back, that backlog drains, the state changed meanwhile is rebuilt from the ledger, and nothing
 /// acknowledged is lost or charged twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_redis_network_cut_under_load() {
-    let redis = PrivateRedis::start().await;
-    let redis_port: u16 = redis.url.rsplit(':').next().unwrap().parse().unwrap();
-    let proxy = FaultProxy::start(redis_port).await;
-    let url = format!("redis://127.0.0.1:{}", proxy.port);
-    let mut env = Env::build(Backend::RedisPostgres, 0, BIG_PLAN, &url, Some(redis)).await;
+    let (mut env, proxy) = behind_a_fault_proxy(BIG_PLAN).await;
     env.add_sidecar().await;
     let keys = big_accounts(&env, 6).await;
     env.sync().await;
@@ -804,20 +820,11 @@ async fn fault_redis_network_cut_under_load() {
 /// each once — before, during and after the cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_pool_claims_while_redis_is_cut() {
-    let redis = PrivateRedis::start().await;
-    let redis_port: u16 = redis.url.rsplit(':').next().unwrap().parse().unwrap();
-    let proxy = FaultProxy::start(redis_port).await;
-    let url = format!("redis://127.0.0.1:{}", proxy.port);
-    let mut env = Env::build(Backend::RedisPostgres, 0, "", &url, Some(redis)).await;
+    let (mut env, proxy) = behind_a_fault_proxy("").await;
     env.add_sidecar().await;
     env.add_sidecar().await;
     let ids: Vec<String> = (0..60).map(|i| format!("c{i:02}")).collect();
-    for id in &ids {
-        let (s, v) = env
-            .admin_post("/admin/accounts", &json!({"id": id, "plan": "basic"}))
-            .await;
-        assert_eq!(s, 201, "{v}");
-    }
+    basic_accounts(&env, &ids).await;
     let (s, v) = env
         .admin_post("/admin/pools", &json!({"id": "trial", "stock": 25}))
         .await;
@@ -905,21 +912,12 @@ async fn fault_pool_claims_while_redis_is_cut() {
 /// see DESIGN-NOTES).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_limits_reached_across_a_redis_network_cut() {
-    let redis = PrivateRedis::start().await;
-    let redis_port: u16 = redis.url.rsplit(':').next().unwrap().parse().unwrap();
-    let proxy = FaultProxy::start(redis_port).await;
-    let url = format!("redis://127.0.0.1:{}", proxy.port);
-    let mut env = Env::build(Backend::RedisPostgres, 0, "", &url, Some(redis)).await;
+    let (mut env, proxy) = behind_a_fault_proxy("").await;
     env.cfg.sync.ack_after_ledger = true;
     env.cfg.sync.ack_timeout_ms = 300;
     env.add_sidecar().await;
     let ids: Vec<String> = (0..6).map(|i| format!("lim{i}")).collect();
-    for id in &ids {
-        let (s, v) = env
-            .admin_post("/admin/accounts", &json!({"id": id, "plan": "basic"}))
-            .await;
-        assert_eq!(s, 201, "{v}");
-    }
+    basic_accounts(&env, &ids).await;
     let admitted = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     // Each caller consumes until refused twice; a failed call is retried with the same

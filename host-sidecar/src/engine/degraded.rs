@@ -160,9 +160,10 @@ impl Engine {
         self.hand_back_before_decision().await
     }
 
-    /// [`Engine::hand_back`] for a decision about to be made in Redis — also the breaker's probe,
-    /// made while it is still open: the probe must not decide on state that PostgreSQL changed
-    /// meanwhile. If Redis is still unreachable this fails, as the decision would have.
+    /// [`Engine::hand_back`] for a decision about to be made in Redis (the breaker closed when
+    /// [`Engine::redis_down`] was asked): it runs even if the breaker opened again since, so the
+    /// decision never meets state PostgreSQL changed meanwhile. If Redis is unreachable this
+    /// fails, as the decision would have.
     pub(crate) async fn hand_back_before_decision(&self) -> Result<(), ApiError> {
         if !matches!(self.ledger.db(), Db::Pg(_))
             || self.store.kind() == "embedded"

@@ -162,11 +162,12 @@ impl Engine {
         Ok(())
     }
 
-    /// With `sync.ack_after_ledger`: the epoch of the account's outbox before a change is made,
-    /// to confirm the change with [`Engine::until_in_ledger`]. None when not needed.
+    /// With `sync.ack_after_ledger`: the epoch of the account's outbox before a change is made
+    /// in Redis, to confirm the change with [`Engine::until_in_ledger`]. None when not needed.
+    /// Only for a change going to Redis: one decided from PostgreSQL (Redis down, see
+    /// [`Engine::redis_down`]) is in the ledger already.
     pub(crate) async fn ack_epoch(&self, acct: &str) -> Result<Option<String>, ApiError> {
-        // Decisions made from PostgreSQL (Redis down) are in the ledger already.
-        if !self.cfg.sync.ack_after_ledger || self.redis_down().await {
+        if !self.cfg.sync.ack_after_ledger {
             return Ok(None);
         }
         let shard = self.store.keys.shard_of(acct);

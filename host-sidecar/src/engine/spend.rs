@@ -86,15 +86,11 @@ impl Engine {
             Resolved::Caller(c) => c,
         };
         let credit = self.price(&req.route, req.model.as_deref(), &req.meters, req.credits)?;
-        let epoch = match op {
-            Op::Check => None,
-            _ => self.ack_epoch(&caller.account.row.id).await?,
-        };
         let out = self.spend_as(op, &req, &caller, credit).await;
         self.metrics
             .decision_us
             .observe(started.elapsed().as_micros() as u64);
-        let (d, replay) = out?;
+        let (d, replay, epoch) = out?;
         if d.allowed {
             self.until_in_ledger(&caller.account.row.id, epoch).await?;
         }
@@ -118,24 +114,33 @@ impl Engine {
         Ok((d, replay))
     }
 
+    /// The decision, from Redis or (Redis down) from PostgreSQL, with the outbox epoch to
+    /// confirm it against under `sync.ack_after_ledger` (none from PostgreSQL: the change is in
+    /// the ledger already).
     async fn spend_as(
         &self,
         op: Op,
         req: &SpendRequest,
         caller: &Caller,
         credit: u64,
-    ) -> Result<(Decision, bool), ApiError> {
+    ) -> Result<(Decision, bool, Option<String>), ApiError> {
         if self.redis_down().await {
             let (req, caller) = (req.clone(), caller.clone());
             let acct = caller.account.row.id.clone();
-            return self
+            let (d, replay) = self
                 .via_ledger(&acct, move |e| async move {
                     e.spend_in_store(op, &req, &caller, credit).await
                 })
-                .await;
+                .await?;
+            return Ok((d, replay, None));
         }
+        let epoch = match op {
+            Op::Check => None,
+            _ => self.ack_epoch(&caller.account.row.id).await?,
+        };
         self.hand_back_before_decision().await?;
-        self.spend_in_store(op, req, caller, credit).await
+        let (d, replay) = self.spend_in_store(op, req, caller, credit).await?;
+        Ok((d, replay, epoch))
     }
 
     /// The decision in the store this engine has (Redis, or a private key space).
