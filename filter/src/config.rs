@@ -73,6 +73,42 @@ fn default_callout_timeout() -> u64 {
     200
 }
 
+/// One field name, or several tried in order (`["max_tokens", "max_completion_tokens"]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldNames(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for FieldNames {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FieldNames;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name or a list of them")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<FieldNames, E> {
+                Ok(FieldNames(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<FieldNames, A::Error> {
+                let mut names = Vec::new();
+                while let Some(n) = seq.next_element::<String>()? {
+                    names.push(n);
+                }
+                Ok(FieldNames(names))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl FieldNames {
+    pub fn names(&self) -> &[String] {
+        &self.0
+    }
+}
+
 /// How an estimated amount for one meter is found before the request goes upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,14 +116,50 @@ pub struct Charge {
     /// A fixed amount per request.
     #[serde(default)]
     pub fixed: Option<u64>,
-    /// A top-level field of the JSON request body (e.g. `max_tokens`), capped at `cap`.
+    /// Top-level fields of the JSON request body (e.g. `max_tokens`), the first present one
+    /// counts, capped at `cap`.
     #[serde(default)]
-    pub body_field: Option<String>,
-    /// Used when the body has no such field (or is not JSON).
+    pub body_field: Option<FieldNames>,
+    /// The cap when `cap` is not given (older configurations).
     #[serde(default)]
     pub default: u64,
+    /// The most one request is estimated at, and what it is estimated at when the field is
+    /// missing, is not a non-negative integer, or the body cannot be read: a caller cannot
+    /// lower its estimate by leaving the field out or sending `"8192"`.
     #[serde(default)]
     pub cap: Option<u64>,
+}
+
+impl Charge {
+    /// The estimate when the body cannot say (and the most it may say).
+    pub fn cap_amount(&self) -> u64 {
+        self.cap.unwrap_or(self.default).min(MAX_AMOUNT)
+    }
+}
+
+/// What a route does with a request body whose estimate cannot be read (not JSON, too large,
+/// compressed, or a charged field that is not a non-negative integer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BadEstimate {
+    /// Estimate it at the charge's `cap`.
+    #[default]
+    Cap,
+    /// Refuse it: 400 (unreadable or a bad field value), 413 (too large), 415 (compressed).
+    Reject,
+}
+
+/// What an upstream error response (4xx/5xx) that carries no usage is charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUpstreamError {
+    /// Nothing: the hold is released.
+    #[default]
+    Release,
+    /// Only the `requests` meter (every other meter 0).
+    Requests,
+    /// The estimate.
+    Estimate,
 }
 
 /// Where the actual usage comes from after the response.
@@ -114,6 +186,12 @@ pub struct Usage {
     pub header: Option<String>,
     #[serde(default)]
     pub meter: Option<String>,
+    /// OpenAI-shaped streaming requests (`"stream": true`) without
+    /// `stream_options.include_usage` get it added to their body, so the stream reports exact
+    /// usage. Default: on for `body` routes whose path has `completions` or `/chat` in it
+    /// (OpenAI-shaped); set it for others (Anthropic's API refuses unknown fields).
+    #[serde(default)]
+    pub include_usage: Option<bool>,
 }
 
 impl Default for Usage {
@@ -122,6 +200,7 @@ impl Default for Usage {
             source: UsageSource::Estimate,
             header: None,
             meter: None,
+            include_usage: None,
         }
     }
 }
@@ -139,6 +218,20 @@ pub struct Route {
     pub path_prefix: Option<String>,
     #[serde(default)]
     pub path_exact: Option<String>,
+    /// Paths compare case-insensitively unless this is true (`/V1/chat` is `/v1/chat`: a path
+    /// the upstream may serve the same must not escape its route).
+    #[serde(default)]
+    pub case_sensitive: bool,
+    /// What an estimate that cannot be read is charged (or whether it is refused).
+    #[serde(default)]
+    pub bad_estimate: BadEstimate,
+    /// What an upstream 4xx/5xx without usage is charged.
+    #[serde(default)]
+    pub on_upstream_error: OnUpstreamError,
+    /// Opt-in client idempotency: a request header (e.g. `idempotency-key`) whose value keys
+    /// the decision; a repeat of a key already admitted is refused with 409, never served.
+    #[serde(default)]
+    pub idempotency_header: Option<String>,
     /// Overrides the filter-wide failure mode.
     #[serde(default)]
     pub failure_mode: Option<FailureMode>,
@@ -198,6 +291,10 @@ pub struct FilterConfig {
     pub commit_batch: usize,
     #[serde(default = "default_commit_interval")]
     pub commit_interval_ms: u64,
+    /// Most bytes of one commit batch's body; a batch is split to fit (an item larger than
+    /// this goes alone). The sidecar accepts 8 MiB by default (`server.max_commit_body_bytes`).
+    #[serde(default = "default_batch_bytes")]
+    pub commit_batch_bytes: usize,
     pub routes: Vec<Route>,
 }
 
@@ -224,6 +321,9 @@ fn default_batch() -> usize {
 }
 fn default_commit_interval() -> u64 {
     100
+}
+fn default_batch_bytes() -> usize {
+    1 << 20
 }
 
 impl FilterConfig {
@@ -265,6 +365,9 @@ impl FilterConfig {
         }
         if !(1..=tollgate_protocol::MAX_BATCH).contains(&self.commit_batch) {
             return Err(err("commit_batch", "must be 1..=1000"));
+        }
+        if !(64 << 10..=64 << 20).contains(&self.commit_batch_bytes) {
+            return Err(err("commit_batch_bytes", "must be 65536..=67108864"));
         }
         if self.commit_interval_ms == 0 {
             return Err(err("commit_interval_ms", "must be positive"));
@@ -324,6 +427,28 @@ impl Route {
             if c.cap.is_some_and(|cap| cap < c.default) {
                 return Err(err(format!("{f}.cap"), "must be at least default"));
             }
+            if let Some(names) = &c.body_field {
+                if names.names().is_empty() || names.names().iter().any(String::is_empty) {
+                    return Err(err(
+                        format!("{f}.body_field"),
+                        "give one or more non-empty field names",
+                    ));
+                }
+                if c.cap.is_none() && c.default == 0 {
+                    return Err(err(
+                        format!("{f}.cap"),
+                        "required with body_field: it is the estimate when the field is missing or unreadable",
+                    ));
+                }
+            }
+        }
+        if let Some(h) = &self.idempotency_header {
+            if h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase() || b == b' ') {
+                return Err(err(
+                    format!("{at}.idempotency_header"),
+                    "must be a lower-case header name",
+                ));
+            }
         }
         if let Some(l) = &self.lease {
             if !(2..=10_000).contains(&l.requests) {
@@ -364,29 +489,61 @@ impl Route {
         Ok(())
     }
 
-    /// Whether a request matches this route. Hosts compare case-insensitively without a port.
+    /// Whether a request matches this route. `path` is already normalized
+    /// ([`crate::path::normalize`]: no query, no dot segments, no doubled slashes, unreserved
+    /// characters decoded). Hosts compare case-insensitively without a port or a trailing dot.
     pub fn matches(&self, method: &str, host: &str, path: &str) -> bool {
-        let path = path.split(['?', '#']).next().unwrap_or(path);
-        let host = host.rsplit_once(':').map_or(host, |(h, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                h
+        let host = host_name(host);
+        let path_is = |want: &str, prefix: bool| {
+            let got = if prefix {
+                path.get(..want.len())
             } else {
-                host
-            }
-        });
+                Some(path)
+            };
+            got.is_some_and(|g| {
+                if self.case_sensitive {
+                    g == want
+                } else {
+                    g.eq_ignore_ascii_case(want)
+                }
+            })
+        };
         self.method
             .as_deref()
             .is_none_or(|m| m.eq_ignore_ascii_case(method))
             && self
                 .host
                 .as_deref()
-                .is_none_or(|h| h.eq_ignore_ascii_case(host))
-            && self.path_exact.as_deref().is_none_or(|p| p == path)
-            && self
-                .path_prefix
-                .as_deref()
-                .is_none_or(|p| path.starts_with(p))
+                .is_none_or(|h| host_name(h).eq_ignore_ascii_case(host))
+            && self.path_exact.as_deref().is_none_or(|p| path_is(p, false))
+            && self.path_prefix.as_deref().is_none_or(|p| path_is(p, true))
     }
+
+    /// Whether an OpenAI-shaped streaming request gets `stream_options.include_usage` added.
+    pub fn include_usage(&self) -> bool {
+        self.usage.source == UsageSource::Body
+            && self.usage.include_usage.unwrap_or_else(|| {
+                [&self.path_prefix, &self.path_exact]
+                    .into_iter()
+                    .flatten()
+                    .any(|p| {
+                        let p = p.to_ascii_lowercase();
+                        p.contains("completions") || p.contains("/chat")
+                    })
+            })
+    }
+}
+
+/// A host without its port and trailing dot (`API.example.com.:443` → `API.example.com`).
+fn host_name(host: &str) -> &str {
+    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    host.strip_suffix('.').unwrap_or(host)
 }
 
 impl FilterConfig {

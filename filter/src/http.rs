@@ -1,17 +1,30 @@
-//! One request's pipeline: match the route, find the key and the estimate, ask the sidecar
-//! (paused until it answers or the root's tick applies the deadline), then measure the response
-//! and queue its settlement.
+//! One request's pipeline: canonical path and route, key, idempotency key, estimate, ask the
+//! sidecar (paused until it answers or the root's tick applies the deadline), then measure the
+//! response and queue its settlement.
+//!
+//! Everything the client sends is treated as an attempt to pay less: the decision's
+//! idempotency key is the filter's own (a client's `x-request-id` is only a correlation id), the
+//! route is matched on the canonical path ([`crate::path`]), an estimate that cannot be read is
+//! charged at its cap, the response is asked for uncompressed, and a stream is asked to report
+//! its usage. See docs/FILTER.md, "What a client cannot do".
 
-use crate::config::{Charge, FailureMode, FilterConfig, KeySource, Route, Unmatched, UsageSource};
+use crate::body::{Field, RequestBody};
+use crate::config::{
+    BadEstimate, FailureMode, FilterConfig, KeySource, OnUpstreamError, Route, Unmatched,
+    UsageSource,
+};
+use crate::path;
 use crate::reply;
-use crate::shared::{bump, now_ms, record, Settle, SharedRef, Waiting};
-use crate::usage::{header_amount, JsonBody, SseBody};
+use crate::shared::{bump, now_ms, record, Pending, Settle, SharedRef, Waiting};
+use crate::usage::{header_amount, JsonBody, SseBody, TokenUsage};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 use std::rc::Rc;
 use std::time::Duration;
-use tollgate_protocol::{validate_id, CommitRequest, Decision, LimitState, Meters, SpendRequest};
+use tollgate_protocol::{
+    validate_correlation_id, validate_id, CommitRequest, Decision, LimitState, Meters, SpendRequest,
+};
 
 /// Longest SSE line kept while looking for usage (events are small; a longer line is skipped).
 const MAX_SSE_LINE: usize = 256 * 1024;
@@ -31,10 +44,42 @@ enum Phase {
 
 enum Measure {
     Estimate,
+    /// The response is compressed (the upstream ignored `accept-encoding: identity`).
+    Unreadable,
     Json(JsonBody),
-    Sse(SseBody),
+    Sse(Box<SseBody>),
     Header(Option<u64>),
     Bytes,
+}
+
+/// Why a request body's estimate could not be read: what a route that refuses such bodies
+/// answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unreadable {
+    NotJson,
+    BadField,
+    TooLarge,
+    Compressed,
+}
+
+impl Unreadable {
+    fn reply(self) {
+        let (status, code, msg) = match self {
+            Unreadable::NotJson => (400, "invalid_body", "the request body is not a JSON object"),
+            Unreadable::BadField => (
+                400,
+                "invalid_estimate",
+                "a field the charge is estimated from is not a non-negative integer",
+            ),
+            Unreadable::TooLarge => (413, "body_too_large", "the request body is too large"),
+            Unreadable::Compressed => (
+                415,
+                "compressed_body",
+                "compressed request bodies are not accepted on this route",
+            ),
+        };
+        reply::reject(status, code, msg);
+    }
 }
 
 pub struct Request {
@@ -43,9 +88,15 @@ pub struct Request {
     cfg: Rc<FilterConfig>,
     route: Option<usize>,
     api_key: String,
+    /// The decision's idempotency key: made by the filter, or the client's `Idempotency-Key`
+    /// on a route that opts in (`client_key`).
     request_id: String,
-    body: Vec<u8>,
+    client_key: bool,
+    /// The client's `x-request-id`, kept on the ledger entry as a correlation id.
+    correlation_id: Option<String>,
     body_too_large: bool,
+    /// The request body is compressed (`content-encoding`): its estimate cannot be read.
+    body_compressed: bool,
     estimate: Meters,
     model: Option<String>,
     phase: Phase,
@@ -53,6 +104,8 @@ pub struct Request {
     hold_id: Option<String>,
     limit: Option<LimitState>,
     release: bool,
+    /// The upstream answered 4xx/5xx (not in `release_statuses`).
+    upstream_error: bool,
     measure: Measure,
     response_bytes: u64,
     /// Admitted from this lease (no hold of its own).
@@ -76,6 +129,14 @@ fn resp_header(name: &str) -> Option<String> {
     header(MapType::HttpResponseHeaders, name)
 }
 
+/// A `content-encoding` that is set and not `identity`.
+fn compressed(encoding: Option<String>) -> bool {
+    encoding.is_some_and(|e| {
+        let e = e.trim();
+        !e.is_empty() && !e.eq_ignore_ascii_case("identity")
+    })
+}
+
 /// Sends `POST /v1/authorize` to the sidecar (for a request, or for a lease); the answer comes
 /// back to the context that called this. Returns the callout's token.
 pub(crate) fn dispatch_authorize(
@@ -97,17 +158,41 @@ pub(crate) fn dispatch_authorize(
     )
 }
 
-/// The estimate of one meter from the (JSON) request body, capped.
-fn estimate_from(charge: &Charge, body: Option<&serde_json::Value>) -> u64 {
-    let found = match (&charge.body_field, body) {
-        (Some(f), Some(b)) => b.get(f).and_then(serde_json::Value::as_u64),
-        _ => None,
-    };
-    let v = charge.fixed.or(found).unwrap_or(charge.default);
-    charge
-        .cap
-        .map_or(v, |cap| v.min(cap))
-        .min(tollgate_protocol::MAX_AMOUNT)
+/// A non-cryptographic 64-bit hash (FNV-1a), for client keys too long or odd to use as ids.
+fn fnv(bytes: &[u8], seed: u64) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// splitmix64: spreads a counter over 64 bits.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The decision key for a client's `Idempotency-Key`: itself when it is a short id, else a
+/// 128-bit hash of it. Keys are per account (a hold id is `<account>/<key>`).
+fn client_idempotency_key(value: &str) -> String {
+    if value.len() <= 100 && validate_id("idempotency-key", value).is_ok() {
+        return format!("ik:{value}");
+    }
+    let b = value.as_bytes();
+    format!(
+        "ik:h{:016x}{:016x}",
+        fnv(b, 0),
+        fnv(b, 0x9e37_79b9_7f4a_7c15)
+    )
+}
+
+/// Meters of a request settled by `on_upstream_error: requests`: its `requests`, nothing else.
+fn requests_only(estimate: &Meters) -> Meters {
+    estimate
+        .iter()
+        .map(|(m, v)| (m.clone(), if m == "requests" { *v } else { 0 }))
+        .collect()
 }
 
 impl Request {
@@ -120,8 +205,10 @@ impl Request {
             route: None,
             api_key: String::new(),
             request_id: String::new(),
-            body: Vec::new(),
+            client_key: false,
+            correlation_id: None,
             body_too_large: false,
+            body_compressed: false,
             estimate: Meters::new(),
             model: None,
             phase: Phase::Idle,
@@ -129,6 +216,7 @@ impl Request {
             hold_id: None,
             limit: None,
             release: false,
+            upstream_error: false,
             measure: Measure::Estimate,
             response_bytes: 0,
             lease: None,
@@ -158,51 +246,107 @@ impl Request {
         (!k.is_empty() && k.len() <= 256).then_some(k)
     }
 
-    /// The caller's request id if it is a usable idempotency key, else a new one (also set on
-    /// the request, so the upstream and the logs see the same id).
-    fn request_id(&self) -> String {
-        if let Some(id) =
-            req_header("x-request-id").filter(|id| validate_id("x-request-id", id).is_ok())
-        {
-            return id;
+    /// The decision's idempotency key, which the client cannot choose: a new one per request
+    /// (a replayed `x-request-id` is a new generation at the upstream, so it is a new charge),
+    /// or, on a route with `idempotency_header`, the client's key — whose repeat is refused.
+    /// The client's `x-request-id` is kept as the correlation id; without a usable one, the
+    /// filter's key is set as the request's `x-request-id`, so the upstream and the logs see it.
+    fn identify(&mut self) {
+        let client = self.route().and_then(|r| r.idempotency_header.clone());
+        let given = client
+            .as_deref()
+            .and_then(req_header)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty());
+        if let Some(v) = given {
+            self.request_id = client_idempotency_key(&v);
+            self.client_key = true;
+        } else {
+            let n = {
+                let mut s = self.shared.borrow_mut();
+                s.counter = s.counter.wrapping_add(1);
+                splitmix(s.seed ^ s.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            };
+            self.request_id = format!("tg-{:x}-{:x}-{:016x}", now_ms(), self.id, n);
         }
-        let n = {
-            let mut s = self.shared.borrow_mut();
-            s.counter = s.counter.wrapping_add(1);
-            s.seed.rotate_left(17) ^ s.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        };
-        let id = format!("tg-{:x}-{:x}-{:016x}", now_ms(), self.id, n);
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-request-id", Some(&id));
-        id
+        self.correlation_id = req_header("x-request-id")
+            .filter(|id| validate_correlation_id("x-request-id", id).is_ok());
+        if self.correlation_id.is_none() {
+            let _ = hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                "x-request-id",
+                Some(&self.request_id),
+            );
+        }
     }
 
-    /// Computes the estimate (from the body when the route reads one) and asks the sidecar.
-    fn authorize(&mut self) -> Action {
-        let Some(route) = self.route().cloned() else {
-            return Action::Continue;
-        };
-        let doc: Option<serde_json::Value> = if self.body_too_large {
-            None
+    /// The estimate of every meter (from the body when a charge reads it), the model, and the
+    /// stream's `include_usage`. `Err` when the route refuses an estimate it cannot read.
+    fn estimate(&mut self, route: &Route, body: &[u8]) -> Result<(), Unreadable> {
+        let parsed = if !needs_body(route) {
+            Ok(None)
+        } else if self.body_compressed {
+            Err(Unreadable::Compressed)
+        } else if self.body_too_large {
+            Err(Unreadable::TooLarge)
         } else {
-            serde_json::from_slice(&self.body).ok()
+            RequestBody::parse(body)
+                .map(Some)
+                .ok_or(Unreadable::NotJson)
         };
+        let mut problem = parsed.as_ref().err().copied();
+        let doc = parsed.ok().flatten();
         self.estimate = route
             .charges
             .iter()
-            .map(|(m, c)| (m.clone(), estimate_from(c, doc.as_ref())))
+            .map(|(m, c)| {
+                let v = match (c.fixed, &c.body_field) {
+                    (Some(v), _) => v,
+                    (None, Some(names)) => match doc.as_ref().map(|d| d.amount(names.names())) {
+                        Some(Field::Value(v)) => v.min(c.cap_amount()),
+                        Some(Field::Bad) => {
+                            problem = problem.or(Some(Unreadable::BadField));
+                            c.cap_amount()
+                        }
+                        Some(Field::Missing) | None => c.cap_amount(),
+                    },
+                    (None, None) => 0,
+                };
+                (m.clone(), v.min(tollgate_protocol::MAX_AMOUNT))
+            })
             .collect();
+        if let (Some(p), BadEstimate::Reject) = (problem, route.bad_estimate) {
+            return Err(p);
+        }
+        let Some(doc) = doc else { return Ok(()) };
         self.model = route
             .model_field
-            .as_ref()
-            .and_then(|f| doc.as_ref()?.get(f)?.as_str().map(str::to_string))
+            .as_deref()
+            .and_then(|f| doc.string(f))
             .filter(|m| validate_id("model", m).is_ok());
-        self.body = Vec::new();
+        if route.include_usage() && doc.streams() && !doc.includes_usage() {
+            let patched = doc.with_include_usage();
+            if hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), &patched).is_ok() {
+                bump(self.shared.borrow().metrics.usage_requested);
+            }
+        }
+        Ok(())
+    }
+
+    /// Computes the estimate (from the body when the route reads one) and asks the sidecar.
+    fn authorize(&mut self, body: &[u8]) -> Action {
+        let cfg = Rc::clone(&self.cfg);
+        let Some((route_ix, route)) = self.route.and_then(|i| Some((i, cfg.routes.get(i)?))) else {
+            return Action::Continue;
+        };
+        if let Err(problem) = self.estimate(route, body) {
+            bump(self.shared.borrow().metrics.bad_estimate);
+            self.phase = Phase::Idle;
+            problem.reply();
+            return Action::Pause;
+        }
         if let Some(lease) = &route.lease {
-            let key = (
-                self.api_key.clone(),
-                self.route.unwrap_or(0),
-                self.model.clone(),
-            );
+            let key = (self.api_key.clone(), route_ix, self.model.clone());
             let taken = self.shared.borrow_mut().leases.take(
                 &key,
                 &route.name,
@@ -222,6 +366,7 @@ impl Request {
             api_key: Some(self.api_key.clone()),
             account: None,
             idempotency_key: self.request_id.clone(),
+            correlation_id: self.correlation_id.clone(),
             route: route.name.clone(),
             model: self.model.clone(),
             meters: self.estimate.clone(),
@@ -266,7 +411,10 @@ impl Request {
     }
 
     fn queue(&self, settle: Settle) {
-        self.shared.borrow_mut().settles.push_back((settle, 0));
+        self.shared
+            .borrow_mut()
+            .settles
+            .push_back(Pending::new(settle));
     }
 
     /// Measures the actual usage and queues the commit (or the release).
@@ -278,7 +426,7 @@ impl Request {
         if let Some(id) = self.lease.take() {
             // Admitted from a lease: its usage counts toward the lease's commit. Text without
             // a usage object cannot be counted here; the estimate stands for it.
-            let used = (!self.release).then(|| self.measure().0);
+            let used = if self.release { None } else { self.measure().0 };
             self.shared.borrow_mut().leases.settle(id, used.as_ref());
             return;
         }
@@ -289,46 +437,65 @@ impl Request {
             self.queue(Settle::Release(hold_id));
             return;
         }
-        let Some(route) = self.route().cloned() else {
+        let Some(route) = self.route().map(|r| r.name.clone()) else {
             return;
         };
         let (meters, output_text) = self.measure();
-        self.queue(Settle::Commit(CommitRequest {
-            hold_id,
-            route: Some(route.name.clone()),
-            model: self.model.clone(),
-            meters,
-            credits: 0,
-            output_text,
-        }));
+        let Some(meters) = meters else {
+            self.queue(Settle::Release(hold_id));
+            return;
+        };
+        self.queue(Settle::Commit {
+            req: CommitRequest {
+                hold_id,
+                route: Some(route),
+                model: self.model.clone(),
+                meters,
+                credits: 0,
+                output_text,
+            },
+            estimate: self.estimate.clone(),
+        });
     }
 
-    /// The actual usage (the estimate where it could not be measured), and the response's text
-    /// when it had no usage object.
-    fn measure(&mut self) -> (Meters, Option<String>) {
+    /// The actual usage (the estimate where it could not be measured), and the response's
+    /// generated output when it reported no output count. `None` meters: release the hold (an
+    /// upstream error without usage, on a route that releases those).
+    fn measure(&mut self) -> (Option<Meters>, Option<String>) {
         let usage_meter = self.route().and_then(|r| r.usage.meter.clone());
         let mut meters = self.estimate.clone();
         let mut failed = false;
         let mut output_text = None;
+        let mut found_usage = false;
+        let apply = |meters: &mut Meters, u: &TokenUsage| {
+            meters
+                .iter_mut()
+                .for_each(|(m, v)| *v = u.meter(m).unwrap_or(*v));
+        };
         match std::mem::replace(&mut self.measure, Measure::Estimate) {
             Measure::Estimate => {}
+            Measure::Unreadable => failed = true,
             Measure::Json(j) => match j.finish_with_text() {
-                (Ok(u), _) => meters
-                    .iter_mut()
-                    .for_each(|(m, v)| *v = u.meter(m).unwrap_or(*v)),
-                // No usage object: the sidecar counts the text's tokens.
+                (Ok(u), _) => {
+                    found_usage = true;
+                    apply(&mut meters, &u);
+                }
+                // No usage object: the sidecar counts the generated output.
                 (Err(_), Some(text)) => output_text = Some(text),
                 (Err(_), None) => failed = true,
             },
             Measure::Sse(s) => match s.finish_with_text() {
-                (Ok(u), _) => meters
-                    .iter_mut()
-                    .for_each(|(m, v)| *v = u.meter(m).unwrap_or(*v)),
-                // No usage object (or the stream was cut before it): the sidecar counts the text.
+                (Ok(u), text) => {
+                    found_usage = true;
+                    apply(&mut meters, &u);
+                    output_text = text;
+                }
+                // No usage (or the stream was cut before it): the sidecar counts the output.
                 (Err(_), Some(text)) => output_text = Some(text),
                 (Err(_), None) => failed = true,
             },
             Measure::Header(Some(v)) => {
+                found_usage = true;
                 if let Some(m) = usage_meter {
                     meters.insert(m, v);
                 }
@@ -340,12 +507,39 @@ impl Request {
                 }
             }
         }
+        if self.upstream_error && !found_usage {
+            bump(self.shared.borrow().metrics.upstream_errors);
+            let policy = self
+                .route()
+                .map_or(OnUpstreamError::Release, |r| r.on_upstream_error);
+            return match policy {
+                OnUpstreamError::Release => (None, None),
+                OnUpstreamError::Requests => (Some(requests_only(&self.estimate)), None),
+                OnUpstreamError::Estimate => (Some(self.estimate.clone()), None),
+            };
+        }
         if failed {
             // Settled at the estimate, and counted.
             bump(self.shared.borrow().metrics.usage_errors);
         }
-        (meters, output_text)
+        (Some(meters), output_text)
     }
+
+    /// Refuses a request before it reaches the sidecar or the upstream.
+    fn refuse(&mut self, metric: u32, status: u32, code: &str, message: &str) -> Action {
+        bump(metric);
+        self.route = None;
+        self.phase = Phase::Idle;
+        reply::reject(status, code, message);
+        Action::Pause
+    }
+}
+
+/// Whether a route reads the request body before deciding.
+fn needs_body(route: &Route) -> bool {
+    route.charges.values().any(|c| c.body_field.is_some())
+        || route.model_field.is_some()
+        || route.include_usage()
 }
 
 impl Context for Request {
@@ -374,6 +568,8 @@ impl Context for Request {
         let status = header(MapType::HttpCallResponseHeaders, ":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
+        let replayed = header(MapType::HttpCallResponseHeaders, "x-tollgate-replayed")
+            .is_some_and(|v| v == "true");
         let decision: Option<Decision> = if status == 200 {
             hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                 .ok()
@@ -383,13 +579,25 @@ impl Context for Request {
             None
         };
         if !still_waiting || self.phase != Phase::Deciding {
-            // Too late: the deadline already decided. Give back what the sidecar held.
-            if let Some(hold) = decision.and_then(|d| d.hold_id) {
+            // Too late: the deadline already decided. Give back what the sidecar held (unless
+            // it is the hold of an earlier request with the same client key).
+            if let Some(hold) = decision.and_then(|d| d.hold_id).filter(|_| !replayed) {
                 self.queue(Settle::Release(hold));
             }
             return;
         }
         match decision {
+            // A client idempotency key already admitted: the first request owns the hold and
+            // was (or is being) served. The repeat is not served again, and not charged again.
+            Some(d) if d.allowed && replayed && self.client_key => {
+                self.phase = Phase::Idle;
+                bump(self.shared.borrow().metrics.key_reused);
+                reply::reject(
+                    409,
+                    "idempotency_key_reused",
+                    "a request with this Idempotency-Key was already accepted",
+                );
+            }
             Some(d) if d.allowed && d.hold_id.is_some() => {
                 bump(self.shared.borrow().metrics.allowed);
                 self.hold_id = d.hold_id;
@@ -413,31 +621,46 @@ impl Context for Request {
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        let (passed, rejected, invalid_path) = {
+            let s = self.shared.borrow();
+            (s.metrics.passed, s.metrics.rejected, s.metrics.invalid_path)
+        };
         let method = req_header(":method").unwrap_or_default();
         let host = req_header(":authority")
             .or_else(|| req_header("host"))
             .unwrap_or_default();
-        let path = req_header(":path").unwrap_or_default();
+        let raw_path = req_header(":path").unwrap_or_default();
+        let Ok(canonical) = path::normalize(&raw_path) else {
+            return self.refuse(
+                invalid_path,
+                400,
+                "invalid_path",
+                "the request path has no canonical form (an encoded slash, a broken escape or a control character)",
+            );
+        };
+        // The upstream serves what was matched and charged: the canonical path.
+        let forwarded = format!("{canonical}{}", path::query(&raw_path));
+        if forwarded != raw_path {
+            let _ =
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, ":path", Some(&forwarded));
+        }
         self.route = self
             .cfg
             .routes
             .iter()
-            .position(|r| r.matches(&method, &host, &path));
-        let (passed, rejected) = {
-            let s = self.shared.borrow();
-            (s.metrics.passed, s.metrics.rejected)
-        };
+            .position(|r| r.matches(&method, &host, &canonical));
         if self.route.is_none() {
             return match self.cfg.unmatched {
                 Unmatched::Pass => {
                     bump(passed);
                     Action::Continue
                 }
-                Unmatched::Reject => {
-                    bump(rejected);
-                    reply::reject(404, "no_route", "no metered route matches this request");
-                    Action::Pause
-                }
+                Unmatched::Reject => self.refuse(
+                    rejected,
+                    404,
+                    "no_route",
+                    "no metered route matches this request",
+                ),
             };
         }
         let Some(key) = self.api_key() else {
@@ -448,25 +671,38 @@ impl HttpContext for Request {
                     Action::Continue
                 }
                 Unmatched::Reject => {
-                    bump(rejected);
-                    reply::reject(401, "missing_api_key", "an API key is required");
-                    Action::Pause
+                    self.refuse(rejected, 401, "missing_api_key", "an API key is required")
                 }
             };
         };
         self.api_key = key;
-        self.request_id = self.request_id();
-        let needs_body = self.route().is_some_and(|r| {
-            r.charges.values().any(|c| c.body_field.is_some()) || r.model_field.is_some()
-        });
-        if needs_body && !end_of_stream {
+        self.identify();
+        let (body_usage, include_usage, reads_body) =
+            self.route().map_or((false, false, false), |r| {
+                (
+                    r.usage.source == UsageSource::Body,
+                    r.include_usage(),
+                    needs_body(r),
+                )
+            });
+        if body_usage {
+            // Usage is read from the response: ask for it uncompressed.
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "accept-encoding", None);
+        }
+        self.body_compressed = compressed(req_header("content-encoding"));
+        if reads_body && !end_of_stream {
+            if include_usage {
+                // The body may grow by `stream_options`; its length is not known yet.
+                let _ =
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, "content-length", None);
+            }
             // Envoy turns Pause here into StopAllIteration, which also withholds the body from
             // this filter. So the headers go on (the upstream request starts) and the body is
             // held back in on_http_request_body until the decision; a denial resets it.
             self.phase = Phase::ReadingBody;
             return Action::Continue;
         }
-        self.authorize()
+        self.authorize(&[])
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -475,23 +711,19 @@ impl HttpContext for Request {
             Phase::Deciding => return Action::Pause,
             _ => return Action::Continue,
         }
-        if !end_of_stream {
-            // Envoy buffers the body while we pause; it is read whole at its end.
-            if body_size > self.cfg.max_body_bytes {
-                self.body_too_large = true;
-                return self.authorize();
-            }
-            return Action::Pause;
-        }
         if body_size > self.cfg.max_body_bytes {
             self.body_too_large = true;
-        } else {
-            self.body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+            return self.authorize(&[]);
         }
-        self.authorize()
+        if !end_of_stream {
+            // Envoy buffers the body while we pause; it is read whole at its end.
+            return Action::Pause;
+        }
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        self.authorize(&body)
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
@@ -507,6 +739,7 @@ impl HttpContext for Request {
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
         self.release = self.cfg.release_statuses.contains(&status);
+        self.upstream_error = status >= 400;
         let Some(route) = self.route() else {
             return Action::Continue;
         };
@@ -522,11 +755,12 @@ impl HttpContext for Request {
                     .as_deref()
                     .and_then(header_amount),
             ),
+            UsageSource::Body if compressed(resp_header("content-encoding")) => Measure::Unreadable,
             UsageSource::Body => {
                 let sse =
                     resp_header("content-type").is_some_and(|c| c.contains("text/event-stream"));
                 if sse {
-                    Measure::Sse(SseBody::new(MAX_SSE_LINE))
+                    Measure::Sse(Box::new(SseBody::new(MAX_SSE_LINE)))
                 } else {
                     Measure::Json(JsonBody::new(self.cfg.max_body_bytes))
                 }

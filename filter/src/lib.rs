@@ -17,9 +17,12 @@
 //! `.wasm` runs in our wasmtime proxy-wasm host (`tests/tests/filter.rs`) and in a real Envoy
 //! (`tests/tests/e2e_envoy.rs`).
 
+pub mod body;
 pub mod config;
 pub mod http;
 pub mod lease;
+pub mod path;
+pub mod payload;
 pub mod reply;
 pub mod root;
 pub mod shared;

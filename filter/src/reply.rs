@@ -17,12 +17,28 @@ pub fn ratelimit_headers(limit: &LimitState, now_ms: u64) -> [(&'static str, Str
     ]
 }
 
+#[derive(serde::Serialize)]
+struct ErrorReply<'a> {
+    error: ErrorFields<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorFields<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<&'a str>,
+}
+
 fn body(code: &str, message: &str, limit: Option<&str>) -> Vec<u8> {
-    let mut err = serde_json::json!({ "code": code, "message": message });
-    if let (Some(l), Some(obj)) = (limit, err.as_object_mut()) {
-        obj.insert("limit".into(), serde_json::Value::String(l.into()));
-    }
-    serde_json::to_vec(&serde_json::json!({ "error": err })).unwrap_or_default()
+    serde_json::to_vec(&ErrorReply {
+        error: ErrorFields {
+            code,
+            message,
+            limit,
+        },
+    })
+    .unwrap_or_default()
 }
 
 fn send(status: u32, extra: &[(&str, String)], body: &[u8]) {

@@ -6,7 +6,7 @@ use crate::config::{FailureMode, FilterConfig};
 use crate::http::Request;
 use crate::lease::LeaseAsk;
 use crate::reply;
-use crate::shared::{bump, now_ms, random_seed, Metrics, Settle, Shared, SharedRef};
+use crate::shared::{bump, now_ms, random_seed, Metrics, Pending, Settle, Shared, SharedRef};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
@@ -14,19 +14,22 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
-use tollgate_protocol::{
-    CommitBatch, CommitBatchResult, CommitOutcome, CommitRequest, Decision, SpendRequest,
-};
+use tollgate_protocol::{CommitBatchResult, CommitOutcome, CommitRequest, Decision, SpendRequest};
 
-/// A settlement is retried this many times, then dropped (its hold then expires at the
-/// sidecar and is released: an undercharge, never a double charge).
-const MAX_ATTEMPTS: u8 = 5;
+/// A settlement is retried this many times (backing off from 100 ms to 2 s, about 5 s in all);
+/// then a commit is sent at its hold's estimate instead — a hold is never left to expire free —
+/// and retried as long again; only then is it dropped (counted, logged).
+const MAX_ATTEMPTS: u8 = 6;
+
+fn backoff_ms(attempts: u8) -> u64 {
+    (100u64 << attempts.min(5)).min(2000)
+}
 
 #[derive(Default)]
 pub struct Root {
     shared: Option<SharedRef>,
     /// Callouts in flight: token -> what they settle.
-    inflight: BTreeMap<u32, Vec<(Settle, u8)>>,
+    inflight: BTreeMap<u32, Vec<Pending>>,
     /// Lease requests in flight: token -> what was asked.
     lease_calls: BTreeMap<u32, LeaseAsk>,
     last_flush_ms: u64,
@@ -58,29 +61,23 @@ impl Context for Root {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let mut retry: Vec<(Settle, u8)> = Vec::new();
-        match (status, batch.first()) {
-            // A batch of commits: look at each item.
-            (200, Some((Settle::Commit(_), _))) => {
-                let results = serde_json::from_slice::<CommitBatchResult>(&body)
-                    .map(|r| r.results)
-                    .unwrap_or_default();
-                for (i, item) in batch.into_iter().enumerate() {
-                    match results.get(i) {
-                        Some(CommitOutcome::Settled(_)) => {}
-                        // 4xx: the sidecar says no (unknown hold, already settled): final.
-                        Some(CommitOutcome::Failed { status, .. }) if *status < 500 => {}
-                        _ => retry.push(item),
-                    }
-                }
-            }
-            (200 | 404 | 409, _) => {}
-            _ => retry = batch,
-        }
-        if let Some(shared) = &self.shared {
-            Self::requeue(shared, retry);
+        if let Some(shared) = self.shared.clone() {
+            Self::answered(&shared, status, &body, batch);
         }
     }
+}
+
+/// What becomes of one settlement after its callout answered.
+#[derive(Clone, Copy)]
+enum Next {
+    Done,
+    /// Refused for good by the sidecar (unknown or already settled hold).
+    Refused,
+    Retry,
+    /// Its batch was refused whole: send it again in a batch of its own.
+    Split,
+    /// The sidecar cannot take this measured commit: send the estimate instead.
+    AtEstimate,
 }
 
 impl RootContext for Root {
@@ -148,18 +145,21 @@ impl Root {
             let settle = if lease.used.is_empty() {
                 Settle::Release(lease.hold_id)
             } else {
-                Settle::Commit(CommitRequest {
-                    hold_id: lease.hold_id,
-                    route: Some(lease.route),
-                    model: lease.model,
-                    meters: lease.used,
-                    credits: 0,
-                    output_text: None,
-                })
+                Settle::Commit {
+                    estimate: lease.used.clone(),
+                    req: CommitRequest {
+                        hold_id: lease.hold_id,
+                        route: Some(lease.route),
+                        model: lease.model,
+                        meters: lease.used,
+                        credits: 0,
+                        output_text: None,
+                    },
+                }
             };
             let mut s = shared.borrow_mut();
             bump(s.metrics.leases_committed);
-            s.settles.push_back((settle, 0));
+            s.settles.push_back(Pending::new(settle));
         }
         for ask in asks {
             let idem = {
@@ -171,6 +171,7 @@ impl Root {
                 api_key: Some(ask.key.0.clone()),
                 account: None,
                 idempotency_key: idem,
+                correlation_id: None,
                 route: ask.route.clone(),
                 model: ask.key.2.clone(),
                 meters: ask.meters.clone(),
@@ -258,8 +259,9 @@ impl Root {
         }
     }
 
-    /// Sends queued settlements: commits in batches, releases one by one. Only what is queued
-    /// now is sent; what fails goes back to the queue for a later tick.
+    /// Sends queued settlements that are due: commits in batches of at most `commit_batch`
+    /// items and `commit_batch_bytes` bytes (an item larger than that alone), releases one by
+    /// one. What fails goes back to the queue for a later tick.
     fn flush(&mut self, now: u64) {
         let Some(shared) = self.shared.clone() else {
             return;
@@ -272,55 +274,152 @@ impl Root {
             if !due {
                 return;
             }
-            (Rc::clone(&s.config), std::mem::take(&mut s.settles))
+            let (ready, later): (VecDeque<Pending>, VecDeque<Pending>) =
+                std::mem::take(&mut s.settles)
+                    .into_iter()
+                    .partition(|p| p.not_before_ms <= now);
+            s.settles = later;
+            (Rc::clone(&s.config), ready)
         };
         self.last_flush_ms = now;
-        let (commits, releases): (Vec<_>, Vec<_>) = queued
-            .into_iter()
-            .partition(|(s, _)| matches!(s, Settle::Commit(_)));
-        let mut commits = commits.into_iter().peekable();
-        while commits.peek().is_some() {
-            let chunk: Vec<(Settle, u8)> = commits.by_ref().take(cfg.commit_batch).collect();
-            let batch = CommitBatch {
-                commits: chunk
-                    .iter()
-                    .filter_map(|(s, _)| match s {
-                        Settle::Commit(c) => Some(c.clone()),
-                        Settle::Release(_) => None,
-                    })
-                    .collect(),
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut body: Vec<u8> = Vec::new();
+        let mut releases: Vec<Pending> = Vec::new();
+        for p in queued {
+            let item = match &p.settle {
+                Settle::Commit { req, .. } => serde_json::to_vec(req).unwrap_or_default(),
+                Settle::Release(_) => {
+                    releases.push(p);
+                    continue;
+                }
             };
-            let n = batch.commits.len() as i64;
-            let body = serde_json::to_vec(&batch).unwrap_or_default();
-            if self.send(&cfg, "/v1/commit/batch", &body, chunk, &shared) {
-                let s = shared.borrow();
-                let _ = hostcalls::increment_metric(s.metrics.commits_batched, n);
-                bump(s.metrics.commit_batches);
+            let full = !batch.is_empty()
+                && (p.alone
+                    || batch.len() >= cfg.commit_batch
+                    || body.len() + item.len() + 2 > cfg.commit_batch_bytes);
+            if full {
+                self.send_batch(&cfg, &mut body, std::mem::take(&mut batch), &shared);
+            }
+            body.push(if batch.is_empty() { b'[' } else { b',' });
+            body.extend_from_slice(&item);
+            let alone = p.alone;
+            batch.push(p);
+            if alone {
+                self.send_batch(&cfg, &mut body, std::mem::take(&mut batch), &shared);
             }
         }
-        for (settle, n) in releases {
-            if let Settle::Release(hold_id) = &settle {
+        if !batch.is_empty() {
+            self.send_batch(&cfg, &mut body, batch, &shared);
+        }
+        for p in releases {
+            if let Settle::Release(hold_id) = &p.settle {
                 let body = serde_json::to_vec(&tollgate_protocol::ReleaseRequest {
                     hold_id: hold_id.clone(),
                 })
                 .unwrap_or_default();
-                self.send(&cfg, "/v1/release", &body, vec![(settle, n)], &shared);
+                self.send(&cfg, "/v1/release", &body, vec![p], &shared);
             }
         }
     }
 
-    /// Puts settlements back for a later tick, or drops them after MAX_ATTEMPTS.
-    fn requeue(shared: &SharedRef, items: Vec<(Settle, u8)>) {
+    /// Sends `{"commits":[…]}` made of the items in `items` (already written to `list`).
+    fn send_batch(
+        &mut self,
+        cfg: &FilterConfig,
+        list: &mut Vec<u8>,
+        items: Vec<Pending>,
+        shared: &SharedRef,
+    ) {
+        let mut body = Vec::with_capacity(list.len() + 16);
+        body.extend_from_slice(b"{\"commits\":");
+        body.append(list);
+        body.extend_from_slice(b"]}");
+        let n = items.len() as i64;
+        if self.send(cfg, "/v1/commit/batch", &body, items, shared) {
+            let s = shared.borrow();
+            let _ = hostcalls::increment_metric(s.metrics.commits_batched, n);
+            bump(s.metrics.commit_batches);
+        }
+    }
+
+    /// Decides what becomes of each settlement of a callout that answered `status`.
+    fn answered(shared: &SharedRef, status: u16, body: &[u8], batch: Vec<Pending>) {
+        let is_batch =
+            matches!(batch.first(), Some(p) if matches!(p.settle, Settle::Commit { .. }));
+        let mut nexts: Vec<(Pending, Next)> = Vec::with_capacity(batch.len());
+        match status {
+            200 if is_batch => {
+                let results = serde_json::from_slice::<CommitBatchResult>(body)
+                    .map(|r| r.results)
+                    .unwrap_or_default();
+                for (i, item) in batch.into_iter().enumerate() {
+                    let next = match results.get(i) {
+                        Some(CommitOutcome::Settled(_)) => Next::Done,
+                        Some(CommitOutcome::Failed {
+                            status: 404 | 409, ..
+                        }) => Next::Refused,
+                        // This item, not its batch: a measured commit the sidecar cannot take.
+                        Some(CommitOutcome::Failed { status, .. }) if *status < 500 => {
+                            Next::AtEstimate
+                        }
+                        _ => Next::Retry,
+                    };
+                    nexts.push((item, next));
+                }
+            }
+            200 => nexts.extend(batch.into_iter().map(|p| (p, Next::Done))),
+            404 | 409 => nexts.extend(batch.into_iter().map(|p| (p, Next::Refused))),
+            // Refused whole (too large, unreadable): each item goes again on its own, and an
+            // item that is refused alone is committed at its estimate.
+            400 | 413 if is_batch => {
+                let next = if batch.len() > 1 {
+                    bump(shared.borrow().metrics.settle_split);
+                    Next::Split
+                } else {
+                    Next::AtEstimate
+                };
+                nexts.extend(batch.into_iter().map(|p| (p, next)));
+            }
+            _ => nexts.extend(batch.into_iter().map(|p| (p, Next::Retry))),
+        }
+        let now = now_ms();
         let mut s = shared.borrow_mut();
-        for (settle, attempts) in items {
-            if attempts.saturating_add(1) >= MAX_ATTEMPTS {
-                bump(s.metrics.settle_dropped);
-                log(
-                    LogLevel::Warn,
-                    "tollgate: settlement dropped after retries; the hold will expire",
-                );
-            } else {
-                s.settles.push_back((settle, attempts + 1));
+        for (mut p, next) in nexts {
+            match next {
+                Next::Done => {}
+                Next::Refused => bump(s.metrics.settle_refused),
+                Next::Split => {
+                    p.alone = true;
+                    p.not_before_ms = now;
+                    s.settles.push_back(p);
+                }
+                Next::Retry if p.attempts.saturating_add(1) < MAX_ATTEMPTS => {
+                    bump(s.metrics.settle_retried);
+                    p.attempts += 1;
+                    p.not_before_ms = now + backoff_ms(p.attempts);
+                    s.settles.push_back(p);
+                }
+                Next::Retry | Next::AtEstimate => {
+                    let can_fall_back = !p.at_estimate && matches!(p.settle, Settle::Commit { .. });
+                    if can_fall_back {
+                        if let Settle::Commit { req, estimate } = &mut p.settle {
+                            req.meters = estimate.clone();
+                            req.output_text = None;
+                        }
+                        bump(s.metrics.settle_at_estimate);
+                        p.at_estimate = true;
+                        p.attempts = 0;
+                        p.alone = true;
+                        p.not_before_ms = now;
+                        s.settles.push_back(p);
+                    } else {
+                        bump(s.metrics.settle_dropped);
+                        log(
+                            LogLevel::Warn,
+                            "tollgate: settlement dropped after retries; the hold will expire",
+                        );
+                    }
+                }
             }
         }
     }
@@ -331,7 +430,7 @@ impl Root {
         cfg: &FilterConfig,
         path: &str,
         body: &[u8],
-        items: Vec<(Settle, u8)>,
+        items: Vec<Pending>,
         shared: &SharedRef,
     ) -> bool {
         let headers = vec![
@@ -352,7 +451,7 @@ impl Root {
                 true
             }
             Err(_) => {
-                Self::requeue(shared, items);
+                Self::answered(shared, 0, &[], items);
                 false
             }
         }

@@ -11,13 +11,42 @@ use proxy_wasm::types::MetricType;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
-use tollgate_protocol::CommitRequest;
+use tollgate_protocol::{CommitRequest, Meters};
 
 /// A settlement to send to the sidecar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {
-    Commit(CommitRequest),
+    /// The actual usage, and the hold's estimate to commit instead if the sidecar cannot take
+    /// the measured commit (a hold is never left to expire free).
+    Commit {
+        req: CommitRequest,
+        estimate: Meters,
+    },
     Release(String),
+}
+
+/// A settlement waiting to be sent, with its retry state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub settle: Settle,
+    pub attempts: u8,
+    /// Already replaced by a commit at the estimate: the next failure drops it.
+    pub at_estimate: bool,
+    /// Sent in a batch of its own (its batch was refused whole).
+    pub alone: bool,
+    pub not_before_ms: u64,
+}
+
+impl Pending {
+    pub fn new(settle: Settle) -> Self {
+        Pending {
+            settle,
+            attempts: 0,
+            at_estimate: false,
+            alone: false,
+            not_before_ms: 0,
+        }
+    }
 }
 
 /// A request paused for its decision.
@@ -38,6 +67,22 @@ pub struct Metrics {
     pub commits_batched: u32,
     pub commit_batches: u32,
     pub settle_dropped: u32,
+    /// Settlement callouts retried, batches split because the sidecar refused them whole,
+    /// commits sent at the estimate after the measured one could not be taken, and items the
+    /// sidecar refused for good (unknown or already settled hold).
+    pub settle_retried: u32,
+    pub settle_split: u32,
+    pub settle_at_estimate: u32,
+    pub settle_refused: u32,
+    /// Streaming requests given `stream_options.include_usage`.
+    pub usage_requested: u32,
+    /// Requests refused before the sidecar: a path with no canonical form, an estimate that
+    /// cannot be read (`bad_estimate: reject`), a reused client idempotency key.
+    pub invalid_path: u32,
+    pub bad_estimate: u32,
+    pub key_reused: u32,
+    /// Upstream errors without usage, settled by the route's `on_upstream_error`.
+    pub upstream_errors: u32,
     pub usage_errors: u32,
     pub callout_ms: u32,
     /// Requests admitted from a lease (no callout).
@@ -62,6 +107,15 @@ impl Metrics {
             commits_batched: c("tollgate.commits_batched"),
             commit_batches: c("tollgate.commit_batches"),
             settle_dropped: c("tollgate.settle_dropped"),
+            settle_retried: c("tollgate.settle_retried"),
+            settle_split: c("tollgate.settle_split"),
+            settle_at_estimate: c("tollgate.settle_at_estimate"),
+            settle_refused: c("tollgate.settle_refused"),
+            usage_requested: c("tollgate.usage_requested"),
+            invalid_path: c("tollgate.invalid_path"),
+            bad_estimate: c("tollgate.bad_estimate"),
+            key_reused: c("tollgate.idempotency_key_reused"),
+            upstream_errors: c("tollgate.upstream_errors"),
             usage_errors: c("tollgate.usage_errors"),
             leased: c("tollgate.leased"),
             leases_granted: c("tollgate.leases_granted"),
@@ -90,7 +144,7 @@ pub struct Shared {
     pub metrics: Metrics,
     /// context id -> its deadline, while it waits for the sidecar.
     pub waiting: BTreeMap<u32, Waiting>,
-    pub settles: VecDeque<(Settle, u8)>,
+    pub settles: VecDeque<Pending>,
     /// Leases this worker holds (routes with `lease`).
     pub leases: crate::lease::Leases,
     /// Makes request ids unique within this VM.

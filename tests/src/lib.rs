@@ -270,7 +270,21 @@ fn host_call(caller: &mut Caller<'_, State>, name: &str, a: &[Val]) -> Result<i3
             give(caller, &slice, i(a, 3), i(a, 4))?;
             OK
         }
-        "proxy_set_buffer_bytes" => OK,
+        // Replaces bytes [start, start + length) of a body with the given data, as Envoy does.
+        "proxy_set_buffer_bytes" => {
+            let (kind, start, len) = (i(a, 0), i(a, 1) as u32 as usize, i(a, 2) as u32 as usize);
+            let data = read(caller, i(a, 3), i(a, 4))?;
+            let s = caller.data_mut();
+            let body = match kind {
+                0 => &mut s.stream().request_body,
+                1 => &mut s.stream().response_body,
+                _ => return Ok(BAD_ARGUMENT),
+            };
+            let start = start.min(body.len());
+            let end = start.saturating_add(len).min(body.len());
+            body.splice(start..end, data);
+            OK
+        }
         "proxy_get_header_map_pairs" => {
             let bytes = match caller.data_mut().map(i(a, 0)) {
                 Some(m) => serialize_map(m),
@@ -725,7 +739,19 @@ impl Filter {
 
     /// Answers a callout (as Envoy does, to the root context id).
     pub fn answer(&mut self, token: u32, status: u16, body: &[u8]) -> Result<()> {
-        let headers = vec![(":status".to_string(), status.to_string())];
+        self.answer_with(token, status, &[], body)
+    }
+
+    /// Answers a callout with extra response headers (e.g. `x-tollgate-replayed`).
+    pub fn answer_with(
+        &mut self,
+        token: u32,
+        status: u16,
+        extra: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<()> {
+        let mut headers = vec![(":status".to_string(), status.to_string())];
+        headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let n = headers.len() as i32;
         self.store.data_mut().call_response = Some((headers, body.to_vec()));
         self.enter(self.root);
@@ -774,6 +800,16 @@ impl Filter {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
+    }
+
+    /// The request body as it would go upstream (after any change the filter made).
+    pub fn request_body_now(&self, ctx: u32) -> Vec<u8> {
+        self.store
+            .data()
+            .streams
+            .get(&ctx)
+            .map(|s| s.request_body.clone())
+            .unwrap_or_default()
     }
 
     pub fn response_header(&self, ctx: u32, name: &str) -> Option<String> {

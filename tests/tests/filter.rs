@@ -102,7 +102,9 @@ fn allow_then_settle_from_the_json_usage() {
     assert_eq!(call.cluster, "sidecar");
     assert_eq!(call.header(":path"), Some("/v1/authorize"));
     let body = call.json();
-    assert_eq!(body["idempotency_key"], "req-1");
+    // The client's request id is a correlation id; the key is the filter's own.
+    assert_eq!(body["correlation_id"], "req-1");
+    assert!(body["idempotency_key"].as_str().unwrap().starts_with("tg-"));
     assert_eq!(body["api_key"], "tg_key");
     assert_eq!(body["route"], "chat");
     assert_eq!(body["model"], "gpt-4o");
@@ -462,6 +464,7 @@ fn commits_are_batched_and_retried_when_the_sidecar_fails() {
     let ok = json!({"results": [{"hold_id": "acme/b3", "status": "committed", "credits": 1}, {"hold_id": "acme/b4", "status": "committed", "credits": 1}]});
     f.answer(calls[1].token, 200, ok.to_string().as_bytes())
         .unwrap();
+    f.advance_ms(200); // the retry backs off
     let again = flush(&mut f);
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].json()["commits"], calls[0].json()["commits"]);
@@ -605,7 +608,7 @@ fn a_leased_route_admits_from_the_lease_without_callouts_and_commits_what_was_us
     // No lease yet: the first request is decided exactly, and a lease is asked for on the tick.
     let (ctx, a, calls) = leased_get(&mut f, "r1");
     assert_eq!((a, calls.len()), (PAUSE, 1));
-    assert_eq!(calls[0].json()["idempotency_key"], "r1");
+    assert_eq!(calls[0].json()["correlation_id"], "r1");
     f.answer(calls[0].token, 200, &allowed("acme/r1")).unwrap();
     respond_with_tokens(&mut f, ctx, "7");
     f.advance_ms(10);
