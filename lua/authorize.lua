@@ -8,7 +8,9 @@
 -- KEYS[5] grant order             tg:{s}:a:<acct>:go             (lex zset)
 -- KEYS[6] grant remaining         tg:{s}:a:<acct>:gr             (hash gid -> remaining)
 -- KEYS[7..] one usage counter per limit, in the order of lims
--- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits)
+-- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits,
+--   the account version and the correlation id as JSON or ""; the id goes on the hold record
+--   and the event, not into the fingerprint)
 -- Returns {kind, json}:
 --   ok       {hold, exp, credits, balance, limit, used}   the hold was created (used: per limit)
 --   replay   the first ok, unchanged                this request id already holds
@@ -53,12 +55,12 @@ local res = '{"hold":"' .. req.hold .. '","exp":' .. req.exp_s .. ',"credits":' 
 local rec = '{"acct":"' .. req.acct .. '"' .. fs('key', req.key) .. ',"exp":' .. req.exp_s ..
   ',"credit":' .. req.credit_s .. fr('draws', rows_json(draws)) .. fr('ctr', cj) .. ',"meters":' ..
   req.meters .. ',"route":"' .. req.route .. '"' .. fs('model', req.model) .. ',"at":' .. req.now_s ..
-  ',"fp":"' .. req.fp .. '"}'
+  ',"fp":"' .. req.fp .. '"' .. fr('cid', req.cid) .. '}'
 redis.call('HSET', KEYS[3], 's', 'open', 'f', req.fp, 'a', res, 'd', rec)
 redis.call('ZADD', KEYS[4], req.exp_s, req.hold)
 emit(KEYS[2], '{"t":"hold","acct":"' .. req.acct .. '"' .. fs('key', req.key) .. ',"hold":"' .. req.hold ..
   '","idem":"' .. req.idem .. '","fp":"' .. req.fp .. '","at":' .. req.now_s .. ',"credit":' .. req.credit_s ..
   ',"meters":' .. req.meters .. ',"route":"' .. req.route .. '"' .. fs('model', req.model) ..
-  fr('resource', req.resource) .. fr('u', uj) .. fr('g', rows_json(g)) .. fr('x', rows_json(x)) ..
+  fr('resource', req.resource) .. fr('cid', req.cid) .. fr('u', uj) .. fr('g', rows_json(g)) .. fr('x', rows_json(x)) ..
   ',"rec":' .. rec .. ',"result":' .. res .. '}')
 return reply('ok', res)

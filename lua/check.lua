@@ -4,7 +4,7 @@
 --
 -- KEYS[1] account state hash, KEYS[2] grant order zset, KEYS[3] grant remaining hash,
 -- KEYS[4..] one usage counter per limit
--- ARGV as for authorize (see spend_req in lib.lua)
+-- ARGV as for authorize (see spend_req in lib.lua; the correlation id is ignored)
 -- Returns {kind, json}: ok {credits, balance, limit} | deny {reason, limit, credits, balance} | cold | stale
 local req = spend_req()
 local loaded, ver = account_state(KEYS[1])

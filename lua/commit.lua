@@ -5,7 +5,8 @@
 --
 -- KEYS[1] account state hash   KEYS[2] outbox stream   KEYS[3] hold record (hash)
 -- KEYS[4] open holds zset      KEYS[5] grant order     KEYS[6] grant remaining
--- (The hold's usage counters are named in the hold record; they share the hash tag.)
+-- (The hold's usage counters are named in the hold record; they share the hash tag. Its
+-- correlation id, if any, is taken from the record onto the commit event.)
 -- ARGV: see settle_req in lib.lua (now, hold id, fingerprint, credit, ttl, meters)
 -- Returns {kind, json}: ok {hold, status, credits, shortfall, meters, grew: [[name, scope, meter,
 --   period, max, used], ...] (limits taken past their estimate, for alerts)} | replay (same) |

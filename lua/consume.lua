@@ -5,7 +5,8 @@
 -- KEYS[3] idempotency record      tg:{s}:i:<acct>:consume:<idempotency key>  (hash f, a)
 -- KEYS[4] grant order zset        KEYS[5] grant remaining hash
 -- KEYS[6..] one usage counter per limit
--- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits)
+-- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits,
+--   the account version and the correlation id as JSON or ""; the id goes on the event only)
 -- Returns {kind, json}: ok {credits, balance, limit} | replay (first ok) | deny | conflict | cold | recheck | stale
 local req = spend_req()
 local recheck_until, ver = account_state(KEYS[1])
@@ -39,6 +40,6 @@ redis.call('HSET', KEYS[3], 'f', req.fp, 'a', res)
 redis.call('PEXPIRE', KEYS[3], req.idem_ttl_ms)
 emit(KEYS[2], '{"t":"consume","acct":"' .. req.acct .. '"' .. fs('key', req.key) .. ',"idem":"' .. req.idem ..
   '","fp":"' .. req.fp .. '","at":' .. req.now_s .. ',"credit":' .. req.credit_s .. ',"meters":' .. req.meters ..
-  ',"route":"' .. req.route .. '"' .. fs('model', req.model) .. fr('resource', req.resource) .. fr('u', uj) ..
+  ',"route":"' .. req.route .. '"' .. fs('model', req.model) .. fr('resource', req.resource) .. fr('cid', req.cid) .. fr('u', uj) ..
   fr('g', rows_json(g)) .. fr('x', rows_json(x)) .. ',"result":' .. res .. '}')
 return reply('ok', res)

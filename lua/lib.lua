@@ -23,7 +23,8 @@ end
 -- would dominate a script. It is safe because every string that reaches a script is an id the
 -- sidecar validated ([A-Za-z0-9_.:-], plus the `{}` `|` `/` of our own key names and members),
 -- and every number is an integer below 10^14, which tostring prints exactly. `raw` values are
--- JSON the sidecar produced (meters, resource) or that this script built.
+-- JSON the sidecar produced (meters, resource, the correlation id as a JSON string) or that this
+-- script built.
 -- Marks a string as ready-made JSON for jobj.
 local RAW = {}
 local function raw(s)
@@ -77,7 +78,10 @@ end
 --   [7] credit  [8] route  [9] model or ""  [10] hold id or ""  [11] hold expiry (ms)
 --   [12] idempotency record ttl (ms)  [13] meters as JSON  [14] resource as JSON or ""
 --   [15] number of limits, then 7 per limit: scope, meter, period, amount, max, period end, name,
---   then the account version the sidecar's limits come from (see `stale`)
+--   then the account version the sidecar's limits come from (see `stale`),
+--   then the caller's correlation id as a JSON string (quotes included) or "" (ARGV[16 + n*7]
+--   and ARGV[17 + n*7] for n limits). The correlation id is recorded on the hold record and the
+--   event as is; it is no part of the fingerprint, so a replay keeps the first one's.
 -- The counter of limit i is KEYS[first + i - 1] (first is given by each script).
 local function spend_req()
   local function opt(s) if s == '' then return nil end return s end
@@ -96,8 +100,11 @@ local function spend_req()
       amt = tonumber(ARGV[b + 4]), amt_s = ARGV[b + 4], max = tonumber(ARGV[b + 5]),
       max_s = ARGV[b + 5], ['end'] = tonumber(ARGV[b + 6]), end_s = ARGV[b + 6], name = ARGV[b + 7]}
   end
-  -- After the limits: the version of the account the sidecar priced this with (0 = unknown).
+  -- After the limits: the version of the account the sidecar priced this with (0 = unknown),
+  -- then the correlation id, ready-made JSON (the sidecar encoded it: it may hold any printable
+  -- ASCII, quotes and backslashes too, unlike the ids this file splices in bare).
   req.ver = tonumber(ARGV[16 + n * 7] or '0') or 0
+  req.cid = opt(ARGV[17 + n * 7] or '')
   return req
 end
 
@@ -316,12 +323,14 @@ local function reply(kind, body)
 end
 
 -- Hold records are hashes: d = the hold (JSON: acct, key, exp, credit, draws, ctr, meters,
--- route, model, at, fp), f = request fingerprint, a = authorize answer (JSON), s = status
--- (open | committed | released | expired), and once settled sf/sr = settle fingerprint/answer.
+-- route, model, at, fp, and cid = the correlation id when the request had one), f = request
+-- fingerprint, a = authorize answer (JSON), s = status (open | committed | released | expired),
+-- and once settled sf/sr = settle fingerprint/answer.
 
 -- Settles an open hold (commit, release, expire): moves every counter and the credit from the
 -- estimate to the actual amounts (zero for release/expire), resolves the hold exactly once and
--- records one event. Shared by commit.lua and release.lua.
+-- records one event (carrying the hold's correlation id, if it had one). Shared by commit.lua
+-- and release.lua.
 --
 -- KEYS: 1 account state, 2 outbox, 3 hold record, 4 open holds zset, 5 grant order, 6 grant remaining
 -- req: see settle_req; status: committed | released | expired
@@ -337,6 +346,9 @@ local function settle_hold(req, status)
     return reply('resolved', jobj({'status', rec[1]}))
   end
   local h = cjson.decode(rec[2])
+  -- The hold's correlation id goes on its settlement too (decoded from the record: encoded again).
+  local cid = nil
+  if type(h.cid) == 'string' then cid = cjson.encode(h.cid) end
   local committing = status == 'committed'
   local meters = req.meters
   if not committing then
@@ -383,6 +395,6 @@ local function settle_hold(req, status)
   emit(KEYS[2], '{"t":"' .. EVENT_OF[status] .. '","acct":"' .. h.acct .. '"' .. fs('key', h.key) ..
     ',"hold":"' .. req.hold .. '","fp":"' .. req.fp .. '","at":' .. req.now_s .. ',"credit":' .. charged ..
     ',"short":' .. short .. ',"meters":' .. meters_raw .. fs('route', h.route) .. fs('model', h.model) ..
-    fr('u', uj) .. fr('g', rows_json(g)) .. fr('x', rows_json(x)) .. ',"result":' .. res .. '}')
+    fr('cid', cid) .. fr('u', uj) .. fr('g', rows_json(g)) .. fr('x', rows_json(x)) .. ',"result":' .. res .. '}')
   return reply('ok', res)
 end

@@ -4,6 +4,7 @@
 -- KEYS[1] account state hash   KEYS[2] outbox stream   KEYS[3] hold record (hash)
 -- KEYS[4] open holds zset      KEYS[5] grant order     KEYS[6] grant remaining
 -- ARGV: see settle_req in lib.lua, then ARGV[8] `released` (caller) or `expired` (sweeper)
+-- (The event carries the hold's correlation id, if any, from the hold record.)
 -- Returns {kind, json}: ok {hold, status, credits: 0, ...} | replay | resolved {status} | gone | cold
 local status = ARGV[8]
 if status ~= 'released' and status ~= 'expired' then return redis.error_reply('bad status') end

@@ -17,7 +17,8 @@
 //! State lives in the VM's [`crate::shared::Shared`]; the root context asks for leases on its
 //! tick, so their answers come back to the root and outlive any one request.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use crate::vecmap::VecMap;
+use std::collections::VecDeque;
 use tollgate_protocol::Meters;
 
 /// What a lease is for: one API key on one route and model.
@@ -51,13 +52,13 @@ pub struct LeaseAsk {
 #[derive(Default)]
 pub struct Leases {
     /// The lease requests of a key are admitted from.
-    active: BTreeMap<LeaseKey, u64>,
-    leases: BTreeMap<u64, Lease>,
+    active: VecMap<LeaseKey, u64>,
+    leases: VecMap<u64, Lease>,
     next_id: u64,
     /// Keys with a lease asked for and not answered yet.
-    pending: BTreeSet<LeaseKey>,
+    pending: VecMap<LeaseKey, ()>,
     /// Keys not to ask for again before the time (after a denial or a failure).
-    backoff: BTreeMap<LeaseKey, u64>,
+    backoff: VecMap<LeaseKey, u64>,
     pub asks: VecDeque<LeaseAsk>,
 }
 
@@ -102,9 +103,10 @@ impl Leases {
                 }
             }
         }
-        if low && !self.pending.contains(key) && self.backoff.get(key).is_none_or(|t| *t <= now) {
+        if low && !self.pending.contains_key(key) && self.backoff.get(key).is_none_or(|t| *t <= now)
+        {
             self.backoff.remove(key);
-            self.pending.insert(key.clone());
+            self.pending.insert(key.clone(), ());
             self.asks.push_back(LeaseAsk {
                 key: key.clone(),
                 route: route.to_string(),

@@ -27,6 +27,7 @@ pub mod reply;
 pub mod root;
 pub mod shared;
 pub mod usage;
+pub mod vecmap;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);

@@ -5,16 +5,18 @@
 use crate::config::{FailureMode, FilterConfig};
 use crate::http::Request;
 use crate::lease::LeaseAsk;
+use crate::payload::{batch_outcomes, ItemStatus};
 use crate::reply;
 use crate::shared::{bump, now_ms, random_seed, Metrics, Pending, Settle, Shared, SharedRef};
+use crate::vecmap::VecMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
-use tollgate_protocol::{CommitBatchResult, CommitOutcome, CommitRequest, Decision, SpendRequest};
+use tollgate_protocol::{CommitRequest, Decision, SpendRequest};
 
 /// A settlement is retried this many times (backing off from 100 ms to 2 s, about 5 s in all);
 /// then a commit is sent at its hold's estimate instead — a hold is never left to expire free —
@@ -29,9 +31,9 @@ fn backoff_ms(attempts: u8) -> u64 {
 pub struct Root {
     shared: Option<SharedRef>,
     /// Callouts in flight: token -> what they settle.
-    inflight: BTreeMap<u32, Vec<Pending>>,
+    inflight: VecMap<u32, Vec<Pending>>,
     /// Lease requests in flight: token -> what was asked.
-    lease_calls: BTreeMap<u32, LeaseAsk>,
+    lease_calls: VecMap<u32, LeaseAsk>,
     last_flush_ms: u64,
 }
 
@@ -102,7 +104,7 @@ impl RootContext for Root {
         self.shared = Some(Rc::new(RefCell::new(Shared {
             config: Rc::new(config),
             metrics: Metrics::define(),
-            waiting: BTreeMap::new(),
+            waiting: VecMap::new(),
             settles: VecDeque::new(),
             leases: Default::default(),
             counter: 0,
@@ -349,19 +351,13 @@ impl Root {
         let mut nexts: Vec<(Pending, Next)> = Vec::with_capacity(batch.len());
         match status {
             200 if is_batch => {
-                let results = serde_json::from_slice::<CommitBatchResult>(body)
-                    .map(|r| r.results)
-                    .unwrap_or_default();
+                let results = batch_outcomes(body);
                 for (i, item) in batch.into_iter().enumerate() {
                     let next = match results.get(i) {
-                        Some(CommitOutcome::Settled(_)) => Next::Done,
-                        Some(CommitOutcome::Failed {
-                            status: 404 | 409, ..
-                        }) => Next::Refused,
+                        Some(ItemStatus::Settled) => Next::Done,
+                        Some(ItemStatus::Failed(404 | 409)) => Next::Refused,
                         // This item, not its batch: a measured commit the sidecar cannot take.
-                        Some(CommitOutcome::Failed { status, .. }) if *status < 500 => {
-                            Next::AtEstimate
-                        }
+                        Some(ItemStatus::Failed(s)) if *s < 500 => Next::AtEstimate,
                         _ => Next::Retry,
                     };
                     nexts.push((item, next));

@@ -6,10 +6,11 @@
 //! never held across a host call that could re-enter the filter.
 
 use crate::config::{FailureMode, FilterConfig};
+use crate::vecmap::VecMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use tollgate_protocol::{CommitRequest, Meters};
 
@@ -143,7 +144,7 @@ pub struct Shared {
     pub config: Rc<FilterConfig>,
     pub metrics: Metrics,
     /// context id -> its deadline, while it waits for the sidecar.
-    pub waiting: BTreeMap<u32, Waiting>,
+    pub waiting: VecMap<u32, Waiting>,
     pub settles: VecDeque<Pending>,
     /// Leases this worker holds (routes with `lease`).
     pub leases: crate::lease::Leases,

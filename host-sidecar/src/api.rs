@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use tollgate_protocol::{
-    CommitBatch, CommitBatchResult, CommitOutcome, CommitRequest, ErrorDetail, GrantRequest,
-    ReleaseRequest, SpendRequest, MAX_BATCH,
+    CommitBatchResult, CommitOutcome, CommitRequest, ErrorDetail, GrantRequest, ReleaseRequest,
+    SpendRequest, MAX_BATCH,
 };
 
 pub(crate) type St = State<Arc<Engine>>;
@@ -25,10 +25,20 @@ pub(crate) type Body = Result<Bytes, BytesRejection>;
 
 pub fn router(engine: Arc<Engine>) -> Router {
     let limit = engine.cfg.server.max_body_bytes;
+    // Commits may carry the response's text (up to MAX_OUTPUT_TEXT per item) and the filter
+    // batches them: their routes take larger bodies than every other route. The innermost
+    // limit is the one that applies.
+    let commit_limit = engine.cfg.server.max_commit_body_bytes;
     Router::new()
         .route("/v1/authorize", post(authorize))
-        .route("/v1/commit", post(commit))
-        .route("/v1/commit/batch", post(commit_batch))
+        .route(
+            "/v1/commit",
+            post(commit).layer(DefaultBodyLimit::max(commit_limit)),
+        )
+        .route(
+            "/v1/commit/batch",
+            post(commit_batch).layer(DefaultBodyLimit::max(commit_limit)),
+        )
         .route("/v1/release", post(release))
         .route("/v1/consume", post(consume))
         .route("/v1/check", post(check))
@@ -83,13 +93,17 @@ async fn refuse_control_characters(
 }
 
 pub(crate) fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
-    let bytes = body.map_err(|e| match e {
+    let bytes = bytes_of(body)?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))
+}
+
+fn bytes_of(body: Body) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) => {
             ApiError::Invalid("body: too large or unreadable".into())
         }
         other => ApiError::Invalid(format!("body: {}", other.body_text())),
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))
+    })
 }
 
 pub(crate) fn require_admin(e: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -167,14 +181,32 @@ async fn commit(State(e): St, body: Body) -> Response {
     respond(&e, r, false)
 }
 
+/// A commit batch as it arrives: the items are split off unparsed and each is parsed on its own,
+/// so an item that is not a valid commit fails alone (its own 400) and the rest settle.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch<'a> {
+    #[serde(borrow)]
+    commits: Vec<&'a serde_json::value::RawValue>,
+}
+
 async fn commit_batch(State(e): St, body: Body) -> Response {
     let r = async {
-        let batch = parse::<CommitBatch>(body)?;
+        let bytes = bytes_of(body)?;
+        let batch: RawBatch<'_> = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))?;
         if batch.commits.is_empty() || batch.commits.len() > MAX_BATCH {
             return Err(ApiError::Invalid(format!("commits: 1..={MAX_BATCH} items")));
         }
         let outcomes =
-            futures::future::join_all(batch.commits.into_iter().map(|c| e.commit(c))).await;
+            futures::future::join_all(batch.commits.iter().enumerate().map(|(i, raw)| {
+                let item = serde_json::from_str::<CommitRequest>(raw.get()).map_err(|err| {
+                    ApiError::Invalid(format!("commits[{i}]: invalid commit: {err}"))
+                });
+                let e = &e;
+                async move { e.commit(item?).await }
+            }))
+            .await;
         let results = outcomes
             .into_iter()
             .map(|o| match o {
@@ -470,7 +502,10 @@ async fn readyz(State(e): St) -> Response {
         .metrics
         .outbox_backlog
         .load(std::sync::atomic::Ordering::Relaxed);
-    let status = if redis_ok && ledger_ok {
+    // Built at start on the blocking pool (tokens::preload): until then a commit carrying text
+    // would build them on the request path.
+    let tokenizers_ok = crate::tokens::loaded();
+    let status = if redis_ok && ledger_ok && tokenizers_ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -492,6 +527,7 @@ async fn readyz(State(e): St) -> Response {
             "postgres": word(ledger_ok),
             "outbox_backlog": backlog,
             "ledger_behind": backlog > e.cfg.sync.backlog_alert,
+            "tokenizers": if tokenizers_ok { "ok" } else { "loading" },
         })),
     )
         .into_response()

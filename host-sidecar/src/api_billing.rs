@@ -315,7 +315,7 @@ async fn export(
                 .into_response()),
             "csv" => {
                 let mut out = String::from(
-                    "seq,account_id,kind,key_id,idempotency_key,hold_id,credit,shortfall,meters,route,model,at_ms\n",
+                    "seq,account_id,kind,key_id,idempotency_key,hold_id,credit,shortfall,meters,route,model,at_ms,correlation_id\n",
                 );
                 for r in &rows {
                     let cells = [
@@ -331,6 +331,7 @@ async fn export(
                         r.route.clone().unwrap_or_default(),
                         r.model.clone().unwrap_or_default(),
                         r.at_ms.to_string(),
+                        r.correlation_id.clone().unwrap_or_default(),
                     ];
                     let line: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
                     out.push_str(&line.join(","));

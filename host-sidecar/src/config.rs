@@ -35,6 +35,27 @@ fn field_err(field: impl Into<String>, problem: impl Into<String>) -> ConfigErro
     }
 }
 
+/// The token meters the filter reports from a response's `usage` (docs/CONFIGURATION.md, "Token
+/// meters"), with one meaning for every provider: `input_tokens` is the *uncached* input only,
+/// cache reads and writes are meters of their own, `output_tokens` includes reasoning, `tokens`
+/// is every input kind plus output. Always available, like `credits`: a configuration that does
+/// not list them still accepts a filter's commit that reports them (a refused commit would let
+/// its hold expire and charge nothing).
+pub const TOKEN_METERS: [&str; 8] = [
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "tokens",
+];
+
+/// Bounds of `server.max_commit_body_bytes`.
+const MIN_COMMIT_BODY: usize = 64 * 1024;
+const MAX_COMMIT_BODY: usize = 64 * 1024 * 1024;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -48,8 +69,8 @@ pub struct Config {
     pub sync: SyncConfig,
     #[serde(default)]
     pub windows: WindowsConfig,
-    /// The units of usage this installation counts. `credits` is always available: a limit on it
-    /// caps the credit a request may spend per window.
+    /// The units of usage this installation counts. `credits` is always available (a limit on it
+    /// caps the credit a request may spend per window), and so are the [`TOKEN_METERS`].
     pub meters: Vec<String>,
     #[serde(default)]
     pub plans: BTreeMap<String, Plan>,
@@ -163,7 +184,11 @@ pub struct ServerConfig {
     /// After a cold load, how far back idempotency keys are re-checked against PostgreSQL.
     pub recheck_window_secs: u64,
     pub account_cache_ttl_ms: u64,
+    /// Largest request body, on every route but the two commit routes.
     pub max_body_bytes: usize,
+    /// Largest body of `/v1/commit` and `/v1/commit/batch`: a commit may carry the response's
+    /// text (up to `MAX_OUTPUT_TEXT`, 1 MiB, per item) and the filter batches them.
+    pub max_commit_body_bytes: usize,
     pub sweep_interval_ms: u64,
     /// Bearer token for the admin API; `TOLLGATE_ADMIN_TOKEN` overrides. Required.
     pub admin_token: Option<String>,
@@ -181,6 +206,7 @@ impl Default for ServerConfig {
             recheck_window_secs: 600,
             account_cache_ttl_ms: 1_000,
             max_body_bytes: 64 * 1024,
+            max_commit_body_bytes: 8 * 1024 * 1024,
             sweep_interval_ms: 1_000,
             admin_token: None,
             key_pepper: None,
@@ -405,6 +431,12 @@ impl Config {
                     "must be at least 16 characters (or unset to disable the admin API)",
                 ));
             }
+        }
+        if !(MIN_COMMIT_BODY..=MAX_COMMIT_BODY).contains(&s.max_commit_body_bytes) {
+            return Err(field_err(
+                "server.max_commit_body_bytes",
+                format!("must be {MIN_COMMIT_BODY}..={MAX_COMMIT_BODY} (64 KiB to 64 MiB)"),
+            ));
         }
         if !(1..=1024).contains(&s.shards) {
             return Err(field_err("server.shards", "must be 1..=1024"));
@@ -659,8 +691,9 @@ impl Config {
         Ok(())
     }
 
+    /// A declared meter, `credits`, or one of the [`TOKEN_METERS`].
     pub fn is_meter(&self, name: &str) -> bool {
-        name == "credits" || self.meters.iter().any(|m| m == name)
+        name == "credits" || TOKEN_METERS.contains(&name) || self.meters.iter().any(|m| m == name)
     }
 
     pub fn window_settings(&self) -> Result<WindowSettings, ConfigError> {
@@ -762,6 +795,14 @@ tokens = { credits = 600, per = 1000 }
                 format!("{BASE}\n[server]\nadmin_token = \"\"\n"),
                 "server.admin_token",
             ),
+            (
+                format!("{BASE}\n[server]\nmax_commit_body_bytes = 1000\n"),
+                "server.max_commit_body_bytes",
+            ),
+            (
+                format!("{BASE}\n[server]\nmax_commit_body_bytes = 67108865\n"),
+                "server.max_commit_body_bytes",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::from_toml(&text).unwrap_err().to_string();
@@ -776,6 +817,36 @@ tokens = { credits = 600, per = 1000 }
         let m = [("output_tokens".to_string(), 1000)].into_iter().collect();
         assert_eq!(cfg.price("chat", Some("gpt-4o-mini"), &m), Some(60));
         assert_eq!(cfg.price("chat", None, &m), Some(600));
+    }
+
+    #[test]
+    fn token_meters_need_no_declaring_and_commit_bodies_default_to_8_mib() {
+        let cfg = Config::from_toml(&format!(
+            "{BASE}\n[prices.llm]\ninput_tokens = {{ credits = 300, per = 1000000 }}\n\
+             cached_input_tokens = {{ credits = 30, per = 1000000 }}\n\
+             cache_write_5m_tokens = {{ credits = 375, per = 1000000 }}\n\
+             cache_write_1h_tokens = {{ credits = 600, per = 1000000 }}\n\
+             output_tokens = {{ credits = 1500, per = 1000000 }}\n"
+        ))
+        .unwrap();
+        for m in TOKEN_METERS {
+            assert!(cfg.is_meter(m), "{m}");
+        }
+        assert!(!cfg.is_meter("cached_tokens"));
+        let m = [
+            ("input_tokens".to_string(), 1_000_000),
+            ("cached_input_tokens".to_string(), 1_000_000),
+            ("cache_write_tokens".to_string(), 1_000_000),
+            ("cache_write_5m_tokens".to_string(), 1_000_000),
+            ("reasoning_tokens".to_string(), 1_000_000),
+            ("output_tokens".to_string(), 1_000_000),
+        ]
+        .into_iter()
+        .collect();
+        // cache_write_tokens and reasoning_tokens are unpriced here: informational.
+        assert_eq!(cfg.price("llm", None, &m), Some(300 + 30 + 375 + 1500));
+        assert_eq!(cfg.server.max_commit_body_bytes, 8 << 20);
+        assert_eq!(cfg.server.max_body_bytes, 64 << 10);
     }
 
     #[test]

@@ -182,9 +182,13 @@ pub fn spawn_background(engine: &Arc<Engine>) -> Vec<JoinHandle<()>> {
     ]
 }
 
-/// Serves the HTTP API on `listener` until the future is dropped.
+/// Serves the HTTP API on `listener` until the future is dropped. The tokenizers are built on
+/// the blocking pool meanwhile; `/readyz` answers 503 until they are.
 pub async fn serve(engine: Arc<Engine>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
+    if !tokens::loaded() {
+        drop(tokio::task::spawn_blocking(tokens::preload));
+    }
     // Decisions are small frames on one long-lived HTTP/2 connection per Envoy worker: without
     // TCP_NODELAY, Nagle's algorithm and the peer's delayed ACK hold answers back by up to 40 ms.
     let listener = listener.tap_io(|tcp| {

@@ -1,27 +1,60 @@
 //! Counting tokens of text a response carried without a `usage` object (a stream that does not
 //! report usage): the filter sends the text it saw, the sidecar counts it with the model's
 //! tokenizer (tiktoken's BPE tables are compiled into the binary; nothing is downloaded).
+//!
+//! Building the tables from their compiled-in ranks takes a few hundred milliseconds (both in
+//! about 0.3 s in a debug build with the tokenizer crates optimized, see the root Cargo.toml;
+//! o200k alone took 0.6 s without): the server builds both at start ([`preload`], on the
+//! blocking pool) and `/readyz` answers 503 until they are built ([`loaded`]), so no commit
+//! pays for it.
 
 use std::sync::OnceLock;
 use tiktoken_rs::CoreBPE;
 
+static O200K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+
+fn o200k() -> Option<&'static CoreBPE> {
+    O200K
+        .get_or_init(|| tiktoken_rs::o200k_base().ok())
+        .as_ref()
+}
+
+fn cl100k() -> Option<&'static CoreBPE> {
+    CL100K
+        .get_or_init(|| tiktoken_rs::cl100k_base().ok())
+        .as_ref()
+}
+
 /// The tokenizer family of a model: o200k for the GPT-4o / GPT-4.1 / GPT-5 / o-series, cl100k
 /// for GPT-4 and GPT-3.5, o200k when the model is unknown.
 fn tokenizer(model: Option<&str>) -> Option<&'static CoreBPE> {
-    static O200K: OnceLock<Option<CoreBPE>> = OnceLock::new();
-    static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
     let m = model.unwrap_or_default();
     let old = (m.starts_with("gpt-4") && !m.starts_with("gpt-4o") && !m.starts_with("gpt-4.1"))
         || m.starts_with("gpt-3.5");
     if old {
-        CL100K
-            .get_or_init(|| tiktoken_rs::cl100k_base().ok())
-            .as_ref()
+        cl100k()
     } else {
-        O200K
-            .get_or_init(|| tiktoken_rs::o200k_base().ok())
-            .as_ref()
+        o200k()
     }
+}
+
+/// Builds both BPE tables now (blocking; a few hundred ms). Idempotent: later calls, and
+/// counts, find them built; a count that comes while a preload runs waits for that table.
+pub fn preload() {
+    let started = std::time::Instant::now();
+    let (a, b) = (o200k().is_some(), cl100k().is_some());
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        o200k = a,
+        cl100k = b,
+        "tokenizers built"
+    );
+}
+
+/// Whether both tables are built (what `/readyz` reports as `tokenizers`).
+pub fn loaded() -> bool {
+    O200K.get().is_some() && CL100K.get().is_some()
 }
 
 /// Tokens in `text` for `model`.
@@ -64,6 +97,13 @@ mod tests {
             count(Some("gpt-3.5-turbo"), &long),
         );
         assert!(a > 400 && b > 400, "{a} {b}");
+    }
+
+    #[test]
+    fn preload_builds_both_tables() {
+        preload();
+        assert!(loaded());
+        assert_eq!(count(Some("gpt-3.5-turbo"), "Hello world"), 2);
     }
 
     #[tokio::test]

@@ -7,7 +7,76 @@ mod common;
 
 use common::*;
 use futures::future::join_all;
-use serde_json::json;
+use serde_json::{json, Value};
+
+/// A plan that limits output tokens and a route that charges one credit per output token.
+/// (`output_tokens` is one of the token meters every configuration has, declared or not.)
+const TEXT_ROUTE: &str = r#"
+[plans.text]
+limits = [{ meter = "output_tokens", window = "day", max = 100000000 }]
+[prices.text]
+requests = 0
+output_tokens = 1
+"#;
+
+/// `bytes` of English-like prose, different for each `seed`.
+fn prose(bytes: usize, seed: u64) -> String {
+    const WORDS: [&str; 24] = [
+        "the",
+        "quota",
+        "ledger",
+        "counts",
+        "every",
+        "token",
+        "exactly",
+        "once,",
+        "and",
+        "nobody",
+        "gets",
+        "metered",
+        "usage",
+        "for",
+        "free.",
+        "Meanwhile",
+        "a",
+        "sidecar",
+        "settles",
+        "its",
+        "holds",
+        "before",
+        "they",
+        "expire;",
+    ];
+    let mut out = String::with_capacity(bytes + 16);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    while out.len() < bytes {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let r = (x >> 33) as usize;
+        out.push_str(WORDS[r % WORDS.len()]);
+        // Now and then a number, now and then a line break.
+        let dice = (r / WORDS.len()) % 100;
+        if dice < 9 {
+            out.push_str(&format!(" {}", r % 2026));
+        }
+        out.push(if dice >= 94 { '\n' } else { ' ' });
+    }
+    out.truncate(bytes);
+    out
+}
+
+fn text_spend(key: &str, idem: &str) -> Value {
+    json!({"api_key": key, "idempotency_key": idem, "route": "text",
+           "meters": {"requests": 1, "output_tokens": 100}})
+}
+
+fn text_commit(hold: &str, text: &str) -> Value {
+    json!({"hold_id": hold, "route": "text", "meters": {"requests": 1, "output_tokens": 100},
+           "output_text": text})
+}
 
 conformance! {
     async fn a_thousand_concurrent_authorizes_on_two_sidecars_admit_exactly_the_limit(backend: Backend) {
@@ -573,5 +642,146 @@ conformance! {
         assert_eq!(again, v);
         let (s, _) = env.post("/v1/commit/batch", &json!({"commits": []})).await;
         assert_eq!(s, 400);
+    }
+
+    /// A commit may carry the response's text (up to 1 MiB): the commit routes take bodies up to
+    /// `server.max_commit_body_bytes` (8 MiB by default), every other route keeps
+    /// `server.max_body_bytes` (64 KiB). The text is charged as its token count.
+    async fn a_long_output_text_is_accepted_and_charged_its_token_count(backend: Backend) {
+        let env = Env::build(backend, 1, TEXT_ROUTE, &redis_url(), None).await;
+        let key = env.account("acme", "text", "UTC").await;
+        env.grant("acme", "g1", 1_000_000_000, json!({})).await;
+        for h in ["h1", "h2"] {
+            let (_, v) = env.post("/v1/authorize", &text_spend(&key, h)).await;
+            assert_eq!(v["allowed"], true, "{v}");
+        }
+        let text = prose(300_000, 1);
+        let n = tollgate_sidecar::tokens::count(None, &text);
+        assert!(n > 40_000, "{n}");
+        let (s, v) = env.post("/v1/commit", &text_commit("acme/h1", &text)).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            (v["status"].clone(), v["meters"]["output_tokens"].clone(), v["credits"].clone()),
+            (json!("committed"), json!(n), json!(n))
+        );
+        assert_eq!(env.used("acme", "account:output_tokens:day").await, n + 100);
+        assert_eq!(env.balance("acme").await, 1_000_000_000 - n - 100);
+
+        // Beyond max_commit_body_bytes: refused whole (a 400, or the connection closed while
+        // the rest of the body is still being sent: the length alone refuses it), nothing settled.
+        let huge = text_commit("acme/h2", &"x".repeat(9 << 20));
+        let sent = env
+            .http
+            .post(format!("{}/v1/commit", env.base(0)))
+            .json(&huge)
+            .send()
+            .await;
+        if let Ok(r) = sent {
+            assert_eq!(r.status(), 400);
+        }
+        assert_eq!(env.used("acme", "account:output_tokens:day").await, n + 100);
+        // Other routes keep max_body_bytes.
+        let mut big = text_spend(&key, "h3");
+        big["resource"] = json!({"kind": "doc", "id": "x".repeat(100)});
+        big["padding"] = json!("x".repeat(100_000));
+        let (s, v) = env.post_raw("/v1/authorize", &big.to_string(), None).await;
+        assert_eq!(s, 400, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("too large"), "{v}");
+        let (s, v) = env
+            .post_raw("/v1/release", &json!({"hold_id": "acme/h2", "x": "y".repeat(70_000)}).to_string(), None)
+            .await;
+        assert_eq!(s, 400, "{v}");
+        let (s, v) = env.post("/v1/commit", &text_commit("acme/h2", "Hello world")).await;
+        assert_eq!((s, v["meters"]["output_tokens"].clone()), (200, json!(2)), "{v}");
+        assert_eq!(env.used("acme", "account:output_tokens:day").await, n + 2);
+        env.sync().await;
+        assert_eq!(
+            env.sql_i64(
+                "SELECT CAST(sum(credit) AS BIGINT) FROM ledger WHERE account_id = $1 AND kind = 'commit'",
+                "acme"
+            )
+            .await,
+            n as i64 + 2
+        );
+    }
+
+    /// The filter batches commits up to 1 MiB of JSON: ten items of ~100 KB of text settle,
+    /// each charged its own count. In a batch, an item that fails — its text over
+    /// MAX_OUTPUT_TEXT, or not even a commit (unknown field, wrong type) — fails alone with its
+    /// own 400 and changes nothing; the others settle.
+    async fn a_batch_of_long_texts_settles_item_by_item_and_a_bad_item_fails_alone(backend: Backend) {
+        let env = Env::build(backend, 1, TEXT_ROUTE, &redis_url(), None).await;
+        let key = env.account("acme", "text", "UTC").await;
+        env.grant("acme", "g1", 1_000_000_000, json!({})).await;
+        let texts: Vec<String> = (0..10).map(|i| prose(100_000, 10 + i)).collect();
+        for i in 0..10 {
+            let (_, v) = env.post("/v1/authorize", &text_spend(&key, &format!("b{i}"))).await;
+            assert_eq!(v["allowed"], true, "{v}");
+        }
+        let batch = json!({"commits": texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| text_commit(&format!("acme/b{i}"), t))
+            .collect::<Vec<_>>()});
+        assert!(batch.to_string().len() > 1_000_000);
+        let (s, v) = env.post("/v1/commit/batch", &batch).await;
+        assert_eq!(s, 200, "{v}");
+        let mut total = 0;
+        for (i, t) in texts.iter().enumerate() {
+            let n = tollgate_sidecar::tokens::count(None, t);
+            total += n;
+            let r = &v["results"][i];
+            assert_eq!(
+                (r["hold_id"].clone(), r["status"].clone(), r["meters"]["output_tokens"].clone()),
+                (json!(format!("acme/b{i}")), json!("committed"), json!(n))
+            );
+        }
+        assert_eq!(env.used("acme", "account:output_tokens:day").await, total);
+
+        for h in ["g0", "g1", "g2", "g3"] {
+            let (_, v) = env.post("/v1/authorize", &text_spend(&key, h)).await;
+            assert_eq!(v["allowed"], true, "{v}");
+        }
+        let too_long = "y".repeat(tollgate_protocol::MAX_OUTPUT_TEXT + 1);
+        let good = prose(5_000, 99);
+        let n_good = tollgate_sidecar::tokens::count(None, &good);
+        let batch = json!({"commits": [
+            text_commit("acme/g0", &too_long),
+            text_commit("acme/g1", &good),
+            {"hold_id": "acme/g2", "meters": {"requests": 1}, "bogus": 1},
+            42,
+            {"hold_id": "acme/g3", "meters": {"requests": -1}},
+        ]});
+        let (s, v) = env.post("/v1/commit/batch", &batch).await;
+        assert_eq!(s, 200, "{v}");
+        let r = v["results"].as_array().unwrap();
+        assert_eq!(r.len(), 5, "{v}");
+        let failed = |i: usize| (r[i]["status"].clone(), r[i]["error"]["code"].clone());
+        assert_eq!(failed(0), (json!(400), json!("invalid_request")), "{v}");
+        assert!(r[0]["error"]["message"].as_str().unwrap().contains("output_text"), "{v}");
+        assert_eq!(
+            (r[1]["status"].clone(), r[1]["meters"]["output_tokens"].clone()),
+            (json!("committed"), json!(n_good)),
+            "{v}"
+        );
+        for i in [2, 3, 4] {
+            assert_eq!(failed(i), (json!(400), json!("invalid_request")), "{i}: {v}");
+            assert!(
+                r[i]["error"]["message"].as_str().unwrap().starts_with(&format!("commits[{i}]")),
+                "{v}"
+            );
+        }
+        // The failed items' holds are untouched: still open at their estimates.
+        assert_eq!(env.used("acme", "account:output_tokens:day").await, total + n_good + 300);
+        for h in ["acme/g0", "acme/g2", "acme/g3"] {
+            let (s, v) = env.post("/v1/commit", &text_commit(h, "Hello world")).await;
+            assert_eq!((s, v["status"].clone()), (200, json!("committed")), "{h}: {v}");
+        }
+        assert_eq!(env.used("acme", "account:output_tokens:day").await, total + n_good + 6);
+        // What is not a batch at all is refused whole.
+        for body in [json!({"commits": {"hold_id": "acme/g1"}}), json!({"commits": [], "x": 1}), json!([1])] {
+            let (s, v) = env.post("/v1/commit/batch", &body).await;
+            assert_eq!(s, 400, "{body}: {v}");
+        }
     }
 }

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
 use redis::AsyncCommands;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tollgate_protocol::{CommitRequest, GrantRequest, SpendRequest};
@@ -485,8 +485,20 @@ conformance! {
             }
         };
         assert_eq!(get("/healthz").await.status(), 200);
-        let r = get("/readyz").await;
-        assert_eq!(r.status(), 200);
+        // Ready once Redis and the ledger answer and the tokenizers are built (at start, on the
+        // blocking pool: 503 with `"tokenizers": "loading"` until then).
+        let mut ready = Value::Null;
+        for _ in 0..200 {
+            let r = get("/readyz").await;
+            let status = r.status();
+            ready = r.json().await.unwrap();
+            if status == 200 {
+                break;
+            }
+            assert_eq!((status, &ready["tokenizers"]), (reqwest::StatusCode::SERVICE_UNAVAILABLE, &json!("loading")), "{ready}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!((&ready["tokenizers"], &ready["mode"]), (&json!("ok"), &json!("normal")), "{ready}");
         let m = get("/metrics").await.text().await.unwrap();
         assert!(
             m.contains("tollgate_decisions_total{result=\"allowed\"} 5"),
@@ -626,4 +638,208 @@ conformance! {
         assert_eq!(env.used("acme", "account:requests:day").await, 100);
         assert_eq!(env.used("beta", "account:tokens:month").await, 900);
     }
+
+    /// A correlation id (the client's x-request-id) reaches the ledger on the hold, its commit
+    /// and a consume, is returned by the history and the export only where present, survives a
+    /// cold load (the hold's record comes back from the ledger) and is no part of the request:
+    /// the same idempotency key with another correlation id is a replay, charged once.
+    async fn correlation_ids_reach_the_ledger_and_are_no_part_of_the_request(backend: Backend) {
+        let env = Env::isolated(backend, 1).await;
+        let key = env.account("acme", "tokens", "UTC").await; // 10 requests, 100 tokens a day
+        env.grant("acme", "g1", 1000, json!({})).await;
+        // Printable ASCII may hold quotes, backslashes and braces: the scripts splice the id as
+        // JSON, so it must come back byte for byte.
+        let cid1 = r#"0f8fad5b-d9cb-469f-a165-70867728950e/"q"\{x}"#;
+        let spend = |idem: &str, cid: Option<&str>| {
+            let mut b = json!({"api_key": key, "idempotency_key": idem, "route": "paid",
+                               "meters": {"requests": 1, "tokens": 10}});
+            if let Some(c) = cid {
+                b["correlation_id"] = json!(c);
+            }
+            b
+        };
+        let (s, first, replay) = env.post_to(0, "/v1/authorize", &spend("h1", Some(cid1))).await;
+        assert_eq!((s, replay, first["allowed"].clone()), (200, false, json!(true)), "{first}");
+        // Same key, another correlation id (or none): the same request.
+        for other in [Some("another-id"), None] {
+            let (s, again, replay) = env.post_to(0, "/v1/authorize", &spend("h1", other)).await;
+            assert_eq!((s, replay), (200, true), "{again}");
+            assert_eq!(again, first);
+        }
+        assert_eq!(env.used("acme", "account:requests:day").await, 1);
+        assert_eq!(env.balance("acme").await, 1000 - 20);
+        // A bad correlation id is refused by name and changes nothing.
+        for bad in [json!("has space"), json!("é"), json!("x".repeat(129)), json!(""), json!(7)] {
+            let mut b = spend("h9", None);
+            b["correlation_id"] = bad.clone();
+            let (s, v) = env.post("/v1/authorize", &b).await;
+            assert_eq!(s, 400, "{bad}: {v}");
+            if bad.is_string() {
+                assert!(v["error"]["message"].as_str().unwrap().contains("correlation_id"), "{v}");
+            }
+        }
+        let (s, v) = env
+            .post("/v1/commit", &json!({"hold_id": "acme/h1", "meters": {"requests": 1, "tokens": 4}}))
+            .await;
+        assert_eq!((s, v["status"].clone()), (200, json!("committed")), "{v}");
+        let (s, v) = env
+            .post("/v1/consume", &spend("c1", Some("consume-7")))
+            .await;
+        assert_eq!((s, v["allowed"].clone()), (200, json!(true)), "{v}");
+        let (_, v) = env.post("/v1/authorize", &spend("h2", Some("second-hold"))).await;
+        assert_eq!(v["allowed"], true, "{v}");
+        let (_, v) = env.post("/v1/authorize", &spend("h3", None)).await;
+        assert_eq!(v["allowed"], true, "{v}");
+        env.sync().await;
+
+        // Redis loses everything: h2's record comes back from the ledger, its id with it.
+        env.flushall().await;
+        let (s, v) = env
+            .post("/v1/commit", &json!({"hold_id": "acme/h2", "meters": {"requests": 1, "tokens": 1}}))
+            .await;
+        assert_eq!((s, v["status"].clone()), (200, json!("committed")), "{v}");
+        let (s, _, replay) = env.post_to(0, "/v1/authorize", &spend("h2", Some("yet-another"))).await;
+        assert_eq!((s, replay), (200, true));
+        env.sync().await;
+
+        let (s, page) = env.admin_get("/v1/accounts/acme/ledger?limit=100").await;
+        assert_eq!(s, 200, "{page}");
+        let entries: Vec<_> = page["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] != "grant")
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap().to_string(),
+                    e["idempotency_key"].as_str().or(e["hold_id"].as_str()).unwrap().to_string(),
+                    e.get("correlation_id").cloned(),
+                )
+            })
+            .collect();
+        let some = |c: &str| Some(json!(c));
+        assert_eq!(
+            entries,
+            vec![
+                ("hold".into(), "h1".into(), some(cid1)),
+                ("commit".into(), "acme/h1".into(), some(cid1)),
+                ("consume".into(), "c1".into(), some("consume-7")),
+                ("hold".into(), "h2".into(), some("second-hold")),
+                ("hold".into(), "h3".into(), None),
+                ("commit".into(), "acme/h2".into(), some("second-hold")),
+            ],
+            "{page}"
+        );
+        // Charged once: one hold of h1 in the ledger, 2 + 1 + 1 + 1 requests.
+        assert_eq!(
+            env.sql_i64(
+                "SELECT count(*) FROM ledger WHERE account_id = $1 AND kind = 'hold' AND idem_key = 'h1'",
+                "acme"
+            )
+            .await,
+            1
+        );
+        assert_eq!(env.used("acme", "account:requests:day").await, 4);
+
+        // The export: JSON only where present, CSV as the last column (quoted as needed).
+        let (s, v) = env.admin_get("/admin/export?account=acme&format=json").await;
+        assert_eq!(s, 200, "{v}");
+        let rows = v["entries"].as_array().unwrap();
+        let with: Vec<_> = rows.iter().filter_map(|r| r["correlation_id"].as_str()).collect();
+        assert_eq!(with, [cid1, cid1, "consume-7", "second-hold", "second-hold"]);
+        assert!(rows.iter().any(|r| r["kind"] == "grant" && r.get("correlation_id").is_none()));
+        let csv = env
+            .http
+            .get(format!("{}/admin/export?account=acme&format=csv", env.base(0)))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(csv.starts_with("seq,account_id,kind,") && csv.lines().next().unwrap().ends_with(",at_ms,correlation_id"), "{csv}");
+        let quoted = format!("\"{}\"", cid1.replace('"', "\"\""));
+        assert!(csv.lines().any(|l| l.contains(",hold,") && l.ends_with(&quoted)), "{csv}");
+    }
+}
+
+/// Deciding from PostgreSQL while Redis is down (engine/degraded.rs) runs the same scripts on a
+/// private key space loaded from the ledger: a correlation id reaches the ledger there too, a
+/// hold's commit carries the id its record in the ledger has, and a repeat with another id is a
+/// replay. (Redis + PostgreSQL only: the only pair with that mode.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn correlation_ids_reach_the_ledger_when_deciding_from_postgresql() {
+    let mut env = Env::isolated(Backend::RedisPostgres, 1).await;
+    let key = env.account("acme", "tokens", "UTC").await;
+    env.grant("acme", "g1", 1000, json!({})).await;
+    let spend = |idem: &str, cid: &str| {
+        json!({"api_key": key, "idempotency_key": idem, "route": "paid", "correlation_id": cid,
+               "meters": {"requests": 1, "tokens": 10}})
+    };
+    let (_, v) = env
+        .post("/v1/authorize", &spend("h1", "before-the-cut"))
+        .await;
+    assert_eq!(v["allowed"], true, "{v}");
+    env.sync().await;
+
+    env.private_redis.as_mut().unwrap().stop();
+    // The breaker opens after three failed round trips; decisions then come from PostgreSQL.
+    let mut decided = None;
+    for i in 0..50 {
+        let idem = format!("d{i}");
+        let (s, v) = env
+            .post("/v1/authorize", &spend(&idem, "during-the-cut"))
+            .await;
+        if s == 200 && v["allowed"] == true {
+            decided = Some(idem);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let d = decided.expect("a decision from PostgreSQL");
+    assert!(!env.engine().store.breaker.closed());
+    let (s, _, replay) = env
+        .post_to(0, "/v1/authorize", &spend(&d, "a-different-one"))
+        .await;
+    assert_eq!((s, replay), (200, true));
+    let (s, v) = env
+        .post(
+            "/v1/commit",
+            &json!({"hold_id": "acme/h1", "meters": {"requests": 1, "tokens": 3}}),
+        )
+        .await;
+    assert_eq!((s, v["status"].clone()), (200, json!("committed")), "{v}");
+
+    // Those decisions wrote the ledger in their own transactions.
+    let (s, page) = env.admin_get("/v1/accounts/acme/ledger?limit=100").await;
+    assert_eq!(s, 200, "{page}");
+    let got: Vec<(String, Value)> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] != "grant")
+        .map(|e| {
+            (
+                format!(
+                    "{} {}",
+                    e["kind"].as_str().unwrap(),
+                    e["idempotency_key"]
+                        .as_str()
+                        .or(e["hold_id"].as_str())
+                        .unwrap()
+                ),
+                e["correlation_id"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("hold h1".to_string(), json!("before-the-cut")),
+            (format!("hold {d}"), json!("during-the-cut")),
+            ("commit acme/h1".to_string(), json!("before-the-cut")),
+        ],
+        "{page}"
+    );
 }

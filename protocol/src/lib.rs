@@ -59,7 +59,19 @@ pub struct SpendRequest {
     pub credits: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<Resource>,
+    /// The caller's own id for the request (an `x-request-id`, a UUID), recorded on its ledger
+    /// entries (the hold and its settlement, or the consume). Not part of the idempotency key nor
+    /// of the request's
+    /// fingerprint: a repeat with the same `idempotency_key` and another correlation id is the
+    /// same request (answered as a replay, charged once, the first one's id kept).
+    /// At most [`MAX_CORRELATION_ID_LEN`] bytes of printable ASCII (see
+    /// [`validate_correlation_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
 }
+
+/// Longest `correlation_id`, in bytes.
+pub const MAX_CORRELATION_ID_LEN: usize = 128;
 
 pub fn default_route() -> String {
     "default".to_string()
@@ -281,6 +293,28 @@ pub fn validate_id(field: &str, value: &str) -> Result<(), InvalidField> {
     Ok(())
 }
 
+/// A correlation id is 1..=128 bytes of printable ASCII without space (0x21..=0x7e): what a
+/// client puts in `x-request-id` (a UUID, a trace id), wider than an [identifier](validate_id)
+/// since it is never part of a key name, only stored beside the ledger entry.
+pub fn validate_correlation_id(field: &str, value: &str) -> Result<(), InvalidField> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_CORRELATION_ID_LEN {
+        return Err(invalid(
+            field,
+            format!("longer than {MAX_CORRELATION_ID_LEN} bytes"),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| !matches!(*c, '\x21'..='\x7e')) {
+        return Err(invalid(
+            field,
+            format!("contains {c:?}; allowed is printable ASCII without space (0x21..=0x7e)"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn validate_amount(field: &str, value: u64) -> Result<(), InvalidField> {
     if value > MAX_AMOUNT {
         return Err(invalid(
@@ -331,6 +365,9 @@ impl SpendRequest {
         if let Some(r) = &self.resource {
             validate_id("resource.kind", &r.kind)?;
             validate_id("resource.id", &r.id)?;
+        }
+        if let Some(c) = &self.correlation_id {
+            validate_correlation_id("correlation_id", c)?;
         }
         Ok(())
     }
@@ -421,6 +458,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.validate(true).unwrap_err().field, "meters.requests");
+    }
+
+    #[test]
+    fn correlation_ids_are_printable_ascii_up_to_128_bytes() {
+        for good in [
+            "0f8fad5b-d9cb-469f-a165-70867728950e",
+            "req/1?x=\"a\"\\{b}",
+            "!",
+            &"~".repeat(128),
+        ] {
+            assert!(
+                validate_correlation_id("c", good).is_ok(),
+                "{good:?} refused"
+            );
+        }
+        for bad in [
+            "",
+            "a b",
+            "a\tb",
+            "a\nb",
+            "é",
+            "a\u{7f}",
+            "\0",
+            &"a".repeat(129),
+        ] {
+            let e = validate_correlation_id("c", bad).unwrap_err();
+            assert_eq!(e.field, "c", "{bad:?}");
+        }
+        // On a spend request: optional, validated, and a field error names it.
+        let mut r: SpendRequest = serde_json::from_str(
+            r#"{"account":"a","idempotency_key":"k","correlation_id":"trace-1"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.correlation_id.as_deref(), Some("trace-1"));
+        assert!(r.validate(true).is_ok());
+        r.correlation_id = Some("has space".into());
+        assert_eq!(r.validate(true).unwrap_err().field, "correlation_id");
+        r.correlation_id = None;
+        assert!(r.validate(true).is_ok());
+        assert!(!serde_json::to_string(&r)
+            .unwrap()
+            .contains("correlation_id"));
+        assert!(serde_json::from_str::<SpendRequest>(
+            r#"{"account":"a","idempotency_key":"k","correlation_id":7}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -201,11 +201,12 @@ async fn allow_settle_429_and_402(backend: Backend) {
         "insufficient_credits"
     );
 
-    // 5. The retried request id is charged once.
+    // 5. A client's request id is not an idempotency key: the same id again, after the 429,
+    //    is a new request — refused at the limit, not served from the first answer.
     let r = send(&keys[0], "e2e-1", json!({"model": "m", "max_tokens": 50}))
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 429);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(engine.balance("acme").await.unwrap(), 907);
     assert!(
@@ -249,7 +250,17 @@ async fn allow_settle_429_and_402(backend: Backend) {
     let mut status = String::new();
     for _ in 0..100 {
         while engine.sync.sync_all().await.unwrap() > 0 {}
-        if let Some(h) = engine.ledger.hold("late", "late/e2e-gone").await.unwrap() {
+        // The hold's id is the filter's own key; the client's request id is on its entry.
+        let entries = engine.ledger.history("late", 0, 1000).await.unwrap();
+        let Some(hold_id) = entries
+            .iter()
+            .find(|e| e.kind == "hold" && e.correlation_id.as_deref() == Some("e2e-gone"))
+            .and_then(|e| e.hold_id.clone())
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if let Some(h) = engine.ledger.hold("late", &hold_id).await.unwrap() {
             status = h.status;
             if status != "open" {
                 break;

@@ -80,11 +80,18 @@ impl Engine {
             model: Option<String>,
         }
         let (acct, _) = split_hold_id(hold_id)?;
-        let mut conn = self.store.conn();
-        let rec: Option<String> = conn
-            .hget(self.store.keys.hold(acct, hold_id), "d")
-            .await
-            .map_err(crate::store::StoreError::from)?;
+        // While Redis is down (the breaker open) the commit is decided from PostgreSQL, which
+        // has the hold's record too: it must not fail here first. (Redis failing this read with
+        // the breaker still closed is an error, as before: the ledger may not have the hold yet,
+        // and a wrong route would misprice the commit.)
+        let rec: Option<String> = if self.store.breaker.closed() {
+            let mut conn = self.store.conn();
+            conn.hget(self.store.keys.hold(acct, hold_id), "d")
+                .await
+                .map_err(crate::store::StoreError::from)?
+        } else {
+            None
+        };
         let rec = match rec {
             Some(r) => Some(r),
             None => self.ledger.hold_record(acct, hold_id).await?,

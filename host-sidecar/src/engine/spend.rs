@@ -187,6 +187,7 @@ impl Engine {
                 exp: now + self.cfg.server.hold_ttl_secs * 1000,
                 idem_ttl_ms: self.idem_ttl_ms(),
                 version: caller.account.row.version,
+                correlation_id: req.correlation_id.as_deref(),
             };
             let reply = match op {
                 Op::Authorize => self.store.authorize(&args).await?,

@@ -135,6 +135,9 @@ pub struct ExportRow {
     pub route: Option<String>,
     pub model: Option<String>,
     pub at_ms: i64,
+    /// The caller's correlation id, when the request had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
 }
 
 /// One line of a top-consumers report.
@@ -681,6 +684,7 @@ impl Ledger {
                 route: r.route,
                 model: r.model,
                 at_ms: r.at_ms,
+                correlation_id: r.correlation_id,
             })
             .collect())
     }

@@ -123,6 +123,9 @@ pub struct LedgerEntry {
     pub route: Option<String>,
     pub model: Option<String>,
     pub resource: Option<serde_json::Value>,
+    /// The caller's correlation id, when the request had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
     pub at_ms: i64,
 }
 
@@ -142,6 +145,7 @@ pub(crate) struct StoredEntry {
     pub route: Option<String>,
     pub model: Option<String>,
     pub resource: Option<String>,
+    pub correlation_id: Option<String>,
     pub at_ms: i64,
 }
 
@@ -499,6 +503,7 @@ impl Ledger {
                 route: r.route,
                 model: r.model,
                 resource: json(r.resource),
+                correlation_id: r.correlation_id,
                 at_ms: r.at_ms,
             })
             .collect())
@@ -521,7 +526,7 @@ impl Ledger {
         let sql = format!(
             "SELECT seq, account_id, kind, key_id, idem_key, hold_id, credit, shortfall,
                     CAST(meters AS TEXT) AS meters, CAST(expired AS TEXT) AS expired, route, model,
-                    CAST(resource AS TEXT) AS resource, {at_ms} AS at_ms
+                    CAST(resource AS TEXT) AS resource, correlation_id, {at_ms} AS at_ms
              FROM ledger WHERE seq > $1 {filter} ORDER BY seq LIMIT $2"
         );
         on_db!(&self.db, p => {
@@ -546,6 +551,7 @@ impl Ledger {
                     route: r.get("route"),
                     model: r.get("model"),
                     resource: r.get("resource"),
+                    correlation_id: r.get("correlation_id"),
                     at_ms: r.get("at_ms"),
                 })
                 .collect())

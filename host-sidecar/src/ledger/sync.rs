@@ -54,6 +54,10 @@ struct Event {
     model: Option<String>,
     #[serde(default)]
     resource: Option<Value>,
+    /// The caller's correlation id (hold and consume events; a hold's settlement carries its
+    /// hold's).
+    #[serde(default)]
+    cid: Option<String>,
     #[serde(default)]
     u: Vec<(String, String, String, i64, i64)>,
     #[serde(default)]
@@ -78,7 +82,7 @@ struct GrantInfo {
     source: String,
 }
 
-/// Rows per INSERT into the SQLite ledger (19 columns: well under SQLite's 32,766 parameters).
+/// Rows per INSERT into the SQLite ledger (20 columns: well under SQLite's 32,766 parameters).
 const LITE_ROWS_PER_INSERT: usize = 200;
 
 /// How many shards one worker applies concurrently (each holds one PostgreSQL connection).
@@ -132,6 +136,7 @@ struct Batch {
     route: Vec<Option<String>>,
     model: Vec<Option<String>>,
     resource: Vec<Option<String>>,
+    correlation_id: Vec<Option<String>>,
     result: Vec<String>,
     at: Vec<i64>,
     usage_delta: HashMap<(String, String, String, String), (i64, i64)>,
@@ -224,6 +229,7 @@ impl Batch {
         self.route.push(e.route);
         self.model.push(e.model);
         self.resource.push(e.resource.map(|r| r.to_string()));
+        self.correlation_id.push(e.cid);
         self.result.push(e.result.to_string());
         self.at.push(e.at);
     }
@@ -231,13 +237,15 @@ impl Batch {
     async fn write_pg(self, tx: &mut sqlx::PgConnection, shard: i32) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO ledger (event_id, shard, account_id, key_id, kind, idem_key, hold_id, fp,
-                credit, shortfall, meters, usage, grants, expired, route, model, resource, result, at)
+                credit, shortfall, meters, usage, grants, expired, route, model, resource, result, at,
+                correlation_id)
              SELECT e, $2, a, k, t, i, h, f, c, s, m::jsonb, u::jsonb, g::jsonb, x::jsonb, r, md,
-                rs::jsonb, res::jsonb, to_timestamp(at / 1000.0)
+                rs::jsonb, res::jsonb, to_timestamp(at / 1000.0), cid
              FROM UNNEST($1::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                 $8::text[], $9::int8[], $10::int8[], $11::text[], $12::text[], $13::text[],
-                $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::int8[])
-               AS t(e, a, k, t, i, h, f, c, s, m, u, g, x, r, md, rs, res, at)
+                $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::int8[],
+                $20::text[])
+               AS t(e, a, k, t, i, h, f, c, s, m, u, g, x, r, md, rs, res, at, cid)
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(&self.event_id)
@@ -259,6 +267,7 @@ impl Batch {
         .bind(&self.resource)
         .bind(&self.result)
         .bind(&self.at)
+        .bind(&self.correlation_id)
         .execute(&mut *tx)
         .await?;
 
@@ -421,7 +430,8 @@ impl Batch {
         for chunk in rows.chunks(LITE_ROWS_PER_INSERT) {
             let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO ledger (event_id, shard, account_id, key_id, kind, idem_key, hold_id, fp,
-                    credit, shortfall, meters, usage, grants, expired, route, model, resource, result, at) ",
+                    credit, shortfall, meters, usage, grants, expired, route, model, resource, result, at,
+                    correlation_id) ",
             );
             q.push_values(chunk, |mut b, &i| {
                 b.push_bind(&self.event_id[i])
@@ -442,7 +452,8 @@ impl Batch {
                     .push_bind(&self.model[i])
                     .push_bind(&self.resource[i])
                     .push_bind(&self.result[i])
-                    .push_bind(self.at[i]);
+                    .push_bind(self.at[i])
+                    .push_bind(&self.correlation_id[i]);
             });
             q.push(" ON CONFLICT (event_id) DO NOTHING");
             q.build().execute(&mut *tx).await?;

@@ -84,6 +84,9 @@ pub struct SpendArgs<'a> {
     pub idem_ttl_ms: u64,
     /// The version of the account the limits were read from (see [`Store::set_version`]).
     pub version: i64,
+    /// The caller's correlation id (validated printable ASCII), recorded on the ledger entry;
+    /// not part of the fingerprint.
+    pub correlation_id: Option<&'a str>,
 }
 
 impl<'a> SpendArgs<'a> {
@@ -108,11 +111,12 @@ impl<'a> SpendArgs<'a> {
             idem_ttl_ms: 0,
             // Not a caller's request: never told `stale`.
             version: i64::MAX,
+            correlation_id: None,
         }
     }
 
     fn argv(&self) -> Vec<String> {
-        let mut v = Vec::with_capacity(16 + self.lims.len() * 7);
+        let mut v = Vec::with_capacity(17 + self.lims.len() * 7);
         v.extend([
             self.now.to_string(),
             self.acct.to_string(),
@@ -142,6 +146,8 @@ impl<'a> SpendArgs<'a> {
             ]);
         }
         v.push(self.version.to_string());
+        // As a JSON string (quotes and escapes included): the scripts splice it into JSON as is.
+        v.push(self.correlation_id.map(|c| json(&c)).unwrap_or_default());
         v
     }
 }

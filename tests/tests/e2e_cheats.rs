@@ -1,0 +1,588 @@
+//! A customer who wants free tokens, through a real Envoy (1.40, V8) with the compiled filter,
+//! the sidecar and a mock upstream that counts what it generates: every attempt of issue 13 is
+//! made here, on Redis + PostgreSQL and on the embedded store, and each must end with what the
+//! upstream served equal to what the ledger charged.
+//!
+//! Requests are written on a raw socket: an HTTP client library would normalize the very paths
+//! (`/./v1`, `//v1`, `%76%31`) this test sends.
+
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate_sidecar::clock::SystemClock;
+use tollgate_sidecar::config::Config;
+use tollgate_sidecar::engine::Engine;
+use wasm_host::envoy::Envoy;
+use wasm_host::mock::{self, Mock};
+
+const SIDECAR: &str = r#"
+meters = ["requests"]
+[server]
+listen = "127.0.0.1:0"
+shards = 2
+[plans.big]
+limits = [{ meter = "requests", window = "day", max = 1000000 }]
+[prices.chat]
+requests = 1
+input_tokens = 2
+cached_input_tokens = 1
+cache_write_tokens = 3
+output_tokens = 5
+"#;
+
+/// Credits of one mock completion on `chat`: 1 request, 10 uncached input, 20 output.
+const COMPLETION: u64 = 1 + 2 * mock::PROMPT_TOKENS + 5 * mock::COMPLETION_TOKENS;
+const START: u64 = 1_000_000_000;
+const CAP: u64 = 1000;
+
+fn filter_config() -> String {
+    let token_charges = json!({"requests": {"fixed": 1}, "input_tokens": {"fixed": 0},
+        "cached_input_tokens": {"fixed": 0}, "cache_write_tokens": {"fixed": 0},
+        "output_tokens": {"body_field": ["max_tokens", "max_completion_tokens", "max_output_tokens"], "cap": CAP}});
+    json!({
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 2000},
+        "deadline_ms": 2000,
+        "key": {"header": "x-api-key"},
+        "commit_interval_ms": 50,
+        "routes": [
+            {"name": "chat", "host": "pay.example", "method": "POST", "path_prefix": "/v1/chat/completions",
+             "idempotency_header": "idempotency-key", "charges": token_charges,
+             "usage": {"source": "body"}, "model_field": "model"},
+            {"name": "chat", "method": "POST", "path_prefix": "/v1/chat/completions",
+             "charges": token_charges, "usage": {"source": "body"}, "model_field": "model"},
+            {"name": "chat", "method": "POST", "path_prefix": "/v1/messages",
+             "charges": token_charges, "usage": {"source": "body"}, "model_field": "model"}
+        ]
+    })
+    .to_string()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    RedisPostgres,
+    Embedded,
+}
+
+fn sidecar_config(backend: Backend, run: &str) -> Config {
+    let mut cfg = Config::from_toml(SIDECAR).unwrap();
+    cfg.redis.key_prefix = run.to_string();
+    match backend {
+        Backend::RedisPostgres => {
+            cfg.redis.url = Some(
+                std::env::var("TOLLGATE_TEST_REDIS_URL")
+                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            );
+            cfg.postgres.url = Some(format!(
+                "{}/{run}",
+                std::env::var("TOLLGATE_TEST_DATABASE_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+            ));
+        }
+        Backend::Embedded => {
+            cfg.postgres.sqlite_path = std::env::temp_dir()
+                .join(format!("{run}.sqlite"))
+                .to_string_lossy()
+                .into_owned();
+        }
+    }
+    cfg.server.admin_token = Some("e2e-admin-token-xxxx".into());
+    cfg
+}
+
+/// One raw HTTP/1.1 request to Envoy; returns the status and the body.
+async fn raw(port: u16, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        headers
+            .iter()
+            .find(|(k, _)| *k == "host")
+            .map_or("api.example", |(_, v)| v),
+        body.len()
+    );
+    for (k, v) in headers.iter().filter(|(k, _)| *k != "host") {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    req += body;
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+struct World {
+    engine: Arc<Engine>,
+    envoy: Envoy,
+    mock: Mock,
+    keys: std::collections::BTreeMap<String, String>,
+}
+
+impl World {
+    fn key(&self, acct: &str) -> &str {
+        &self.keys[acct]
+    }
+
+    async fn post(
+        &self,
+        acct: &str,
+        path: &str,
+        extra: &[(&str, &str)],
+        body: &Value,
+    ) -> (u16, String) {
+        let mut h = vec![("x-api-key", self.key(acct))];
+        h.extend_from_slice(extra);
+        raw(self.envoy.port, path, &h, &body.to_string()).await
+    }
+
+    async fn balance(&self, acct: &str) -> u64 {
+        self.engine.balance(acct).await.unwrap()
+    }
+
+    /// Waits (up to `within`) for the balance; returns how long it took.
+    async fn wait_balance(&self, acct: &str, want: u64, within: Duration) -> Duration {
+        let t = Instant::now();
+        let mut last = 0;
+        while t.elapsed() < within {
+            last = self.balance(acct).await;
+            if last == want {
+                return t.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "balance of {acct} is {last}, expected {want} (diff {})",
+            last as i64 - want as i64
+        );
+    }
+
+    /// The account's ledger entries once `done` holds for them (the sync worker in the
+    /// background may hold a pass in flight: the ledger trails the store by a few ms).
+    async fn ledger_where(
+        &self,
+        acct: &str,
+        done: impl Fn(&[tollgate_sidecar::ledger::LedgerEntry]) -> bool,
+    ) -> Vec<tollgate_sidecar::ledger::LedgerEntry> {
+        let t = Instant::now();
+        loop {
+            while self.engine.sync.sync_all().await.unwrap() > 0 {}
+            let entries = self.engine.ledger.history(acct, 0, 1000).await.unwrap();
+            if done(&entries) || t.elapsed() > Duration::from_secs(10) {
+                return entries;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Requests the ledger charged the account (committed holds' `requests`), once it is `want`
+    /// (or after 10 s, whatever it is then).
+    async fn charged_requests(&self, acct: &str, want: u64) -> u64 {
+        let sum = |es: &[tollgate_sidecar::ledger::LedgerEntry]| -> u64 {
+            es.iter()
+                .filter(|e| e.kind == "commit")
+                .filter_map(|e| e.meters.as_ref()?.get("requests")?.as_u64())
+                .sum()
+        };
+        sum(&self.ledger_where(acct, |es| sum(es) >= want).await)
+    }
+}
+
+fn count(entries: &[tollgate_sidecar::ledger::LedgerEntry], kind: &str) -> usize {
+    entries.iter().filter(|e| e.kind == kind).count()
+}
+
+async fn world(backend: Backend, accounts: &[&str]) -> (World, Config) {
+    let run = tollgate_sidecar::apikey::new_id("tgt");
+    let cfg = sidecar_config(backend, &run);
+    let engine = tollgate_sidecar::build_engine(cfg.clone(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let _ = tollgate_sidecar::spawn_background(&engine);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(tollgate_sidecar::serve(engine.clone(), listener));
+    let mock = mock::start_mock().await.unwrap();
+    let mut keys = std::collections::BTreeMap::new();
+    for id in accounts {
+        engine
+            .create_account(serde_json::from_value(json!({"id": id, "plan": "big"})).unwrap())
+            .await
+            .unwrap();
+        keys.insert(
+            id.to_string(),
+            engine.create_key(id, Default::default()).await.unwrap().1,
+        );
+        engine
+            .grant(
+                id,
+                serde_json::from_value(json!({"grant_id": "pack", "amount": START})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let envoy =
+        Envoy::start(mock.port, port, &wasm_host::wasm_path(), &filter_config()).expect("envoy");
+    (
+        World {
+            engine,
+            envoy,
+            mock,
+            keys,
+        },
+        cfg,
+    )
+}
+
+fn chat(extra: Value) -> Value {
+    let mut b = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    if let (Some(o), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    b
+}
+
+const ACCOUNTS: &[&str] = &[
+    "rid", "conc", "idem", "paths", "big", "many", "err", "tools", "est", "gzip", "inc", "cache",
+];
+
+async fn cheats(backend: Backend) {
+    let (w, cfg) = world(backend, ACCOUNTS).await;
+    let path = "/v1/chat/completions";
+
+    // 1. The same x-request-id 6 times: 6 generations, 6 charges; the id is on each entry.
+    let before = w.mock.served();
+    for _ in 0..6 {
+        let (s, b) = w
+            .post(
+                "rid",
+                path,
+                &[("x-request-id", "same-id")],
+                &chat(json!({"max_tokens": 50})),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}\n{}", w.envoy.log());
+    }
+    assert_eq!(w.mock.served() - before, 6);
+    w.wait_balance("rid", START - 6 * COMPLETION, Duration::from_secs(10))
+        .await;
+    let holds: Vec<_> = w
+        .ledger_where("rid", |es| count(es, "hold") >= 6)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "hold")
+        .collect();
+    assert_eq!(holds.len(), 6);
+    assert!(holds
+        .iter()
+        .all(|e| e.correlation_id.as_deref() == Some("same-id")));
+
+    // 2. ... and 50 times at once: served == charged.
+    let before = w.mock.served();
+    let body = chat(json!({"max_tokens": 50}));
+    let all = futures::future::join_all(
+        (0..50).map(|_| w.post("conc", path, &[("x-request-id", "same-id")], &body)),
+    )
+    .await;
+    let ok = all.iter().filter(|(s, _)| *s == 200).count() as u64;
+    assert_eq!(ok, 50);
+    assert_eq!(w.mock.served() - before, 50);
+    w.wait_balance("conc", START - 50 * COMPLETION, Duration::from_secs(10))
+        .await;
+    assert_eq!(w.charged_requests("conc", 50).await, 50);
+
+    // 3. An Idempotency-Key 50 times at once, on the route that opts in: served once, the
+    //    other 49 refused with 409 — never served uncharged.
+    let before = w.mock.served();
+    let all = futures::future::join_all((0..50).map(|_| {
+        w.post(
+            "idem",
+            path,
+            &[("host", "pay.example"), ("idempotency-key", "order-1")],
+            &body,
+        )
+    }))
+    .await;
+    let statuses: Vec<u16> = all.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        49,
+        "{statuses:?}"
+    );
+    assert_eq!(w.mock.served() - before, 1);
+    w.wait_balance("idem", START - COMPLETION, Duration::from_secs(10))
+        .await;
+    let (s, _) = w
+        .post(
+            "idem",
+            path,
+            &[("host", "pay.example"), ("idempotency-key", "order-1")],
+            &body,
+        )
+        .await;
+    assert_eq!(s, 409, "a later repeat too");
+
+    // 4. Every spelling of the path is either charged as served or refused.
+    for p in [
+        "//v1/chat/completions",
+        "/./v1/chat/completions",
+        "/%76%31/chat/completions",
+        "/V1/chat/completions",
+        "/v1/chat/x/../completions",
+        "/v1%2Fchat/completions",
+        "/v1/chat/completions%2F",
+    ] {
+        let served = w.mock.served();
+        let charged = w.charged_requests("paths", 0).await;
+        let (s, b) = w
+            .post("paths", p, &[], &chat(json!({"max_tokens": 5})))
+            .await;
+        let served = w.mock.served() - served;
+        // Settled within the commit interval; then the ledger counts what was charged.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let charged = w.charged_requests("paths", charged + served).await - charged;
+        println!("path {p}: status {s}, served {served}, charged {charged}");
+        assert_eq!(served, charged, "{p}: status {s} {b}");
+        assert!(s == 200 || (400..500).contains(&s), "{p}: {s}");
+    }
+
+    // 5. A 100 KB stream without usage is settled by the tokenizer's count — and 100 at once.
+    let text_of = |bytes: usize| "tollgate meters every token ".repeat(bytes.div_ceil(28));
+    let counted = tollgate_sidecar::tokens::count(Some("gpt-4o"), &text_of(100_000));
+    let stream_body = chat(json!({"max_tokens": 50, "stream": true}));
+    let no_usage = [("x-mock-no-usage", "1"), ("x-mock-text-bytes", "100000")];
+    let (s, b) = w.post("big", path, &no_usage, &stream_body).await;
+    assert_eq!(s, 200);
+    assert!(b.len() > 100_000);
+    let one = w
+        .wait_balance("big", START - 1 - 5 * counted, Duration::from_secs(10))
+        .await;
+    let served = w.mock.served();
+    let all =
+        futures::future::join_all((0..100).map(|_| w.post("many", path, &no_usage, &stream_body)))
+            .await;
+    let served = w.mock.served() - served;
+    let ok = all.iter().filter(|(s, _)| *s == 200).count() as u64;
+    // Under load a request may miss its decision deadline (503, fail closed: not served); what
+    // was served is what is charged, each at its tokenizer count.
+    assert!(all.iter().all(|(s, _)| *s == 200 || *s == 503));
+    assert_eq!(ok, served);
+    assert!(served >= 50, "only {served} of 100 served");
+    let hundred = w
+        .wait_balance(
+            "many",
+            START - served * (1 + 5 * counted),
+            Duration::from_secs(20),
+        )
+        .await;
+    println!(
+        "usage-less 100 KB streams ({counted} tokens each): one settled {} ms after its response, {served} of 100 at once settled {} ms after the last",
+        one.as_millis(),
+        hundred.as_millis()
+    );
+
+    // 6. An upstream 404 with an error body: released, nothing charged.
+    let (s, b) = w
+        .post(
+            "err",
+            path,
+            &[],
+            &chat(json!({"model": "gpt-unknown", "max_tokens": 1024})),
+        )
+        .await;
+    assert_eq!(s, 404, "{b}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.balance("err").await, START);
+    let entries = w.ledger_where("err", |es| count(es, "release") == 1).await;
+    assert_eq!(
+        (count(&entries, "release"), count(&entries, "commit")),
+        (1, 0)
+    );
+
+    // 7. A stream of tool-call deltas only, no usage: charged its arguments' tokens.
+    let tool_tokens = tollgate_sidecar::tokens::count(
+        Some("gpt-4o"),
+        &format!("get_weather{}", mock::TOOL_ARGUMENTS),
+    );
+    let (s, _) = w
+        .post(
+            "tools",
+            path,
+            &[("x-mock-no-usage", "1"), ("x-mock-tools", "1")],
+            &chat(json!({"max_tokens": 1000, "stream": true})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    w.wait_balance(
+        "tools",
+        START - 1 - 5 * tool_tokens,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // 8. Estimates that cannot be read hold the cap; an alias is read.
+    for (id, extra) in [
+        ("est-string", json!({"max_tokens": "8192"})),
+        ("est-float", json!({"max_tokens": 8192.0})),
+        ("est-missing", json!({})),
+        ("est-alias", json!({"max_completion_tokens": 700})),
+    ] {
+        let (s, _) = w
+            .post("est", path, &[("x-request-id", id)], &chat(extra))
+            .await;
+        assert_eq!(s, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let holds = w.ledger_where("est", |es| count(es, "hold") >= 4).await;
+    for (id, want) in [
+        ("est-string", CAP),
+        ("est-float", CAP),
+        ("est-missing", CAP),
+        ("est-alias", 700),
+    ] {
+        let hold = holds
+            .iter()
+            .find(|e| e.kind == "hold" && e.correlation_id.as_deref() == Some(id))
+            .unwrap_or_else(|| panic!("no hold for {id}"));
+        let held = hold
+            .meters
+            .as_ref()
+            .and_then(|m| m.get("output_tokens")?.as_u64());
+        assert_eq!(held, Some(want), "{id}");
+    }
+
+    // 9. accept-encoding: gzip still charges the upstream's usage exactly.
+    let (s, b) = w
+        .post(
+            "gzip",
+            path,
+            &[("accept-encoding", "gzip")],
+            &chat(json!({"max_tokens": 50})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(
+        b.contains("Hello from the mock"),
+        "the filter asked for identity: {b}"
+    );
+    w.wait_balance("gzip", START - COMPLETION, Duration::from_secs(10))
+        .await;
+
+    // 10. A stream without stream_options.include_usage gets exact usage (the filter asks).
+    let (s, b) = w
+        .post(
+            "inc",
+            path,
+            &[],
+            &chat(json!({"max_tokens": 50, "stream": true})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(b.contains("\"usage\":{"), "the stream reported usage: {b}");
+    w.wait_balance("inc", START - COMPLETION, Duration::from_secs(10))
+        .await;
+
+    // 11. Cached tokens land in their own meters with one meaning.
+    let (s, _) = w
+        .post(
+            "cache",
+            path,
+            &[("x-mock-cached", "1")],
+            &chat(json!({"max_tokens": 50})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let openai = 1
+        + 2 * (mock::PROMPT_TOKENS - mock::CACHED_TOKENS)
+        + mock::CACHED_TOKENS
+        + 5 * mock::COMPLETION_TOKENS;
+    w.wait_balance("cache", START - openai, Duration::from_secs(10))
+        .await;
+    let anthropic = 1
+        + 2 * mock::PROMPT_TOKENS
+        + mock::CACHE_READ_TOKENS
+        + 3 * mock::CACHE_WRITE_TOKENS
+        + 5 * mock::COMPLETION_TOKENS;
+    for stream in [false, true] {
+        let body = json!({"model": "claude-x", "max_tokens": 50, "stream": stream,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let (s, b) = w.post("cache", "/v1/messages", &[], &body).await;
+        assert_eq!(s, 200, "{b}");
+        assert!(!b.contains("stream_options"));
+    }
+    w.wait_balance(
+        "cache",
+        START - openai - 2 * anthropic,
+        Duration::from_secs(10),
+    )
+    .await;
+    let commits: Vec<Value> = w
+        .ledger_where("cache", |es| count(es, "commit") >= 3)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "commit")
+        .filter_map(|e| e.meters)
+        .collect();
+    assert_eq!(commits.len(), 3);
+    assert_eq!(commits[0]["input_tokens"], 6);
+    assert_eq!(commits[0]["cached_input_tokens"], 4);
+    for c in &commits[1..] {
+        assert_eq!(
+            (
+                c["input_tokens"].clone(),
+                c["cached_input_tokens"].clone(),
+                c["cache_write_tokens"].clone(),
+                c["output_tokens"].clone()
+            ),
+            (json!(10), json!(5), json!(7), json!(20)),
+            "{c}"
+        );
+    }
+
+    let stats = [
+        "tollgate.allowed",
+        "tollgate.settle_dropped",
+        "tollgate.settle_at_estimate",
+        "tollgate.usage_requested",
+        "tollgate.idempotency_key_reused",
+        "tollgate.invalid_path",
+        "tollgate.upstream_errors",
+    ]
+    .map(|s| (s, w.envoy.stat(&format!("wasmcustom.{s}")).unwrap_or(0)));
+    println!("filter stats: {stats:?}");
+    assert_eq!(stats[1].1, 0, "nothing dropped");
+    drop(w.envoy);
+    w.engine.ledger.close().await;
+    if cfg.postgres.url.is_none() {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", cfg.postgres.sqlite_path));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cheating_the_meter_through_envoy_on_redis_and_postgres() {
+    cheats(Backend::RedisPostgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cheating_the_meter_through_envoy_on_the_embedded_store() {
+    cheats(Backend::Embedded).await
+}
