@@ -15,7 +15,7 @@ use crate::config::{
 };
 use crate::path;
 use crate::reply;
-use crate::shared::{bump, now_ms, record, Pending, Settle, SharedRef, Waiting};
+use crate::shared::{bump, now_ms, record, Pending, Settle, SharedRef, Waiting, MAX_QUEUED_TEXT};
 use crate::usage::{header_amount, JsonBody, SseBody, TokenUsage};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -411,10 +411,16 @@ impl Request {
     }
 
     fn queue(&self, settle: Settle) {
-        self.shared
-            .borrow_mut()
-            .settles
-            .push_back(Pending::new(settle));
+        let mut s = self.shared.borrow_mut();
+        let mut p = Pending::new(settle);
+        let text = p.text_len();
+        if text > 0 && s.text_bytes.saturating_add(text) > MAX_QUEUED_TEXT {
+            bump(s.metrics.settle_at_estimate);
+            p.fall_back_to_estimate();
+        } else {
+            s.text_bytes += text;
+        }
+        s.settles.push_back(p);
     }
 
     /// Measures the actual usage and queues the commit (or the release).

@@ -105,6 +105,7 @@ impl RootContext for Root {
             config: Rc::new(config),
             metrics: Metrics::define(),
             waiting: VecMap::new(),
+            text_bytes: 0,
             settles: VecDeque::new(),
             leases: Default::default(),
             counter: 0,
@@ -381,6 +382,16 @@ impl Root {
         let now = now_ms();
         let mut s = shared.borrow_mut();
         for (mut p, next) in nexts {
+            // Text leaves the budget with its settlement (done, dropped, or at the estimate).
+            let text = p.text_len();
+            let keeps_text = match next {
+                Next::Split => true,
+                Next::Retry => p.attempts.saturating_add(1) < MAX_ATTEMPTS,
+                _ => false,
+            };
+            if !keeps_text {
+                s.text_bytes = s.text_bytes.saturating_sub(text);
+            }
             match next {
                 Next::Done => {}
                 Next::Refused => bump(s.metrics.settle_refused),
@@ -398,12 +409,8 @@ impl Root {
                 Next::Retry | Next::AtEstimate => {
                     let can_fall_back = !p.at_estimate && matches!(p.settle, Settle::Commit { .. });
                     if can_fall_back {
-                        if let Settle::Commit { req, estimate } = &mut p.settle {
-                            req.meters = estimate.clone();
-                            req.output_text = None;
-                        }
                         bump(s.metrics.settle_at_estimate);
-                        p.at_estimate = true;
+                        p.fall_back_to_estimate();
                         p.attempts = 0;
                         p.alone = true;
                         p.not_before_ms = now;

@@ -38,7 +38,28 @@ pub struct Pending {
     pub not_before_ms: u64,
 }
 
+/// Most `output_text` a worker keeps waiting for the sidecar; past it, a commit is queued at
+/// its estimate instead (counted in `tollgate.settle_at_estimate`).
+pub const MAX_QUEUED_TEXT: usize = 32 << 20;
+
 impl Pending {
+    /// Bytes of text this settlement carries.
+    pub fn text_len(&self) -> usize {
+        match &self.settle {
+            Settle::Commit { req, .. } => req.output_text.as_ref().map_or(0, String::len),
+            Settle::Release(_) => 0,
+        }
+    }
+
+    /// Replaces a commit's measured usage with its hold's estimate (and drops its text).
+    pub fn fall_back_to_estimate(&mut self) {
+        if let Settle::Commit { req, estimate } = &mut self.settle {
+            req.meters = estimate.clone();
+            req.output_text = None;
+        }
+        self.at_estimate = true;
+    }
+
     pub fn new(settle: Settle) -> Self {
         Pending {
             settle,
@@ -146,6 +167,9 @@ pub struct Shared {
     /// context id -> its deadline, while it waits for the sidecar.
     pub waiting: VecMap<u32, Waiting>,
     pub settles: VecDeque<Pending>,
+    /// Bytes of `output_text` held by queued and in-flight settlements (bounded by
+    /// [`MAX_QUEUED_TEXT`]: while the sidecar cannot take commits, they do not pile up text).
+    pub text_bytes: usize,
     /// Leases this worker holds (routes with `lease`).
     pub leases: crate::lease::Leases,
     /// Makes request ids unique within this VM.
