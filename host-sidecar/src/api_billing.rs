@@ -3,9 +3,9 @@
 //! route except the webhooks needs the admin token; webhooks authenticate with the provider's
 //! signature or shared secret. Documented in docs/openapi.json.
 
-use crate::api::{fresh, parse, require_admin, respond, Body, St};
 use crate::engine::{Engine, NewPool, SubscriptionChange};
 use crate::error::ApiError;
+use crate::handler::{fresh, parse, require_admin, respond, Body, St};
 use crate::webhooks::Provider;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};

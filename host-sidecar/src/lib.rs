@@ -18,6 +18,7 @@ pub mod config;
 pub mod directory;
 pub mod engine;
 pub mod error;
+pub(crate) mod handler;
 pub mod ledger;
 pub mod metrics;
 pub mod store;

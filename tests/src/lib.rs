@@ -16,6 +16,7 @@ pub mod envoy;
 pub mod load;
 pub mod mock;
 pub mod sidecar;
+pub mod stores;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::HashMap;

@@ -9,6 +9,7 @@ use tollgate_sidecar::clock::SystemClock;
 use tollgate_sidecar::config::Config;
 use wasm_host::envoy::Envoy;
 use wasm_host::sidecar::SidecarProcess;
+use wasm_host::stores::{remove_sqlite, Backend};
 
 const SIDECAR: &str = r#"
 meters = ["requests", "input_tokens", "output_tokens"]
@@ -39,47 +40,9 @@ fn filter_config(sidecar_cluster: &str) -> String {
     .to_string()
 }
 
-/// Which store the sidecar runs on.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Backend {
-    RedisPostgres,
-    Embedded,
-}
-
-/// A sidecar configuration on its own key prefix and database (or SQLite file).
+/// This file's sidecar configuration on `backend`, private to run `run`.
 fn sidecar_config(backend: Backend, run: &str) -> Config {
-    let mut cfg = Config::from_toml(SIDECAR).unwrap();
-    cfg.redis.key_prefix = run.to_string();
-    match backend {
-        Backend::RedisPostgres => {
-            cfg.redis.url = Some(
-                std::env::var("TOLLGATE_TEST_REDIS_URL")
-                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
-            );
-            cfg.postgres.url = Some(format!(
-                "{}/{run}",
-                std::env::var("TOLLGATE_TEST_DATABASE_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-            ));
-        }
-        Backend::Embedded => {
-            cfg.postgres.sqlite_path = std::env::temp_dir()
-                .join(format!("{run}.sqlite"))
-                .to_string_lossy()
-                .into_owned();
-        }
-    }
-    cfg.server.admin_token = Some("e2e-admin-token-xxxx".into());
-    cfg
-}
-
-/// Removes an embedded ledger's files.
-fn remove_sqlite(cfg: &Config) {
-    if cfg.postgres.url.is_none() {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", cfg.postgres.sqlite_path));
-        }
-    }
+    wasm_host::stores::sidecar_config(SIDECAR, backend, run)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
