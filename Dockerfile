@@ -1,9 +1,16 @@
 # The sidecar image. Build steps are the commands CI runs (./tg builds the same targets);
 # the runtime image is small and runs as a non-root user.
 #   docker build -t tollgate-sidecar .
-#   docker run -e TOLLGATE_REDIS_URL=... -e TOLLGATE_DATABASE_URL=... -e TOLLGATE_ADMIN_TOKEN=... tollgate-sidecar
+#   docker run -e TOLLGATE_REDIS_URL=... -e TOLLGATE_DATABASE_URL=... -e TOLLGATE_ADMIN_TOKEN=... \
+#     -e TOLLGATE_DECISION_TOKEN=... -e TOLLGATE_KEY_PEPPER=... tollgate-sidecar
 # Without the two URLs it runs on the embedded store with its SQLite ledger in /var/lib/tollgate
 # (mount a volume there to keep it).
+#
+# Ports: 8700 is the decision API (the filter's callouts, with TOLLGATE_DECISION_TOKEN — the
+# sidecar refuses to start on 0.0.0.0 without one), the admin API and /metrics: reachable only
+# from the gateway's Envoy and the operator, never the internet. 8701 serves the billing
+# providers' webhooks (Stripe, RevenueCat) when TOLLGATE_WEBHOOK_LISTEN or server.webhook_listen
+# is set to 0.0.0.0:8701: the only port to publish.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
@@ -24,5 +31,5 @@ USER 10001
 ENV TOLLGATE_CONFIG=/etc/tollgate/tollgate.toml TOLLGATE_LISTEN=0.0.0.0:8700 \
     TOLLGATE_SQLITE_PATH=/var/lib/tollgate/ledger.sqlite
 VOLUME /var/lib/tollgate
-EXPOSE 8700
+EXPOSE 8700 8701
 ENTRYPOINT ["/usr/local/bin/tollgate-sidecar"]

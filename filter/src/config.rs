@@ -64,6 +64,26 @@ pub struct Sidecar {
     /// Envoy's own timeout for one callout.
     #[serde(default = "default_callout_timeout")]
     pub timeout_ms: u64,
+    /// The sidecar's decision token (`server.decision_token`), sent on every callout as
+    /// `authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl Sidecar {
+    /// The headers of a callout to `path`.
+    pub fn headers<'a>(&'a self, path: &'a str, auth: &'a str) -> Vec<(&'a str, &'a str)> {
+        let mut h = vec![
+            (":method", "POST"),
+            (":path", path),
+            (":authority", self.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        if !auth.is_empty() {
+            h.push(("authorization", auth));
+        }
+        h
+    }
 }
 
 fn default_authority() -> String {
@@ -339,6 +359,14 @@ impl FilterConfig {
         if self.sidecar.cluster.is_empty() {
             return Err(err("sidecar.cluster", "must not be empty"));
         }
+        if let Some(t) = &self.sidecar.token {
+            if t.len() < 16 || t.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+                return Err(err(
+                    "sidecar.token",
+                    "must be at least 16 printable characters without spaces",
+                ));
+            }
+        }
         if !(1..=60_000).contains(&self.sidecar.timeout_ms) {
             return Err(err("sidecar.timeout_ms", "must be 1..=60000"));
         }
@@ -547,6 +575,14 @@ fn host_name(host: &str) -> &str {
 }
 
 impl FilterConfig {
+    /// `Bearer <token>` for callouts, or empty without a token.
+    pub fn sidecar_auth(&self) -> String {
+        self.sidecar
+            .token
+            .as_deref()
+            .map_or_else(String::new, |t| format!("Bearer {t}"))
+    }
+
     /// The first route that matches.
     pub fn route_for(&self, method: &str, host: &str, path: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.matches(method, host, path))

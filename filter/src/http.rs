@@ -144,14 +144,10 @@ pub(crate) fn dispatch_authorize(
     req: &SpendRequest,
 ) -> Result<u32, proxy_wasm::types::Status> {
     let body = serde_json::to_vec(req).unwrap_or_default();
+    let auth = cfg.sidecar_auth();
     hostcalls::dispatch_http_call(
         &cfg.sidecar.cluster,
-        vec![
-            (":method", "POST"),
-            (":path", "/v1/authorize"),
-            (":authority", cfg.sidecar.authority.as_str()),
-            ("content-type", "application/json"),
-        ],
+        cfg.sidecar.headers("/v1/authorize", &auth),
         Some(&body),
         vec![],
         Duration::from_millis(cfg.sidecar.timeout_ms),
@@ -163,14 +159,6 @@ fn fnv(bytes: &[u8], seed: u64) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
-}
-
-/// splitmix64: spreads a counter over 64 bits.
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The decision key for a client's `Idempotency-Key`: itself when it is a short id, else a
@@ -246,8 +234,9 @@ impl Request {
         (!k.is_empty() && k.len() <= 256).then_some(k)
     }
 
-    /// The decision's idempotency key, which the client cannot choose: a new one per request
-    /// (a replayed `x-request-id` is a new generation at the upstream, so it is a new charge),
+    /// The decision's idempotency key, which the client cannot choose: a new unguessable one per
+    /// request (a replayed `x-request-id` is a new generation at the upstream, so it is a new
+    /// charge),
     /// or, on a route with `idempotency_header`, the client's key — whose repeat is refused.
     /// The client's `x-request-id` is kept as the correlation id; without a usable one, the
     /// filter's key is set as the request's `x-request-id`, so the upstream and the logs see it.
@@ -262,21 +251,17 @@ impl Request {
             self.request_id = client_idempotency_key(&v);
             self.client_key = true;
         } else {
-            let n = {
-                let mut s = self.shared.borrow_mut();
-                s.counter = s.counter.wrapping_add(1);
-                splitmix(s.seed ^ s.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-            };
-            self.request_id = format!("tg-{:x}-{:x}-{:016x}", now_ms(), self.id, n);
+            self.request_id = format!("tg-{}", self.shared.borrow_mut().new_id());
         }
         self.correlation_id = req_header("x-request-id")
             .filter(|id| validate_correlation_id("x-request-id", id).is_ok());
         if self.correlation_id.is_none() {
-            let _ = hostcalls::set_map_value(
-                MapType::HttpRequestHeaders,
-                "x-request-id",
-                Some(&self.request_id),
-            );
+            // The upstream and the logs get an id of their own, never the decision key (a key
+            // the upstream saw would name the hold to anyone the upstream shows it to).
+            let id = format!("tg-{}", self.shared.borrow_mut().new_id());
+            let _ =
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-request-id", Some(&id));
+            self.correlation_id = Some(id);
         }
     }
 
@@ -554,6 +539,17 @@ impl Context for Request {
     /// keeps such a request from waiting for its hold to expire.
     fn on_done(&mut self) -> bool {
         self.shared.borrow_mut().waiting.remove(&self.id);
+        if self.phase == Phase::Deciding {
+            // The stream ends before its decision came back (the deadline answered it, or the
+            // client left): Envoy drops the callout with the stream, so its answer — and any
+            // hold it placed — would never be seen here. Cancel it by its key instead.
+            self.phase = Phase::Idle;
+            bump(self.shared.borrow().metrics.cancelled);
+            self.queue(Settle::Cancel(tollgate_protocol::CancelRequest {
+                api_key: self.api_key.clone(),
+                idempotency_key: self.request_id.clone(),
+            }));
+        }
         self.settle();
         true
     }
@@ -589,6 +585,9 @@ impl Context for Request {
             // it is the hold of an earlier request with the same client key).
             if let Some(hold) = decision.and_then(|d| d.hold_id).filter(|_| !replayed) {
                 self.queue(Settle::Release(hold));
+            }
+            if self.phase == Phase::Deciding {
+                self.phase = Phase::Idle; // answered: nothing to cancel at the end
             }
             return;
         }

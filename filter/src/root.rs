@@ -7,7 +7,7 @@ use crate::http::Request;
 use crate::lease::LeaseAsk;
 use crate::payload::{batch_outcomes, ItemStatus};
 use crate::reply;
-use crate::shared::{bump, now_ms, random_seed, Metrics, Pending, Settle, Shared, SharedRef};
+use crate::shared::{bump, now_ms, Metrics, Pending, Settle, Shared, SharedRef};
 use crate::vecmap::VecMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -109,7 +109,7 @@ impl RootContext for Root {
             settles: VecDeque::new(),
             leases: Default::default(),
             counter: 0,
-            seed: random_seed(),
+            secret: std::collections::hash_map::RandomState::new(),
         })));
         true
     }
@@ -165,11 +165,7 @@ impl Root {
             s.settles.push_back(Pending::new(settle));
         }
         for ask in asks {
-            let idem = {
-                let mut s = shared.borrow_mut();
-                s.counter = s.counter.wrapping_add(1);
-                format!("lease.{:x}.{:x}.{:x}", s.seed, now, s.counter)
-            };
+            let idem = format!("lease.{}", shared.borrow_mut().new_id());
             let req = SpendRequest {
                 api_key: Some(ask.key.0.clone()),
                 account: None,
@@ -291,7 +287,7 @@ impl Root {
         for p in queued {
             let item = match &p.settle {
                 Settle::Commit { req, .. } => serde_json::to_vec(req).unwrap_or_default(),
-                Settle::Release(_) => {
+                Settle::Release(_) | Settle::Cancel(_) => {
                     releases.push(p);
                     continue;
                 }
@@ -315,13 +311,17 @@ impl Root {
             self.send_batch(&cfg, &mut body, batch, &shared);
         }
         for p in releases {
-            if let Settle::Release(hold_id) = &p.settle {
-                let body = serde_json::to_vec(&tollgate_protocol::ReleaseRequest {
-                    hold_id: hold_id.clone(),
-                })
-                .unwrap_or_default();
-                self.send(&cfg, "/v1/release", &body, vec![p], &shared);
-            }
+            let (path, body) = match &p.settle {
+                Settle::Release(hold_id) => (
+                    "/v1/release",
+                    serde_json::to_vec(&tollgate_protocol::ReleaseRequest {
+                        hold_id: hold_id.clone(),
+                    }),
+                ),
+                Settle::Cancel(c) => ("/v1/cancel", serde_json::to_vec(c)),
+                Settle::Commit { .. } => continue,
+            };
+            self.send(&cfg, path, &body.unwrap_or_default(), vec![p], &shared);
         }
     }
 
@@ -436,15 +436,10 @@ impl Root {
         items: Vec<Pending>,
         shared: &SharedRef,
     ) -> bool {
-        let headers = vec![
-            (":method", "POST"),
-            (":path", path),
-            (":authority", cfg.sidecar.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
+        let auth = cfg.sidecar_auth();
         match hostcalls::dispatch_http_call(
             &cfg.sidecar.cluster,
-            headers,
+            cfg.sidecar.headers(path, &auth),
             Some(body),
             vec![],
             Duration::from_millis(cfg.sidecar.timeout_ms.max(1000)),

@@ -24,6 +24,9 @@ pub enum Settle {
         estimate: Meters,
     },
     Release(String),
+    /// Give up on a decision whose answer may never come back (`/v1/cancel`): its hold is
+    /// released if it was made, and can no longer be made if not.
+    Cancel(tollgate_protocol::CancelRequest),
 }
 
 /// A settlement waiting to be sent, with its retry state.
@@ -47,7 +50,7 @@ impl Pending {
     pub fn text_len(&self) -> usize {
         match &self.settle {
             Settle::Commit { req, .. } => req.output_text.as_ref().map_or(0, String::len),
-            Settle::Release(_) => 0,
+            Settle::Release(_) | Settle::Cancel(_) => 0,
         }
     }
 
@@ -96,6 +99,8 @@ pub struct Metrics {
     pub settle_split: u32,
     pub settle_at_estimate: u32,
     pub settle_refused: u32,
+    /// Decisions given up on by their key (the stream ended before the answer came).
+    pub cancelled: u32,
     /// Streaming requests given `stream_options.include_usage`.
     pub usage_requested: u32,
     /// Requests refused before the sidecar: a path with no canonical form, an estimate that
@@ -134,6 +139,7 @@ impl Metrics {
             settle_at_estimate: c("tollgate.settle_at_estimate"),
             settle_refused: c("tollgate.settle_refused"),
             usage_requested: c("tollgate.usage_requested"),
+            cancelled: c("tollgate.decisions_cancelled"),
             invalid_path: c("tollgate.invalid_path"),
             bad_estimate: c("tollgate.bad_estimate"),
             key_reused: c("tollgate.idempotency_key_reused"),
@@ -174,7 +180,8 @@ pub struct Shared {
     pub leases: crate::lease::Leases,
     /// Makes request ids unique within this VM.
     pub counter: u64,
-    pub seed: u64,
+    /// Secret keys (from the host's WASI random source) of the PRF that makes ids.
+    pub secret: std::collections::hash_map::RandomState,
 }
 
 pub type SharedRef = Rc<RefCell<Shared>>;
@@ -187,10 +194,19 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A random 64-bit seed from the host's WASI random source (via std's hash keys).
-pub fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_ms());
-    h.finish()
+impl Shared {
+    /// A new unguessable 128-bit id, as 32 hex digits: SipHash (a PRF) of a counter under keys
+    /// only this VM knows. Decision keys and hold ids carry it, so a hold cannot be named by
+    /// anyone who did not make it; nothing about one id tells another.
+    pub fn new_id(&mut self) -> String {
+        use std::hash::{BuildHasher, Hasher};
+        self.counter = self.counter.wrapping_add(1);
+        let half = |lane: u8| {
+            let mut h = self.secret.build_hasher();
+            h.write_u64(self.counter);
+            h.write_u8(lane);
+            h.finish()
+        };
+        format!("{:016x}{:016x}", half(0), half(1))
+    }
 }

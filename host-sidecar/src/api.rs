@@ -4,7 +4,9 @@
 
 use crate::engine::{AccountPatch, Engine, NewAccount, NewKey};
 use crate::error::ApiError;
-use crate::handler::{bytes_of, fresh, parse, require_admin, respond, Body, St};
+use crate::handler::{
+    bytes_of, fresh, parse, require_admin, require_decision, require_reader, respond, Body, St,
+};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -34,6 +36,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
             post(commit_batch).layer(DefaultBodyLimit::max(commit_limit)),
         )
         .route("/v1/release", post(release))
+        .route("/v1/cancel", post(cancel))
         .route("/v1/consume", post(consume))
         .route("/v1/check", post(check))
         .route("/v1/accounts/{id}/usage", get(account_usage))
@@ -55,7 +58,27 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::middleware::from_fn(refuse_control_characters))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(guards(&engine.cfg.server))
         .with_state(engine)
+}
+
+/// What every listener puts in front of its routes: a request that takes longer than
+/// `server.request_timeout_ms` is answered 503 (a decision the filter waits for is then failed by
+/// its own deadline long before), and at most `server.max_concurrent_requests` are served at once
+/// (the rest wait for a slot), so a flood cannot exhaust memory or PostgreSQL connections.
+pub fn guards(
+    s: &crate::config::ServerConfig,
+) -> tower::layer::util::Stack<
+    tower::limit::GlobalConcurrencyLimitLayer,
+    tower_http::timeout::TimeoutLayer,
+> {
+    tower::layer::util::Stack::new(
+        tower::limit::GlobalConcurrencyLimitLayer::new(s.max_concurrent_requests),
+        tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            std::time::Duration::from_millis(s.request_timeout_ms),
+        ),
+    )
 }
 
 /// Path parameters (account, key, pool ids) reach the ledger: one with a control character once
@@ -86,23 +109,37 @@ async fn refuse_control_characters(
     next.run(req).await
 }
 
-async fn authorize(State(e): St, body: Body) -> Response {
-    let r = async { e.authorize(parse::<SpendRequest>(body)?).await }.await;
+/// A spend request, once its caller may make it (see [`require_decision`]).
+fn spend_request(e: &Engine, headers: &HeaderMap, body: Body) -> Result<SpendRequest, ApiError> {
+    require_decision(e, headers, false)?;
+    let req = parse::<SpendRequest>(body)?;
+    if req.account.is_some() {
+        require_decision(e, headers, true)?;
+    }
+    Ok(req)
+}
+
+async fn authorize(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let r = async { e.authorize(spend_request(&e, &headers, body)?).await }.await;
     respond(&e, r, false)
 }
 
-async fn consume(State(e): St, body: Body) -> Response {
-    let r = async { e.consume(parse::<SpendRequest>(body)?).await }.await;
+async fn consume(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let r = async { e.consume(spend_request(&e, &headers, body)?).await }.await;
     respond(&e, r, false)
 }
 
-async fn check(State(e): St, body: Body) -> Response {
-    let r = async { e.check(parse::<SpendRequest>(body)?).await }.await;
+async fn check(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let r = async { e.check(spend_request(&e, &headers, body)?).await }.await;
     respond(&e, fresh(r), false)
 }
 
-async fn commit(State(e): St, body: Body) -> Response {
-    let r = async { e.commit(parse::<CommitRequest>(body)?).await }.await;
+async fn commit(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        require_decision(&e, &headers, false)?;
+        e.commit(parse::<CommitRequest>(body)?).await
+    }
+    .await;
     respond(&e, r, false)
 }
 
@@ -115,8 +152,9 @@ struct RawBatch<'a> {
     commits: Vec<&'a serde_json::value::RawValue>,
 }
 
-async fn commit_batch(State(e): St, body: Body) -> Response {
+async fn commit_batch(State(e): St, headers: HeaderMap, body: Body) -> Response {
     let r = async {
+        require_decision(&e, &headers, false)?;
         let bytes = bytes_of(body)?;
         let batch: RawBatch<'_> = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))?;
@@ -156,8 +194,22 @@ async fn commit_batch(State(e): St, body: Body) -> Response {
     respond(&e, fresh(r), false)
 }
 
-async fn release(State(e): St, body: Body) -> Response {
-    let r = async { e.release(&parse::<ReleaseRequest>(body)?.hold_id).await }.await;
+async fn cancel(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        require_decision(&e, &headers, false)?;
+        e.cancel(parse::<tollgate_protocol::CancelRequest>(body)?)
+            .await
+    }
+    .await;
+    respond(&e, r, false)
+}
+
+async fn release(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        require_decision(&e, &headers, false)?;
+        e.release(&parse::<ReleaseRequest>(body)?.hold_id).await
+    }
+    .await;
     respond(&e, r, false)
 }
 
@@ -171,7 +223,7 @@ struct UsageBody {
 
 async fn account_usage(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let r = async {
-        require_admin(&e, &headers)?;
+        require_reader(&e, &headers)?;
         let limits = e.usage(&id, None).await?;
         Ok(UsageBody {
             account: id,
@@ -189,7 +241,7 @@ async fn key_usage(
     Path((id, key)): Path<(String, String)>,
 ) -> Response {
     let r = async {
-        require_admin(&e, &headers)?;
+        require_reader(&e, &headers)?;
         let limits = e.usage(&id, Some(&key)).await?;
         Ok(UsageBody {
             account: id,
@@ -212,7 +264,7 @@ struct BalanceBody {
 
 async fn account_balance(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let r = async {
-        require_admin(&e, &headers)?;
+        require_reader(&e, &headers)?;
         let balance = e.balance(&id).await?;
         let grants = e.ledger.grants_of(&id).await?;
         Ok(BalanceBody {
@@ -253,7 +305,7 @@ async fn account_ledger(
     page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let r = async {
-        require_admin(&e, &headers)?;
+        require_reader(&e, &headers)?;
         let Query(page) =
             page.map_err(|err| ApiError::Invalid(format!("query: {}", err.body_text())))?;
         if !(1..=1000).contains(&page.limit) || page.after < 0 {
@@ -470,6 +522,15 @@ async fn metrics(State(e): St) -> Response {
                  tollgate_redis_breaker_trips_total {}\n",
             u8::from(b.closed()),
             b.trips.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+        let d = &e.directory;
+        text.push_str(&format!(
+            "# HELP tollgate_key_lookups_total API keys looked up in the ledger (not cached).\n\
+                 # TYPE tollgate_key_lookups_total counter\ntollgate_key_lookups_total {}\n\
+                 # HELP tollgate_keys_refused_total Presented keys that cannot be keys of this installation (shape or check), refused before any lookup.\n\
+                 # TYPE tollgate_keys_refused_total counter\ntollgate_keys_refused_total {}\n",
+            d.key_lookups.load(std::sync::atomic::Ordering::Relaxed),
+            d.keys_refused.load(std::sync::atomic::Ordering::Relaxed)
         ));
         text
     })

@@ -2,17 +2,20 @@
 //! webhooks and the operator's reports (export, top consumers, reconciliation, jobs). Every
 //! route except the webhooks needs the admin token; webhooks authenticate with the provider's
 //! signature or shared secret. Documented in docs/openapi.json.
+//!
+//! The webhooks are served on the main listener, or — with `server.webhook_listen` — by
+//! [`webhook_router`] on a listener of their own, and then nowhere else.
 
 use crate::engine::{Engine, NewPool, SubscriptionChange};
 use crate::error::ApiError;
 use crate::handler::{fresh, parse, require_admin, respond, Body, St};
 use crate::webhooks::Provider;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -37,8 +40,41 @@ pub fn routes() -> Router<Arc<Engine>> {
         .route("/admin/top", get(top))
         .route("/admin/reconcile", get(reconcile))
         .route("/admin/jobs/run", post(run_jobs))
-        .route("/webhooks/stripe", post(stripe))
-        .route("/webhooks/revenuecat", post(revenuecat))
+        .merge(webhook_routes())
+}
+
+/// Largest webhook body: providers' events outgrow `server.max_body_bytes` (a Stripe
+/// subscription with many items, a checkout session with line items and metadata).
+pub const WEBHOOK_MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// The webhook routes, each taking bodies up to [`WEBHOOK_MAX_BODY_BYTES`] (the innermost body
+/// limit is the one that applies).
+fn webhook_routes() -> Router<Arc<Engine>> {
+    Router::new()
+        .route(
+            "/webhooks/stripe",
+            post(stripe).layer(DefaultBodyLimit::max(WEBHOOK_MAX_BODY_BYTES)),
+        )
+        .route(
+            "/webhooks/revenuecat",
+            post(revenuecat).layer(DefaultBodyLimit::max(WEBHOOK_MAX_BODY_BYTES)),
+        )
+}
+
+/// Marks a request that arrived on the webhook listener.
+#[derive(Clone, Copy)]
+struct OnWebhookListener;
+
+/// What the webhook listener (`server.webhook_listen`) serves: the webhooks and `/healthz`,
+/// nothing else (every other path is 404), so it may face the internet while the decision and
+/// admin API stay on `server.listen`.
+pub fn webhook_router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .merge(webhook_routes())
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(Extension(OnWebhookListener))
+        .with_state(engine)
 }
 
 /// A plan as answered: its name, its fields as in the configuration, and (after a write) how
@@ -436,7 +472,22 @@ async fn webhook(e: Arc<Engine>, p: Provider, sig: Option<&str>, body: Body) -> 
     }
 }
 
-async fn stripe(State(e): St, headers: HeaderMap, body: Body) -> Response {
+/// With `server.webhook_listen` set, the webhooks are not served on the main listener: a
+/// request there gets the 404 of an unknown route.
+fn misplaced(e: &Engine, on_webhook_listener: bool) -> Option<Response> {
+    (e.cfg.server.webhook_listen.is_some() && !on_webhook_listener)
+        .then(|| ApiError::NotFound("no such route".into()).into_response())
+}
+
+async fn stripe(
+    State(e): St,
+    at: Option<Extension<OnWebhookListener>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Some(r) = misplaced(&e, at.is_some()) {
+        return r;
+    }
     let sig = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
@@ -444,7 +495,15 @@ async fn stripe(State(e): St, headers: HeaderMap, body: Body) -> Response {
     webhook(e, Provider::Stripe, sig.as_deref(), body).await
 }
 
-async fn revenuecat(State(e): St, headers: HeaderMap, body: Body) -> Response {
+async fn revenuecat(
+    State(e): St,
+    at: Option<Extension<OnWebhookListener>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Some(r) = misplaced(&e, at.is_some()) {
+        return r;
+    }
     let sig = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

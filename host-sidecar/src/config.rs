@@ -94,6 +94,10 @@ pub struct BillingConfig {
     pub schedule_interval_ms: u64,
     /// Priority of purchased credit packs (lower spends first).
     pub pack_priority: u32,
+    /// Apply events from the providers' test environments (Stripe `livemode: false`,
+    /// RevenueCat `environment: SANDBOX`). Off: they are recorded (`ignored_test_event`, so a
+    /// replay is a duplicate) and change nothing.
+    pub accept_test_events: bool,
     pub stripe: Option<ProviderConfig>,
     pub revenuecat: Option<ProviderConfig>,
 }
@@ -104,6 +108,7 @@ impl Default for BillingConfig {
             fallback_plan: None,
             schedule_interval_ms: 60_000,
             pack_priority: 50,
+            accept_test_events: false,
             stripe: None,
             revenuecat: None,
         }
@@ -177,6 +182,11 @@ impl AlertsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
+    /// Where the billing-provider webhooks (`/webhooks/stripe`, `/webhooks/revenuecat`, and
+    /// `/healthz`) are served, e.g. `"0.0.0.0:8701"`: then on that listener only, and no longer on
+    /// `listen`, so the decision and admin API never has to face the internet. Absent: they are
+    /// served on `listen`.
+    pub webhook_listen: Option<String>,
     /// Virtual shards: each has its own Redis hash tag and outbox stream. Fixed once data exists.
     pub shards: u32,
     pub hold_ttl_secs: u64,
@@ -192,14 +202,40 @@ pub struct ServerConfig {
     pub sweep_interval_ms: u64,
     /// Bearer token for the admin API; `TOLLGATE_ADMIN_TOKEN` overrides. Required.
     pub admin_token: Option<String>,
+    /// Bearer token the filter sends on every callout (its `sidecar.token`): required by the
+    /// decision routes (`/v1/authorize`, `check`, `consume`, `commit`, `commit/batch`,
+    /// `release`) for calls that name an API key; `TOLLGATE_DECISION_TOKEN` overrides. Required
+    /// on a listener that is not loopback; on loopback without one the decision API is open.
+    pub decision_token: Option<String>,
+    /// Bearer token of trusted server-side callers: the decision routes for a bare `account`
+    /// (no API key), and the account read routes; `TOLLGATE_SERVICE_TOKEN` overrides. The admin
+    /// token may do the same.
+    pub service_token: Option<String>,
     /// Mixed into API key hashes; `TOLLGATE_KEY_PEPPER` overrides.
     pub key_pepper: Option<String>,
+    /// Longest a request may take before it is answered 503.
+    pub request_timeout_ms: u64,
+    /// Most requests served at once; more wait for a slot.
+    pub max_concurrent_requests: usize,
+}
+
+/// The admin token the README's examples use: refused on a listener that is not loopback.
+pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token-change-me";
+
+impl ServerConfig {
+    /// Whether `listen` binds only the loopback interface.
+    pub fn listens_on_loopback(&self) -> bool {
+        self.listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback())
+    }
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8700".into(),
+            webhook_listen: None,
             shards: 16,
             hold_ttl_secs: 300,
             idempotency_ttl_secs: 86_400,
@@ -209,7 +245,11 @@ impl Default for ServerConfig {
             max_commit_body_bytes: 8 * 1024 * 1024,
             sweep_interval_ms: 1_000,
             admin_token: None,
+            decision_token: None,
+            service_token: None,
             key_pepper: None,
+            request_timeout_ms: 10_000,
+            max_concurrent_requests: 4096,
         }
     }
 }
@@ -408,11 +448,20 @@ impl Config {
         if let Some(v) = get("TOLLGATE_ADMIN_TOKEN") {
             self.server.admin_token = Some(v);
         }
+        if let Some(v) = get("TOLLGATE_DECISION_TOKEN") {
+            self.server.decision_token = set(v);
+        }
+        if let Some(v) = get("TOLLGATE_SERVICE_TOKEN") {
+            self.server.service_token = set(v);
+        }
         if let Some(v) = get("TOLLGATE_KEY_PEPPER") {
             self.server.key_pepper = Some(v);
         }
         if let Some(v) = get("TOLLGATE_LISTEN") {
             self.server.listen = v;
+        }
+        if let Some(v) = get("TOLLGATE_WEBHOOK_LISTEN") {
+            self.server.webhook_listen = set(v);
         }
     }
 
@@ -424,6 +473,17 @@ impl Config {
                 format!("{:?} is not host:port", s.listen),
             ));
         }
+        if let Some(w) = &s.webhook_listen {
+            let addr = w.parse::<std::net::SocketAddr>().map_err(|_| {
+                field_err("server.webhook_listen", format!("{w:?} is not host:port"))
+            })?;
+            if addr.port() != 0 && s.listen.parse::<std::net::SocketAddr>().ok() == Some(addr) {
+                return Err(field_err(
+                    "server.webhook_listen",
+                    "must differ from server.listen (the webhooks get a listener of their own)",
+                ));
+            }
+        }
         if let Some(t) = &s.admin_token {
             if t.len() < 16 {
                 return Err(field_err(
@@ -431,6 +491,51 @@ impl Config {
                     "must be at least 16 characters (or unset to disable the admin API)",
                 ));
             }
+        }
+        for (field, t) in [
+            ("server.decision_token", &s.decision_token),
+            ("server.service_token", &s.service_token),
+        ] {
+            if t.as_ref().is_some_and(|t| t.len() < 16) {
+                return Err(field_err(field, "must be at least 16 characters"));
+            }
+        }
+        let tokens = [&s.admin_token, &s.decision_token, &s.service_token];
+        let given: Vec<&String> = tokens.iter().filter_map(|t| t.as_ref()).collect();
+        if (0..given.len()).any(|i| given[i + 1..].contains(&given[i])) {
+            return Err(field_err(
+                "server.decision_token",
+                "the admin, decision and service tokens must differ (each is its own scope)",
+            ));
+        }
+        if !s.listens_on_loopback() {
+            if s.decision_token.is_none() {
+                return Err(field_err(
+                    "server.decision_token",
+                    format!(
+                        "required when listening on {} (not loopback): anyone who reaches the port could move money (set TOLLGATE_DECISION_TOKEN)",
+                        s.listen
+                    ),
+                ));
+            }
+            if s.admin_token.as_deref() == Some(DEV_ADMIN_TOKEN) {
+                return Err(field_err(
+                    "server.admin_token",
+                    "the documented development token may only be used on loopback",
+                ));
+            }
+        }
+        if !(100..=600_000).contains(&s.request_timeout_ms) {
+            return Err(field_err(
+                "server.request_timeout_ms",
+                "must be 100..=600000",
+            ));
+        }
+        if !(1..=1_000_000).contains(&s.max_concurrent_requests) {
+            return Err(field_err(
+                "server.max_concurrent_requests",
+                "must be 1..=1000000",
+            ));
         }
         if !(MIN_COMMIT_BODY..=MAX_COMMIT_BODY).contains(&s.max_commit_body_bytes) {
             return Err(field_err(

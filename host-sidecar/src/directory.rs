@@ -160,6 +160,11 @@ impl<K: Eq + Hash + Clone + Send + 'static, V: Send + Sync + 'static> Cache<K, V
 pub struct Directory {
     ledger: Ledger,
     pepper: String,
+    /// Key lookups that reached the ledger (PostgreSQL or SQLite): what a flood of made-up keys
+    /// would cost, were they not refused by their shape and check first.
+    pub key_lookups: Arc<std::sync::atomic::AtomicU64>,
+    /// Keys refused by their shape or check, before any lookup.
+    pub keys_refused: Arc<std::sync::atomic::AtomicU64>,
     accounts: Arc<Cache<String, Account>>,
     keys: Arc<Cache<[u8; 32], KeyRow>>,
 }
@@ -169,9 +174,15 @@ impl Directory {
         Self {
             ledger,
             pepper,
+            key_lookups: Default::default(),
+            keys_refused: Default::default(),
             accounts: Arc::new(Cache::new(ttl)),
             keys: Arc::new(Cache::new(ttl)),
         }
+    }
+
+    pub fn pepper(&self) -> &str {
+        &self.pepper
     }
 
     pub fn hash_key(&self, api_key: &str) -> [u8; 32] {
@@ -188,11 +199,21 @@ impl Directory {
             .await
     }
 
+    /// The key's row: refused at once if it cannot be a key of ours, else from the cache
+    /// (unknown keys are cached as unknown too), else from the ledger.
     pub async fn key(&self, api_key: &str) -> Result<Option<Arc<KeyRow>>, sqlx::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !crate::apikey::plausible(&self.pepper, api_key) {
+            self.keys_refused.fetch_add(1, Relaxed);
+            return Ok(None);
+        }
         let hash = self.hash_key(api_key);
-        let ledger = self.ledger.clone();
+        let (ledger, lookups) = (self.ledger.clone(), Arc::clone(&self.key_lookups));
         self.keys
-            .get_or_load(hash, move || async move { ledger.key_by_hash(&hash).await })
+            .get_or_load(hash, move || async move {
+                lookups.fetch_add(1, Relaxed);
+                ledger.key_by_hash(&hash).await
+            })
             .await
     }
 

@@ -16,6 +16,12 @@ pub enum ApiError {
     Conflict(String),
     #[error("missing or wrong admin token")]
     Unauthorized,
+    /// A decision route called without the filter's (or a trusted caller's) token.
+    #[error("missing or wrong decision token")]
+    NoDecisionToken,
+    /// A valid token, but not of the scope the call needs.
+    #[error("{0}")]
+    Forbidden(String),
     /// A webhook whose signature or shared secret does not verify.
     #[error("webhook not authenticated: {0}")]
     BadSignature(String),
@@ -55,7 +61,10 @@ impl ApiError {
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Unauthorized | ApiError::BadSignature(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::NoDecisionToken | ApiError::BadSignature(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -66,7 +75,8 @@ impl ApiError {
             ApiError::Invalid(_) => "invalid_request",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
-            ApiError::Unauthorized => "unauthorized",
+            ApiError::Unauthorized | ApiError::NoDecisionToken => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::BadSignature(_) => "bad_signature",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",

@@ -32,22 +32,83 @@ pub(crate) fn bytes_of(body: Body) -> Result<Bytes, ApiError> {
     })
 }
 
-pub(crate) fn require_admin(e: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
-    let expected = e
-        .cfg
-        .server
-        .admin_token
-        .as_deref()
-        .ok_or(ApiError::Unauthorized)?;
-    let given = headers
+/// Who a request's bearer token says the caller is. Every configured token is compared, each in
+/// constant time, so the answer's timing does not tell which one was close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// No `authorization: Bearer` header.
+    Anonymous,
+    /// A bearer token that is none of ours.
+    Unknown,
+    /// The filter (`server.decision_token`).
+    Filter,
+    /// A trusted server-side caller (`server.service_token`).
+    Service,
+    Admin,
+}
+
+pub(crate) fn caller(e: &Engine, headers: &HeaderMap) -> Caller {
+    let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-        Ok(())
+    else {
+        return Caller::Anonymous;
+    };
+    let s = &e.cfg.server;
+    let is = |t: &Option<String>| {
+        t.as_deref()
+            .is_some_and(|t| bool::from(given.as_bytes().ct_eq(t.as_bytes())))
+    };
+    let (admin, service, filter) = (
+        is(&s.admin_token),
+        is(&s.service_token),
+        is(&s.decision_token),
+    );
+    if admin {
+        Caller::Admin
+    } else if service {
+        Caller::Service
+    } else if filter {
+        Caller::Filter
     } else {
-        Err(ApiError::Unauthorized)
+        Caller::Unknown
+    }
+}
+
+pub(crate) fn require_admin(e: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
+    match caller(e, headers) {
+        Caller::Admin => Ok(()),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
+/// The account read routes: the admin or a trusted service.
+pub(crate) fn require_reader(e: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
+    match caller(e, headers) {
+        Caller::Admin | Caller::Service => Ok(()),
+        _ => Err(ApiError::Unauthorized),
+    }
+}
+
+/// The decision routes. Calls that name an API key need the filter's token (or a trusted
+/// caller's); calls for a bare `account` — spending an account's money with no key — need the
+/// service or admin token. A sidecar with no decision token (allowed on loopback only, checked at
+/// start) takes decisions from anyone who can reach its port.
+pub(crate) fn require_decision(
+    e: &Engine,
+    headers: &HeaderMap,
+    for_account: bool,
+) -> Result<(), ApiError> {
+    let open = e.cfg.server.decision_token.is_none();
+    match (caller(e, headers), for_account) {
+        (Caller::Admin | Caller::Service, _) => Ok(()),
+        (Caller::Filter, false) => Ok(()),
+        (Caller::Filter, true) => Err(ApiError::Forbidden(
+            "account: acting for a bare account needs the service or admin token; the decision token may only name an api_key".into(),
+        )),
+        (Caller::Anonymous, _) if open => Ok(()),
+        (Caller::Anonymous | Caller::Unknown, _) => Err(ApiError::NoDecisionToken),
     }
 }
 

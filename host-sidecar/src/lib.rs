@@ -197,3 +197,16 @@ pub async fn serve(engine: Arc<Engine>, listener: tokio::net::TcpListener) -> st
     });
     axum::serve(listener, api::router(engine)).await
 }
+
+/// Serves the billing-provider webhooks ([`api_billing::webhook_router`]: `/webhooks/stripe`,
+/// `/webhooks/revenuecat`, `/healthz`) on `listener` until the future is dropped. With
+/// `server.webhook_listen` set, the sidecar runs this beside [`serve`], and [`serve`] no longer
+/// answers the webhooks.
+pub async fn serve_webhooks(
+    engine: Arc<Engine>,
+    listener: tokio::net::TcpListener,
+) -> std::io::Result<()> {
+    // The same guards as the main listener's (request timeout, concurrency limit).
+    let guards = api::guards(&engine.cfg.server);
+    axum::serve(listener, api_billing::webhook_router(engine).layer(guards)).await
+}

@@ -44,11 +44,28 @@ async fn run() -> anyhow::Result<()> {
         );
     }
     let listen = cfg.server.listen.clone();
+    let webhook_listen = cfg.server.webhook_listen.clone();
     let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;
     let _tasks = tollgate_sidecar::spawn_background(&engine);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
+    // The webhooks on a listener of their own, when configured (and then only there).
+    let webhooks = match &webhook_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot bind server.webhook_listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let serve_webhooks = async {
+        match webhooks {
+            Some(l) => tollgate_sidecar::serve_webhooks(engine.clone(), l).await,
+            None => std::future::pending().await,
+        }
+    };
     tracing::info!(
         %listen,
+        webhook_listen = webhook_listen.as_deref().unwrap_or("(on listen)"),
         config = %path.display(),
         store = engine.store.kind(),
         ledger = engine.ledger.kind(),
@@ -57,6 +74,7 @@ async fn run() -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tollgate_sidecar::serve(engine.clone(), listener) => r?,
+        r = serve_webhooks => r?,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
         _ = term.recv() => tracing::info!("terminated: shutting down"),
     }

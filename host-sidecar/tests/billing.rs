@@ -484,10 +484,22 @@ async fn stripe(env: &Env, body: &Value) -> (u16, Value) {
 }
 
 fn subscription_event(id: &str, kind: &str, created_s: i64, status: &str, price: &str) -> Value {
+    subscription_event_of("sub_1", id, kind, created_s, status, price)
+}
+
+/// A Stripe subscription event about subscription `sub` of acme.
+fn subscription_event_of(
+    sub: &str,
+    id: &str,
+    kind: &str,
+    created_s: i64,
+    status: &str,
+    price: &str,
+) -> Value {
     json!({
         "id": id, "type": kind, "created": created_s,
         "data": {"object": {
-            "id": "sub_1", "status": status,
+            "id": sub, "status": status,
             "current_period_start": created_s, "current_period_end": created_s + 30 * 86_400,
             "metadata": {"tollgate_account": "acme"},
             "items": {"data": [{"price": {"id": price, "lookup_key": null}}]}
@@ -503,6 +515,385 @@ async fn plan_and_version(env: &Env) -> (String, i64) {
 async fn events(env: &Env) -> i64 {
     env.sql_i64("SELECT count(*) FROM billing_events WHERE $1 = $1", "")
         .await
+}
+
+/// A RevenueCat event of acme about subscription (original transaction) `otx`, from
+/// `environment` (`PRODUCTION` or `SANDBOX`).
+fn rc_event(id: &str, kind: &str, product: &str, ts: u64, otx: &str, environment: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"api_version": "1.0", "event": {
+        "id": id, "type": kind, "app_user_id": "acme", "product_id": product,
+        "event_timestamp_ms": ts, "purchased_at_ms": ts, "expiration_at_ms": ts + 7 * 86_400_000,
+        "transaction_id": format!("tx_{id}"), "original_transaction_id": otx,
+        "period_type": "NORMAL", "environment": environment
+    }}))
+    .unwrap()
+}
+
+async fn revenuecat(env: &Env, body: &[u8]) -> (u16, Value) {
+    deliver(
+        env,
+        "/webhooks/revenuecat",
+        body,
+        &[("authorization", format!("Bearer {RC_SECRET}"))],
+    )
+    .await
+}
+
+/// Outcome of a delivery that must answer 200.
+fn outcome((s, v): (u16, Value)) -> String {
+    assert_eq!(s, 200, "{v}");
+    v["outcome"].as_str().unwrap_or_default().to_string()
+}
+
+/// The outcome recorded for each of acme's events, by event id.
+async fn recorded(env: &Env) -> std::collections::BTreeMap<String, String> {
+    let (s, list) = env.admin_get("/admin/accounts/acme/billing-events").await;
+    assert_eq!(s, 200, "{list}");
+    list["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["event_id"].as_str().unwrap().to_string(),
+                e["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The billing configuration with `billing.accept_test_events` on, one sidecar.
+async fn env_accepting_test_events(backend: Backend) -> Env {
+    let mut env = Env::build(backend, 0, BILLING, &redis_url(), None).await;
+    env.cfg.billing.accept_test_events = true;
+    env.add_sidecar().await;
+    env
+}
+
+/// Stripe `livemode: false` and RevenueCat `SANDBOX` events: a subscription, a pack purchase.
+fn test_mode_events(t: i64) -> (Value, Value, Vec<u8>, Vec<u8>) {
+    let mut sub = subscription_event(
+        "evt_t1",
+        "customer.subscription.created",
+        t - 300,
+        "active",
+        "price_pro",
+    );
+    sub["livemode"] = json!(false);
+    let pack = json!({"id": "evt_t2", "type": "checkout.session.completed", "created": t - 200,
+        "livemode": false,
+        "data": {"object": {"id": "cs_test_1", "payment_status": "paid",
+            "metadata": {"tollgate_account": "acme", "tollgate_pack": "pack_1000"}}}});
+    let ms = NOON - 100_000;
+    let rc_sub = rc_event(
+        "rc_t1",
+        "INITIAL_PURCHASE",
+        "vip.weekly",
+        ms,
+        "otx_t",
+        "SANDBOX",
+    );
+    let rc_pack = rc_event(
+        "rc_t2",
+        "NON_RENEWING_PURCHASE",
+        "points.200",
+        ms + 1,
+        "otx_p",
+        "SANDBOX",
+    );
+    (sub, pack, rc_sub, rc_pack)
+}
+
+/// Billing-provider events on every backend: what a test event and an event about another
+/// subscription do (the ledger transaction decides).
+mod webhook_events {
+    use super::*;
+
+    conformance! {
+        /// Test-mode events are remembered (a replay is a duplicate, and they show in the account's
+        /// and the installation's event lists as `ignored_test_event`) but grant nothing and change
+        /// no plan — unless `billing.accept_test_events` is on.
+        async fn test_mode_events_are_recorded_and_change_nothing(backend: Backend) {
+            let env = env_with(backend, 1, "").await;
+            env.account("acme", "free", "UTC").await;
+            let before = plan_and_version(&env).await;
+            let (sub, pack, rc_sub, rc_pack) = test_mode_events(now_s());
+            assert_eq!(outcome(stripe(&env, &sub).await), "ignored_test_event");
+            assert_eq!(outcome(stripe(&env, &pack).await), "ignored_test_event");
+            assert_eq!(outcome(revenuecat(&env, &rc_sub).await), "ignored_test_event");
+            assert_eq!(outcome(revenuecat(&env, &rc_pack).await), "ignored_test_event");
+            // A replay is a duplicate of the recorded event.
+            let (_, v) = stripe(&env, &sub).await;
+            assert_eq!((v["outcome"].as_str(), v["detail"].as_str()),
+                (Some("duplicate"), Some("first delivery: ignored_test_event")), "{v}");
+            assert_eq!(outcome(revenuecat(&env, &rc_pack).await), "duplicate");
+            assert_eq!(plan_and_version(&env).await, before, "no plan change");
+            assert_eq!(env.balance("acme").await, 0, "no grant");
+            assert!(env.engine().ledger.subscription("acme").await.unwrap().is_none());
+            let seen = recorded(&env).await;
+            assert_eq!(seen.len(), 4, "{seen:?}");
+            assert!(seen.values().all(|o| o == "ignored_test_event"), "{seen:?}");
+            let (_, all) = env.admin_get("/admin/billing-events").await;
+            assert_eq!(all["events"].as_array().unwrap().len(), 4, "{all}");
+            // A live event still applies.
+            let live = subscription_event("evt_live", "customer.subscription.created", now_s() - 100, "active", "price_pro");
+            assert_eq!(outcome(stripe(&env, &live).await), "applied");
+            assert_eq!(plan_and_version(&env).await.0, "pro");
+
+            // With billing.accept_test_events, the same events apply.
+            let env = env_accepting_test_events(backend).await;
+            env.account("acme", "free", "UTC").await;
+            let (sub, pack, rc_sub, rc_pack) = test_mode_events(now_s());
+            assert_eq!(outcome(stripe(&env, &sub).await), "applied");
+            assert_eq!(plan_and_version(&env).await.0, "pro");
+            assert_eq!(env.balance("acme").await, 500, "pro's included credits");
+            assert_eq!(outcome(stripe(&env, &pack).await), "applied");
+            assert_eq!(env.balance("acme").await, 1500);
+            // The RevenueCat subscription is another one, starting: it takes over.
+            assert_eq!(outcome(revenuecat(&env, &rc_sub).await), "applied");
+            assert_eq!(outcome(revenuecat(&env, &rc_pack).await), "applied");
+            assert_eq!(env.balance("acme").await, 1700);
+        }
+
+        /// A subscription event changes an account only if it is about the subscription on record
+        /// (provider and subscription id), or if it starts a new one; an event about another one is
+        /// recorded `ignored_other_subscription`. Credit packs are not subscriptions.
+        async fn only_the_subscription_on_record_changes_the_account(backend: Backend) {
+            let env = env_with(backend, 1, "").await;
+            env.account("acme", "free", "UTC").await;
+            let t = now_s();
+            let ms = |s: i64| (s * 1000) as u64;
+            // On a Stripe subscription: pro.
+            let start = subscription_event_of("sub_A", "evt_a1", "customer.subscription.created", t - 900, "active", "price_pro");
+            assert_eq!(outcome(stripe(&env, &start).await), "applied");
+            let on_pro = plan_and_version(&env).await;
+            assert_eq!(on_pro.0, "pro");
+            // A RevenueCat subscription of the same user ends or fails: not the one on record.
+            for (id, kind) in [("rc_x1", "EXPIRATION"), ("rc_x2", "CANCELLATION"), ("rc_x3", "BILLING_ISSUE")] {
+                let body = rc_event(id, kind, "vip.weekly", ms(t - 800), "otx_B", "PRODUCTION");
+                let (s, v) = revenuecat(&env, &body).await;
+                assert_eq!((s, v["outcome"].as_str()), (200, Some("ignored_other_subscription")), "{kind}: {v}");
+                assert_eq!(v["detail"], "the account's subscription on record is stripe sub_A", "{v}");
+            }
+            // A Stripe deletion of another subscription id.
+            let other = subscription_event_of("sub_Z", "evt_z", "customer.subscription.deleted", t - 700, "canceled", "price_pro");
+            assert_eq!(outcome(stripe(&env, &other).await), "ignored_other_subscription");
+            // An update of another one that does not start it (past due) neither.
+            let other = subscription_event_of("sub_Z", "evt_z2", "customer.subscription.updated", t - 690, "past_due", "price_pro");
+            assert_eq!(outcome(stripe(&env, &other).await), "ignored_other_subscription");
+            assert_eq!(plan_and_version(&env).await, on_pro, "the plan is left");
+            let sub = env.engine().ledger.subscription("acme").await.unwrap().unwrap();
+            assert_eq!((sub.provider.as_str(), sub.subject.as_deref(), sub.status.as_str()),
+                ("stripe", Some("sub_A"), "active"));
+            // A pack bought meanwhile is granted: packs are not subscriptions.
+            let pack = rc_event("rc_p", "NON_RENEWING_PURCHASE", "points.200", ms(t - 650), "otx_P", "PRODUCTION");
+            assert_eq!(outcome(revenuecat(&env, &pack).await), "applied");
+            assert_eq!(env.balance("acme").await, 700);
+
+            // The subscription on record ends: applied.
+            let end = subscription_event_of("sub_A", "evt_a2", "customer.subscription.deleted", t - 600, "canceled", "price_pro");
+            assert_eq!(outcome(stripe(&env, &end).await), "applied");
+            assert_eq!(plan_and_version(&env).await.0, "free");
+            // A new subscription that starts replaces the ended one on record...
+            let rc_start = rc_event("rc_b1", "INITIAL_PURCHASE", "vip.weekly", ms(t - 500), "otx_B", "PRODUCTION");
+            assert_eq!(outcome(revenuecat(&env, &rc_start).await), "applied");
+            assert_eq!(plan_and_version(&env).await.0, "pro");
+            // ...and from then on the old one's events are the other subscription's.
+            let late = subscription_event_of("sub_A", "evt_a3", "customer.subscription.updated", t - 400, "past_due", "price_pro");
+            assert_eq!(outcome(stripe(&env, &late).await), "ignored_other_subscription");
+            assert_eq!(plan_and_version(&env).await.0, "pro");
+            let rc_end = rc_event("rc_b2", "EXPIRATION", "vip.weekly", ms(t - 300), "otx_B", "PRODUCTION");
+            assert_eq!(outcome(revenuecat(&env, &rc_end).await), "applied");
+            assert_eq!(plan_and_version(&env).await.0, "free");
+
+            let seen = recorded(&env).await;
+            let ignored: Vec<_> = seen.iter().filter(|(_, o)| *o == "ignored_other_subscription").map(|(id, _)| id.as_str()).collect();
+            assert_eq!(ignored, ["evt_a3", "evt_z", "evt_z2", "rc_x1", "rc_x2", "rc_x3"], "{seen:?}");
+            // A replay of an ignored one is a duplicate, still changing nothing.
+            let body = rc_event("rc_x1", "EXPIRATION", "vip.weekly", ms(t - 800), "otx_B", "PRODUCTION");
+            assert_eq!(outcome(revenuecat(&env, &body).await), "duplicate");
+            // The operator's subscription replaces any: and then a provider's ending changes nothing.
+            let (s, v) = admin_send(&env, "PUT", "/admin/accounts/acme/subscription",
+                &json!({"plan": "pro", "status": "active"})).await;
+            assert_eq!(s, 200, "{v}");
+            let gone = subscription_event_of("sub_A", "evt_a4", "customer.subscription.deleted", t - 10, "canceled", "price_pro");
+            let (_, v) = stripe(&env, &gone).await;
+            assert_eq!(v["outcome"], "ignored_other_subscription", "{v}");
+            assert_eq!(plan_and_version(&env).await.0, "pro");
+        }
+    }
+}
+
+/// Webhook bodies up to 256 KiB, past `server.max_body_bytes` (64 KiB); larger ones are refused
+/// and change nothing. Other routes keep `max_body_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_bodies_up_to_256_kib_are_accepted() {
+    let env = env_with(Backend::RedisPostgres, 1, "").await;
+    env.account("acme", "free", "UTC").await;
+    let t = now_s();
+    let padded = |id: &str, bytes: usize| {
+        let mut v = subscription_event(
+            id,
+            "customer.subscription.created",
+            t - 100,
+            "active",
+            "price_pro",
+        );
+        v["data"]["object"]["description"] = json!("x".repeat(bytes));
+        serde_json::to_vec(&v).unwrap()
+    };
+    let signed = |raw: &[u8]| vec![("stripe-signature", sign_stripe(raw, STRIPE_SECRET, t))];
+
+    let big = padded("evt_big", 300_000);
+    assert!(big.len() > 256 * 1024);
+    let (s, v) = deliver(&env, "/webhooks/stripe", &big, &signed(&big)).await;
+    assert!(s == 413 || s == 400, "{s} {v}");
+    assert_eq!(events(&env).await, 0);
+    assert_eq!(plan_and_version(&env).await.0, "free");
+
+    let large = padded("evt_large", 70_000);
+    assert!(large.len() > 70_000 && large.len() > env.cfg.server.max_body_bytes);
+    let (s, v) = deliver(&env, "/webhooks/stripe", &large, &signed(&large)).await;
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("applied")), "{v}");
+    assert_eq!(plan_and_version(&env).await.0, "pro");
+
+    // The admin API keeps its limit (a valid body, padded with whitespace).
+    let body = format!(
+        "{}{}",
+        json!({"id": "bob", "plan": "free"}),
+        " ".repeat(70_000)
+    );
+    let (s, v) = env.post_raw("/admin/accounts", &body, Some(ADMIN)).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too large"),
+        "{v}"
+    );
+}
+
+/// `server.webhook_listen`: the webhooks (and /healthz) answer on their own listener, and only
+/// there; the decision and admin API is not served on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_answer_on_their_own_listener_only() {
+    let mut env = Env::build(Backend::RedisPostgres, 0, BILLING, &redis_url(), None).await;
+    env.cfg.server.webhook_listen = Some("127.0.0.1:0".into());
+    env.add_sidecar().await;
+    let key = env.account("acme", "free", "UTC").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hooks = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(tollgate_sidecar::serve_webhooks(
+        env.engine().clone(),
+        listener,
+    ));
+
+    let ev = subscription_event(
+        "evt_1",
+        "customer.subscription.created",
+        now_s() - 100,
+        "active",
+        "price_pro",
+    );
+    let raw = serde_json::to_vec(&ev).unwrap();
+    let post = |base: String, path: &'static str, token: Option<&'static str>| {
+        let mut r = env.http.post(format!("{base}{path}")).body(raw.clone());
+        if path == "/webhooks/stripe" {
+            r = r.header(
+                "stripe-signature",
+                sign_stripe(&raw, STRIPE_SECRET, now_s()),
+            );
+        }
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    // Not on the main listener any more: 404 like any unknown route, nothing recorded.
+    let (s, v) = post(env.base(0).to_string(), "/webhooks/stripe", None).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{v}"
+    );
+    let rc = rc_event(
+        "rc1",
+        "INITIAL_PURCHASE",
+        "vip.weekly",
+        NOON,
+        "otx_1",
+        "PRODUCTION",
+    );
+    let (s, _) = revenuecat(&env, &rc).await;
+    assert_eq!(s, 404);
+    assert_eq!(events(&env).await, 0);
+    assert_eq!(plan_and_version(&env).await.0, "free");
+    // On the webhook listener.
+    let (s, v) = post(hooks.clone(), "/webhooks/stripe", None).await;
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("applied")), "{v}");
+    assert_eq!(plan_and_version(&env).await.0, "pro");
+    let health = env
+        .http
+        .get(format!("{hooks}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    // The decision and admin API are not served there, whatever the token.
+    for (path, token) in [
+        ("/v1/authorize", Some(SERVICE)),
+        ("/v1/consume", None),
+        ("/admin/accounts", Some(ADMIN)),
+    ] {
+        let (s, v) = post(hooks.clone(), path, token).await;
+        assert_eq!(s, 404, "{path}: {v}");
+    }
+    let r = env
+        .http
+        .get(format!("{hooks}/admin/accounts/acme"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let r = env
+        .http
+        .get(format!("{hooks}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    // ...and still are on the main one.
+    assert_eq!(authorize_on(&env, 0, &key, "r1").await["allowed"], true);
+    server.abort();
+
+    // The address is validated like `listen`.
+    let base = "meters = [\"requests\"]\n[server]\n";
+    for (value, ok) in [
+        ("0.0.0.0:8701", true),
+        ("[::1]:8701", true),
+        ("localhost:8701", false),
+        ("8701", false),
+        ("127.0.0.1:8700", false), // the main listener's (default) address
+    ] {
+        let r = tollgate_sidecar::config::Config::from_toml(&format!(
+            "{base}webhook_listen = \"{value}\"\n"
+        ));
+        match r {
+            Ok(_) => assert!(ok, "{value} accepted"),
+            Err(e) => {
+                assert!(!ok, "{value}: {e}");
+                assert!(e.to_string().contains("server.webhook_listen"), "{e}");
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -673,6 +673,7 @@ conformance! {
         let sent = env
             .http
             .post(format!("{}/v1/commit", env.base(0)))
+            .bearer_auth(SERVICE)
             .json(&huge)
             .send()
             .await;

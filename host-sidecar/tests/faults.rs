@@ -50,6 +50,7 @@ async fn caller(
                           "route": "paid", "meters": {"requests": 1, "tokens": 5}});
         let r = http
             .post(format!("{base}/v1/authorize"))
+            .bearer_auth(SERVICE)
             .json(&body)
             .send()
             .await;
@@ -75,6 +76,7 @@ async fn caller(
         let base = &bases[(i as usize + 1) % bases.len()];
         if let Ok(r) = http
             .post(format!("{base}/v1/commit"))
+            .bearer_auth(SERVICE)
             .json(&commit)
             .send()
             .await
@@ -378,6 +380,8 @@ async fn fault_sidecar_killed_five_times_under_load() {
         ("TOLLGATE_REDIS_URL", redis_url()),
         ("TOLLGATE_DATABASE_URL", db_url.clone()),
         ("TOLLGATE_ADMIN_TOKEN", ADMIN.to_string()),
+        ("TOLLGATE_DECISION_TOKEN", DECISION.to_string()),
+        ("TOLLGATE_SERVICE_TOKEN", SERVICE.to_string()),
     ];
     let b = Process::start(&config, &env, free_port()).await;
     let a_port = free_port();
@@ -935,6 +939,7 @@ async fn fault_limits_reached_across_a_redis_network_cut() {
                                       "meters": {"requests": 1}});
                     let r = http
                         .post(format!("{base}/v1/consume"))
+                        .bearer_auth(SERVICE)
                         .json(&body)
                         .send()
                         .await;

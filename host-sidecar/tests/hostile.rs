@@ -210,6 +210,8 @@ async fn no_secret_reaches_the_log() {
         .env("TOLLGATE_REDIS_URL", redis_url())
         .env("TOLLGATE_DATABASE_URL", format!("{}/{prefix}", pg_base()))
         .env("TOLLGATE_ADMIN_TOKEN", token)
+        .env("TOLLGATE_DECISION_TOKEN", DECISION)
+        .env("TOLLGATE_SERVICE_TOKEN", SERVICE)
         .env("TOLLGATE_KEY_PEPPER", pepper)
         .env("RUST_LOG", "trace")
         .stdout(std::fs::File::create(&log).unwrap())
@@ -265,12 +267,14 @@ async fn no_secret_reaches_the_log() {
         json!({"api_key": key, "idempotency_key": "bad id!", "meters": {"requests": -1}}),
     ] {
         http.post(format!("{base}/v1/authorize"))
+            .bearer_auth(SERVICE)
             .json(&body)
             .send()
             .await
             .unwrap();
     }
     http.post(format!("{base}/v1/commit"))
+        .bearer_auth(SERVICE)
         .json(&json!({"hold_id": "acme/r1", "meters": {"requests": 1}}))
         .send()
         .await

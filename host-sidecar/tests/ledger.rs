@@ -161,7 +161,8 @@ conformance! {
                             let hold_id = open.swap_remove(rng.random_range(0..open.len()));
                             let c = CommitRequest {
                                 hold_id,
-                                route: Some("paid".into()),
+                                // Priced with the hold's own route (a commit may not name another).
+                                route: None,
                                 meters: [("tokens".to_string(), rng.random_range(0..40))]
                                     .into_iter()
                                     .collect(),

@@ -132,6 +132,25 @@ pub struct ReleaseRequest {
     pub hold_id: String,
 }
 
+/// Give up on a decision by its idempotency key (the filter, when its deadline passed or the
+/// client went away before the answer came): the hold is released if it was made, and can no
+/// longer be made if not.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    pub api_key: String,
+    pub idempotency_key: String,
+}
+
+impl CancelRequest {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        if self.api_key.is_empty() || self.api_key.len() > 256 {
+            return Err(invalid("api_key", "must be 1..=256 characters"));
+        }
+        validate_id("idempotency_key", &self.idempotency_key)
+    }
+}
+
 /// Add credit to an account (admin).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -4,6 +4,9 @@
 
 use tollgate_sidecar::config::Config;
 
+/// The decision token the end-to-end sidecars require and their filters send.
+pub const DECISION_TOKEN: &str = "e2e-decision-token-xxxx";
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Backend {
     RedisPostgres,
@@ -34,6 +37,7 @@ pub fn sidecar_config(toml: &str, backend: Backend, run: &str) -> Config {
         }
     }
     cfg.server.admin_token = Some("e2e-admin-token-xxxx".into());
+    cfg.server.decision_token = Some(DECISION_TOKEN.into());
     cfg
 }
 

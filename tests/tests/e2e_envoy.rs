@@ -26,7 +26,7 @@ output_tokens = 1
 
 fn filter_config(sidecar_cluster: &str) -> String {
     json!({
-        "sidecar": {"cluster": sidecar_cluster, "timeout_ms": 2000},
+        "sidecar": {"cluster": sidecar_cluster, "timeout_ms": 2000, "token": wasm_host::stores::DECISION_TOKEN},
         "deadline_ms": 2000,
         "key": {"header": "x-api-key"},
         "commit_interval_ms": 50,
@@ -266,7 +266,7 @@ async fn through_envoy_with_the_sidecar_down_each_route_fails_its_own_way() {
     let up_port = wasm_host::mock::start().await.unwrap();
     let nobody = wasm_host::envoy::free_port(); // nothing listens here
     let cfg = json!({
-        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 250},
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 250, "token": wasm_host::stores::DECISION_TOKEN},
         "deadline_ms": 300,
         "key": {"header": "x-api-key"},
         "routes": [
@@ -340,6 +340,10 @@ fn sidecar_binary() -> std::path::PathBuf {
 fn env_of(cfg: &Config) -> Vec<(String, String)> {
     vec![
         ("TOLLGATE_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+        (
+            "TOLLGATE_DECISION_TOKEN".into(),
+            wasm_host::stores::DECISION_TOKEN.into(),
+        ),
         (
             "TOLLGATE_SQLITE_PATH".into(),
             cfg.postgres.sqlite_path.clone(),
@@ -435,7 +439,7 @@ async fn sidecar_killed_and_back(backend: Backend) {
 
     let up_port = wasm_host::mock::start().await.unwrap();
     let filter = json!({
-        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 1000},
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 1000, "token": wasm_host::stores::DECISION_TOKEN},
         "deadline_ms": 1000,
         "key": {"header": "x-api-key"},
         "commit_interval_ms": 20,
@@ -577,7 +581,7 @@ async fn leased_route_through_envoy(backend: Backend) {
         .unwrap();
     let up_port = wasm_host::mock::start().await.unwrap();
     let filter = json!({
-        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 2000},
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 2000, "token": wasm_host::stores::DECISION_TOKEN},
         "deadline_ms": 2000,
         "key": {"header": "x-api-key"},
         "commit_interval_ms": 20,

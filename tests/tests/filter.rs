@@ -297,7 +297,13 @@ fn a_request_without_a_key_is_refused_and_ids_are_made_when_missing() {
     let call = f.take_calls().remove(0);
     let made = f.request_header(ctx, "x-request-id").unwrap();
     assert!(made.starts_with("tg-"), "{made}");
-    assert_eq!(call.json()["idempotency_key"], made.as_str());
+    assert_eq!(call.json()["correlation_id"], made.as_str());
+    assert_ne!(call.json()["idempotency_key"], made.as_str());
+    assert_eq!(
+        call.header("authorization"),
+        None,
+        "no token configured, none sent"
+    );
     // Unmatched paths pass untouched.
     let ctx = f.new_request().unwrap();
     assert_eq!(

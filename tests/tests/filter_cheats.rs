@@ -8,7 +8,7 @@ use wasm_host::{Filter, HttpCall, CONTINUE, PAUSE};
 
 fn config() -> String {
     json!({
-        "sidecar": {"cluster": "sidecar", "timeout_ms": 200},
+        "sidecar": {"cluster": "sidecar", "timeout_ms": 200, "token": "filter-decision-token"},
         "deadline_ms": 100,
         "key": {"header": "x-api-key"},
         "commit_batch": 100,
@@ -112,12 +112,19 @@ fn the_client_request_id_is_a_correlation_id_never_the_key() {
     keys.dedup();
     assert_eq!(keys.len(), 6, "each request is its own charge: {keys:?}");
     assert!(keys.iter().all(|k| k.starts_with("tg-")));
-    // No x-request-id: the filter's key is set on the request for the upstream and the logs.
+    // No x-request-id: an id is set for the upstream and the logs — not the decision key, which
+    // names the hold and so never leaves the filter and the sidecar.
     let (ctx, call) = post(&mut f, "/pay/x", &[], b"");
-    let key = call.unwrap().json()["idempotency_key"].clone();
+    let call = call.unwrap();
+    let body = call.json();
+    let sent = f.request_header(ctx, "x-request-id").unwrap();
+    assert!(sent.starts_with("tg-") && sent.len() == 35, "{sent}");
+    assert_ne!(body["idempotency_key"], sent.as_str());
+    assert_eq!(body["correlation_id"], sent.as_str());
+    // Every callout carries the decision token.
     assert_eq!(
-        f.request_header(ctx, "x-request-id").as_deref(),
-        key.as_str()
+        call.header("authorization"),
+        Some("Bearer filter-decision-token")
     );
 }
 
@@ -163,6 +170,10 @@ fn a_reused_client_idempotency_key_is_refused_not_served() {
     let calls = flush_after(&mut f, 60);
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].json()["commits"][0]["hold_id"], "acme/ik:order-77");
+    assert_eq!(
+        calls[0].header("authorization"),
+        Some("Bearer filter-decision-token")
+    );
     // A key too long or odd for an id is hashed, not refused.
     let long = "x/".repeat(100);
     let (_, call) = post(&mut f, "/pay/charge", &[("idempotency-key", &long)], b"");
@@ -547,4 +558,24 @@ fn a_tool_call_only_stream_sends_its_arguments_to_be_counted() {
     let c = &calls[0].json()["commits"][0];
     assert_eq!(c["output_text"], "lookup{\"q\":\"tolls\"}");
     let _ = PAUSE;
+}
+
+#[test]
+fn a_decision_the_stream_outlived_is_cancelled_by_its_key() {
+    let mut f = load();
+    let (ctx, call) = post(&mut f, "/pay/x", &[], b"");
+    let key = call.unwrap().json()["idempotency_key"].clone();
+    // The deadline passes: fail closed (503), and the stream ends before the answer comes.
+    f.advance_ms(150);
+    f.tick().unwrap();
+    assert_eq!(f.local_response(ctx).map(|r| r.status), Some(503));
+    f.finish(ctx).unwrap();
+    let calls = flush_after(&mut f, 60);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].header(":path"), Some("/v1/cancel"));
+    assert_eq!(
+        calls[0].json(),
+        json!({"api_key": "tg_key", "idempotency_key": key})
+    );
+    assert_eq!(f.metric("tollgate.decisions_cancelled"), 1);
 }

@@ -180,7 +180,7 @@ impl Engine {
         if n.name.len() > 200 {
             return Err(ApiError::Invalid("name: longer than 200 characters".into()));
         }
-        let plain = crate::apikey::generate();
+        let plain = crate::apikey::generate(self.directory.pepper());
         let row = KeyRow {
             id: crate::apikey::new_id("key"),
             account_id: account.to_string(),

@@ -12,7 +12,9 @@ use super::Engine;
 use crate::config::ProviderConfig;
 use crate::directory::Account;
 use crate::error::ApiError;
-use crate::ledger::billing::{BillingEventRow, SubOutcome, SubscriptionRow};
+use crate::ledger::billing::{
+    other_subscription_detail, BillingEventRow, SubOutcome, SubscriptionRow,
+};
 use crate::store::{LapseArgs, Reply};
 use crate::webhooks::{self, Action, BillingEvent, Provider, SubStatus};
 use serde::{Deserialize, Serialize};
@@ -42,7 +44,8 @@ pub(crate) struct Lapsed {
 pub struct WebhookOutcome {
     pub provider: String,
     pub event_id: String,
-    /// applied | duplicate | stale | ignored | unknown | unmapped
+    /// applied | duplicate | stale | ignored | ignored_test_event | ignored_other_subscription |
+    /// unknown | unmapped
     pub outcome: String,
     #[serde(default)]
     pub detail: String,
@@ -106,7 +109,8 @@ impl Engine {
             event_at_ms: now,
             updated_at_ms: now,
         };
-        match self.apply_subscription(&row, status, None).await? {
+        // The operator's change replaces whatever subscription is on record.
+        match self.apply_subscription(&row, status, None, true).await? {
             SubOutcome::NoAccount => {
                 Err(ApiError::NotFound(format!("unknown account {account:?}")))
             }
@@ -119,6 +123,7 @@ impl Engine {
         row: &SubscriptionRow,
         status: SubStatus,
         event: Option<&BillingEventRow>,
+        may_replace: bool,
     ) -> Result<SubOutcome, ApiError> {
         let effective = if status.entitled() {
             row.plan.clone()
@@ -133,7 +138,7 @@ impl Engine {
         };
         let out = self
             .ledger
-            .apply_subscription(row, &effective, event)
+            .apply_subscription(row, &effective, event, may_replace)
             .await?;
         if let SubOutcome::Applied(version) = out {
             self.publish_version(&row.account_id, version).await;
@@ -188,8 +193,8 @@ impl Engine {
             return Err(ApiError::BadSignature(e.to_string()));
         }
         let ev = match provider {
-            Provider::Stripe => webhooks::parse_stripe(body),
-            Provider::RevenueCat => webhooks::parse_revenuecat(body),
+            Provider::Stripe => webhooks::stripe::parse(body),
+            Provider::RevenueCat => webhooks::revenuecat::parse(body),
         }
         .map_err(|e| ApiError::Invalid(e.to_string()))?;
         if let Some(first) = self.ledger.billing_event(provider.as_str(), &ev.id).await? {
@@ -206,7 +211,9 @@ impl Engine {
             "applied" => self.metrics.billing_applied.inc(),
             "duplicate" => self.metrics.billing_duplicate.inc(),
             "stale" => self.metrics.billing_stale.inc(),
-            "ignored" => self.metrics.billing_ignored.inc(),
+            "ignored" | "ignored_test_event" | "ignored_other_subscription" => {
+                self.metrics.billing_ignored.inc()
+            }
             "unknown" => self.metrics.billing_unknown.inc(),
             _ => self.metrics.billing_unmapped.inc(),
         }
@@ -240,6 +247,21 @@ impl Engine {
         prov: &ProviderConfig,
         ev: &BillingEvent,
     ) -> Result<(&'static str, String), ApiError> {
+        // A test-mode event is remembered (a replay is a duplicate) and changes nothing, unless
+        // the operator accepts them (a staging installation).
+        if ev.test && !self.cfg.billing.accept_test_events {
+            let env = match ev.provider {
+                Provider::Stripe => "livemode false",
+                Provider::RevenueCat => "environment SANDBOX",
+            };
+            return self
+                .record(
+                    ev,
+                    "ignored_test_event",
+                    format!("a test event ({env}); billing.accept_test_events is off"),
+                )
+                .await;
+        }
         match (&ev.action, self.known_account(ev).await?) {
             (Action::Ignore, _) => self.record(ev, "ignored", String::new()).await,
             (Action::Unknown, _) => {
@@ -281,10 +303,21 @@ impl Engine {
                 };
                 let detail = format!("plan {plan}, {}", status.as_str());
                 let rec = event_row(ev, "applied", &detail, now);
+                // Only the subscription on record changes the account; another one replaces it
+                // only by starting (active or trialing) — an ending or failing payment of a
+                // subscription that is not the account's changes nothing.
+                let may_replace = matches!(status, SubStatus::Active | SubStatus::Trialing);
                 Ok(
-                    match self.apply_subscription(&row, *status, Some(&rec)).await? {
+                    match self
+                        .apply_subscription(&row, *status, Some(&rec), may_replace)
+                        .await?
+                    {
                         SubOutcome::Applied(_) => ("applied", detail),
                         SubOutcome::Stale => ("stale", "a newer change was applied".into()),
+                        SubOutcome::OtherSubscription { provider, subject } => (
+                            "ignored_other_subscription",
+                            other_subscription_detail(&provider, subject.as_deref()),
+                        ),
                         SubOutcome::Duplicate => ("duplicate", String::new()),
                         SubOutcome::NoAccount => {
                             return self.record(ev, "unmapped", "unknown account".into()).await

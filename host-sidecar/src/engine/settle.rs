@@ -54,10 +54,25 @@ impl Engine {
     pub async fn commit(&self, req: CommitRequest) -> Result<(Settlement, bool), ApiError> {
         req.validate()?;
         self.check_meters(&req.meters)?;
-        let (route, model) = match &req.route {
-            Some(r) => (r.clone(), req.model.clone()),
-            None => self.hold_route(&req.hold_id).await?,
-        };
+        if req.credits > 0 {
+            return Err(ApiError::Invalid(
+                "credits: a commit is priced from its meters with its hold's route and model; extra credits are not accepted".into(),
+            ));
+        }
+        // A hold is settled as it was made: priced with its own route and model, whatever the
+        // commit says (one that names others is refused, so a caller cannot pick a cheaper
+        // price for the usage).
+        let (route, model) = self.hold_route(&req.hold_id).await?;
+        if req.route.as_ref().is_some_and(|r| *r != route) {
+            return Err(ApiError::Conflict(format!(
+                "route: the hold was authorized for route {route:?}"
+            )));
+        }
+        if req.model.is_some() && req.model != model {
+            return Err(ApiError::Conflict(format!(
+                "model: the hold was authorized for model {model:?}"
+            )));
+        }
         let mut meters = req.meters.clone();
         if let Some(text) = &req.output_text {
             // No usage object: the output is counted here, with the model's tokenizer.
@@ -65,7 +80,7 @@ impl Engine {
                 *out = crate::tokens::count_async(model.as_deref(), text).await;
             }
         }
-        let credit = self.price(&route, model.as_deref(), &meters, req.credits)?;
+        let credit = self.price(&route, model.as_deref(), &meters, 0)?;
         meters.insert("credits".into(), credit);
         let fp = fingerprint(&("commit", &meters));
         self.settle(&req.hold_id, "committed", &meters, credit, &fp)
@@ -96,7 +111,10 @@ impl Engine {
             Some(r) => Some(r),
             None => self.ledger.hold_record(acct, hold_id).await?,
         };
-        let r: Option<RouteOf> = rec.and_then(|r| serde_json::from_str(&r).ok());
+        let Some(rec) = rec else {
+            return Err(ApiError::NotFound(format!("hold_id: no hold {hold_id:?}")));
+        };
+        let r: Option<RouteOf> = serde_json::from_str(&rec).ok();
         Ok(match r {
             Some(RouteOf {
                 route: Some(route),
@@ -104,6 +122,24 @@ impl Engine {
             }) => (route, model),
             _ => (tollgate_protocol::default_route(), None),
         })
+    }
+
+    /// Gives up on the decision of `api_key` under `idempotency_key`: releases its hold, or (not
+    /// made yet) makes sure it never is (`lua/release.lua`, status `cancelled`).
+    pub async fn cancel(
+        &self,
+        req: tollgate_protocol::CancelRequest,
+    ) -> Result<(Settlement, bool), ApiError> {
+        req.validate()?;
+        let acct = match self.resolve(Some(&req.api_key), None).await? {
+            super::Resolved::Caller(c) => c.account.row.id.clone(),
+            super::Resolved::Denied(_) => {
+                return Err(ApiError::NotFound("api_key: no such key".into()))
+            }
+        };
+        let hold_id = format!("{acct}/{}", req.idempotency_key);
+        self.settle(&hold_id, "cancelled", &Meters::new(), 0, "release")
+            .await
     }
 
     pub async fn release(&self, hold_id: &str) -> Result<(Settlement, bool), ApiError> {
@@ -172,7 +208,7 @@ impl Engine {
         } else {
             match status {
                 "committed" => self.metrics.committed.inc(),
-                "released" => self.metrics.released.inc(),
+                "released" | "cancelled" => self.metrics.released.inc(),
                 _ => self.metrics.expired.inc(),
             }
             self.sync_wake.notify_one();

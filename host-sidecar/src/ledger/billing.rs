@@ -70,6 +70,14 @@ pub struct BillingEventRow {
     pub received_at_ms: i64,
 }
 
+/// Why an event about another subscription changed nothing (recorded as its detail).
+pub(crate) fn other_subscription_detail(provider: &str, subject: Option<&str>) -> String {
+    match subject {
+        Some(id) => format!("the account's subscription on record is {provider} {id}"),
+        None => format!("the account's subscription on record is {provider}'s (no provider id)"),
+    }
+}
+
 /// What applying a subscription change did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubOutcome {
@@ -79,6 +87,14 @@ pub enum SubOutcome {
     Stale,
     /// The event id was seen before; nothing changed.
     Duplicate,
+    /// The account's subscription on record is another one (provider, subject), and this change
+    /// may not replace it; nothing changed (the event is recorded as `ignored_other_subscription`).
+    OtherSubscription {
+        /// The provider of the subscription on record.
+        provider: String,
+        /// Its subscription id at the provider, if any.
+        subject: Option<String>,
+    },
     NoAccount,
 }
 
@@ -252,14 +268,18 @@ impl Ledger {
     }
 
     /// Applies a subscription change and moves the account to `effective_plan`, in one
-    /// transaction — unless a newer change was applied already (stale) or `event` was recorded
-    /// before (duplicate). `event` is recorded in the same transaction, so a provider's event
-    /// changes the subscription exactly once.
+    /// transaction — unless a newer change was applied already (stale), `event` was recorded
+    /// before (duplicate), or the account's subscription on record is another one (a different
+    /// provider or subject) and `may_replace` is false (other subscription: a provider's event
+    /// about a subscription that is not the account's changes nothing, unless it starts one).
+    /// `event` is recorded in the same transaction, so a provider's event changes the
+    /// subscription exactly once.
     pub async fn apply_subscription(
         &self,
         s: &SubscriptionRow,
         effective_plan: &str,
         event: Option<&BillingEventRow>,
+        may_replace: bool,
     ) -> Result<SubOutcome, sqlx::Error> {
         let _guard = self.write_lock().await;
         let lock_sql = self.dialect(
@@ -285,12 +305,35 @@ impl Ledger {
                 tx.rollback().await?;
                 return Ok(SubOutcome::NoAccount);
             }
-            let newest: Option<i64> =
-                sqlx::query_scalar("SELECT event_at FROM subscriptions WHERE account_id = $1")
-                    .bind(&s.account_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if newest.is_some_and(|n| n > s.event_at_ms) {
+            let on_record: Option<(String, Option<String>, i64)> = sqlx::query_as(
+                "SELECT provider, subject, event_at FROM subscriptions WHERE account_id = $1",
+            )
+            .bind(&s.account_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((provider, subject, _)) = &on_record {
+                let same = *provider == s.provider && *subject == s.subject;
+                if !same && !may_replace {
+                    if let Some(ev) = event {
+                        let detail = other_subscription_detail(provider, subject.as_deref());
+                        sqlx::query(
+                            "UPDATE billing_events SET outcome = 'ignored_other_subscription',
+                                detail = $3 WHERE provider = $1 AND event_id = $2",
+                        )
+                        .bind(&ev.provider)
+                        .bind(&ev.event_id)
+                        .bind(&detail)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    tx.commit().await?;
+                    return Ok(SubOutcome::OtherSubscription {
+                        provider: provider.clone(),
+                        subject: subject.clone(),
+                    });
+                }
+            }
+            if on_record.is_some_and(|(_, _, newest)| newest > s.event_at_ms) {
                 if let Some(ev) = event {
                     sqlx::query(
                         "UPDATE billing_events SET outcome = 'stale', detail = 'a newer change was applied'

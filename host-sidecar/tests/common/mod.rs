@@ -17,6 +17,9 @@ use tollgate_sidecar::config::Config;
 use tollgate_sidecar::engine::Engine;
 
 pub const ADMIN: &str = "test-admin-token";
+/// The filter's token (decisions for API keys) and a trusted service's (also bare accounts).
+pub const DECISION: &str = "test-decision-token";
+pub const SERVICE: &str = "test-service-token";
 
 /// 2026-11-22T12:00:00Z
 pub const NOON: u64 = 1_795_348_800_000;
@@ -145,6 +148,8 @@ pub fn config(extra: &str, prefix: &str, db_url: &str, redis: &str) -> Config {
     cfg.postgres.url = Some(db_url.to_string());
     cfg.postgres.max_connections = 16;
     cfg.server.admin_token = Some(ADMIN.to_string());
+    cfg.server.decision_token = Some(DECISION.to_string());
+    cfg.server.service_token = Some(SERVICE.to_string());
     cfg
 }
 
@@ -280,9 +285,10 @@ impl Env {
         &self.sidecars[i % self.sidecars.len()].base
     }
 
-    /// POST to sidecar `i`; returns status, body and whether it was marked as a replay.
+    /// POST to sidecar `i` as a trusted service (decision routes, for keys and bare accounts);
+    /// returns status, body and whether it was marked as a replay.
     pub async fn post_to(&self, i: usize, path: &str, body: &Value) -> (u16, Value, bool) {
-        self.send_post(i, path, body, None).await
+        self.send_post(i, path, body, Some(SERVICE)).await
     }
 
     /// POST with the admin token to sidecar `i`; returns status, body and the replay mark.
@@ -312,15 +318,14 @@ impl Env {
         (s, v)
     }
 
+    /// A raw body POST with `token` (the service token when None).
     pub async fn post_raw(&self, path: &str, body: &str, token: Option<&str>) -> (u16, Value) {
-        let mut r = self
+        let r = self
             .http
             .post(format!("{}{path}", self.base(0)))
             .header("content-type", "application/json")
+            .bearer_auth(token.unwrap_or(SERVICE))
             .body(body.to_string());
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
         let r = r.send().await.expect("request sent");
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }

@@ -32,9 +32,10 @@ input_tokens = 1
 output_tokens = 2
 "#;
 
-fn filter_config() -> String {
+/// The filter's configuration; `token` is the sidecar's decision token, made for this run.
+fn filter_config(token: &str) -> String {
     json!({
-        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 1000},
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 1000, "token": token},
         "deadline_ms": 1000,
         "key": "bearer",
         "commit_interval_ms": 50,
@@ -87,6 +88,9 @@ async fn run() -> anyhow::Result<()> {
         None => format!("SQLite {}", sqlite.display()),
     };
     cfg.server.admin_token = Some(format!("{run}-admin-token"));
+    // Only the filter may ask for decisions: a token made for this run, given to both.
+    let decision_token = format!("{run}-decision-{}", tollgate_sidecar::apikey::new_id("t"));
+    cfg.server.decision_token = Some(decision_token.clone());
     let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;
     let _background = tollgate_sidecar::spawn_background(&engine);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -99,7 +103,7 @@ async fn run() -> anyhow::Result<()> {
         upstream,
         sidecar_port,
         &wasm_host::wasm_path(),
-        &filter_config(),
+        &filter_config(&decision_token),
     )?;
     println!(
         "   envoy     127.0.0.1:{}  (admin {}, filter {})",

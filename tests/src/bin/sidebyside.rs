@@ -27,6 +27,7 @@ use wasm_host::load::{self, Load, Outcome};
 use wasm_host::sidecar::SidecarProcess;
 
 const ADMIN: &str = "bench-admin-token-0123456789";
+const DECISION: &str = "bench-decision-token-0123456789";
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -72,7 +73,7 @@ fn filter_config(lease: Option<u64>) -> String {
         route["lease"] = json!({"requests": n, "ttl_ms": 2000});
     }
     json!({
-        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 1000},
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 1000, "token": DECISION},
         "deadline_ms": 1000,
         "key": {"header": "x-api-key"},
         "routes": [route]
@@ -157,6 +158,7 @@ async fn start_tollgate(
     let port = free_port();
     let mut env = env;
     env.push(("TOLLGATE_ADMIN_TOKEN".into(), ADMIN.into()));
+    env.push(("TOLLGATE_DECISION_TOKEN".into(), DECISION.into()));
     env.push((
         "TOLLGATE_SQLITE_PATH".into(),
         dir.join("ledger.sqlite").display().to_string(),
