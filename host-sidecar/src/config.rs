@@ -191,6 +191,10 @@ pub struct ServerConfig {
     pub shards: u32,
     pub hold_ttl_secs: u64,
     pub idempotency_ttl_secs: u64,
+    /// How long a settled hold the filter made (for an API key) stays in Redis to answer the
+    /// filter's own retries; later repeats are answered from the ledger. At most
+    /// `idempotency_ttl_secs` applies.
+    pub replay_window_secs: u64,
     /// After a cold load, how far back idempotency keys are re-checked against PostgreSQL.
     pub recheck_window_secs: u64,
     pub account_cache_ttl_ms: u64,
@@ -239,6 +243,7 @@ impl Default for ServerConfig {
             shards: 16,
             hold_ttl_secs: 300,
             idempotency_ttl_secs: 86_400,
+            replay_window_secs: 600,
             recheck_window_secs: 600,
             account_cache_ttl_ms: 1_000,
             max_body_bytes: 64 * 1024,
@@ -524,6 +529,12 @@ impl Config {
                     "the documented development token may only be used on loopback",
                 ));
             }
+        }
+        if s.replay_window_secs < 10 {
+            return Err(field_err(
+                "server.replay_window_secs",
+                "must be at least 10 (the filter retries a settlement for about 10 s)",
+            ));
         }
         if !(100..=600_000).contains(&s.request_timeout_ms) {
             return Err(field_err(

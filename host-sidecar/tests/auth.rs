@@ -151,6 +151,62 @@ conformance! {
         assert_eq!(s, 404);
     }
 
+    async fn a_settled_filter_hold_stays_only_for_the_replay_window(backend: Backend) {
+        let env = Env::on(backend, 1).await;
+        let key = env.account("acme", "basic", "UTC").await;
+        env.grant("acme", "g", 1000, json!({})).await;
+        let pttl = |hold: String| {
+            let e = env.engine().clone();
+            async move {
+                let mut c = e.store.conn();
+                let k = e.store.keys.hold("acme", &hold);
+                let t: i64 = redis::cmd("PTTL").arg(&k).query_async(&mut c).await.unwrap();
+                (t, k)
+            }
+        };
+        let settle = |body: Value, token: &'static str| {
+            let env = &env;
+            async move {
+                let (_, v) = post_as(env, "/v1/authorize", &body, Some(token)).await;
+                let hold = v["hold_id"].as_str().unwrap().to_string();
+                let commit = json!({"hold_id": hold, "meters": {"requests": 1}});
+                let (s, first) = post_as(env, "/v1/commit", &commit, Some(DECISION)).await;
+                assert_eq!(s, 200, "{first}");
+                (hold, commit, first)
+            }
+        };
+        // The filter's hold (an API key): kept for the replay window (600 s), not a day.
+        let (hold, commit, first) = settle(json!({"api_key": key, "idempotency_key": "f1", "meters": {"requests": 1}}), DECISION).await;
+        let (t, k) = pttl(hold).await;
+        assert!(t > 0 && t <= 600_000, "{t}");
+        // A trusted caller's hold (a bare account) keeps the idempotency TTL.
+        let (other, _, _) = settle(json!({"account": "acme", "idempotency_key": "s1", "meters": {"requests": 1}}), SERVICE).await;
+        let (t2, _) = pttl(other).await;
+        assert!(t2 > 600_000, "{t2}");
+        // Past the window (the record gone), a retried commit is answered from the ledger: the
+        // same settlement, nothing charged again.
+        env.sync().await;
+        let before = state(&env, "acme").await;
+        let mut c = env.engine().store.conn();
+        let _: i64 = redis::cmd("DEL").arg(&k).query_async(&mut c).await.unwrap();
+        let (s, again) = post_as(&env, "/v1/commit", &commit, Some(DECISION)).await;
+        assert_eq!((s, again["credits"].clone(), again["status"].clone()), (200, first["credits"].clone(), first["status"].clone()), "{again}");
+        assert_eq!(state(&env, "acme").await, before);
+    }
+
+    async fn a_key_name_with_a_control_character_is_refused(backend: Backend) {
+        // Found by hostile.rs's random bodies: `["\u0000"]` (a struct as a JSON array) reached
+        // the ledger as a key name PostgreSQL cannot store, and answered 503.
+        let env = Env::on(backend, 1).await;
+        env.account("acme", "basic", "UTC").await;
+        for body in [r#"["\u0000"]"#, r#"{"name":"a\u0007b"}"#] {
+            let (s, v) = env.post_raw("/admin/accounts/acme/keys", body, Some(ADMIN)).await;
+            assert_eq!(s, 400, "{body}: {v}");
+        }
+        let (s, _) = env.post_raw("/admin/accounts/acme/keys", r#"{"name":"ci key"}"#, Some(ADMIN)).await;
+        assert_eq!(s, 201);
+    }
+
     async fn keys_that_cannot_be_keys_cost_no_lookup(backend: Backend) {
         let env = Env::on(backend, 1).await;
         let key = env.account("acme", "basic", "UTC").await;

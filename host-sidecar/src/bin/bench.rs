@@ -93,6 +93,10 @@ async fn main() -> anyhow::Result<()> {
     }
     while engine.sync.sync_all().await? > 0 {}
 
+    let redis_client = redis::Client::open(redis_url.as_str())?;
+    let mut rc = redis_client.get_multiplexed_async_connection().await?;
+    let (_, bytes_before) = keyspace_bytes(&mut rc, &run).await;
+
     eprintln!("running {seconds}s with {concurrency} concurrent callers ...");
     let commands_before = tollgate_sidecar::store::commands_processed(&redis_url).await;
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -192,6 +196,19 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
+    // What the run left in Redis once the ledger has everything: the accounts' state was there
+    // before; the rest is per request (settled hold records, kept `idempotency_ttl_secs`).
+    let (keys_after, bytes_after) = keyspace_bytes(&mut rc, &run).await;
+    let per_request = bytes_after.saturating_sub(bytes_before) as f64 / pairs.max(1.0);
+    let ttl_s = engine.cfg.server.idempotency_ttl_secs as f64;
+    let window_s = engine
+        .cfg
+        .server
+        .replay_window_secs
+        .min(engine.cfg.server.idempotency_ttl_secs) as f64;
+    let day_gb = per_request * (pairs / elapsed) * ttl_s.min(86_400.0) / 1e9;
+    let window_gb = per_request * (pairs / elapsed) * window_s / 1e9;
+
     let offered = if rate > 0 {
         format!("{rate} pairs/s offered")
     } else {
@@ -234,6 +251,12 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("| ledger drain after load (ms) | {drain_ms} |");
     println!("| ledger rows written | {rows} |");
+    println!(
+        "| Redis bytes per settled request (MEMORY USAGE of the run's keys, after the ledger caught up) | {per_request:.0} ({keys_after} keys, {bytes_after} bytes) |"
+    );
+    println!(
+        "| Redis memory at this rate, steady state: trusted callers' holds (as here), kept {ttl_s:.0} s (idempotency_ttl_secs) / the filter's holds, kept {window_s:.0} s (replay_window_secs) | {day_gb:.1} GB / {window_gb:.2} GB |"
+    );
     // The whole process: the engine (directory cache, connections, sync worker) and the load
     // generator's latency vectors; the sidecar alone is less.
     let peak = std::fs::read_to_string("/proc/self/status")
@@ -264,4 +287,37 @@ async fn main() -> anyhow::Result<()> {
     .execute(&admin)
     .await?;
     Ok(())
+}
+
+/// Keys under `prefix` and the bytes Redis says they take (`MEMORY USAGE`, sampled exactly).
+async fn keyspace_bytes(c: &mut redis::aio::MultiplexedConnection, prefix: &str) -> (u64, u64) {
+    let mut cursor: u64 = 0;
+    let (mut keys, mut bytes) = (0u64, 0u64);
+    loop {
+        let (next, batch): (u64, Vec<String>) = match redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(c)
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => return (keys, bytes),
+        };
+        if !batch.is_empty() {
+            let mut pipe = redis::pipe();
+            for k in &batch {
+                pipe.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+            }
+            let sizes: Vec<Option<u64>> = pipe.query_async(c).await.unwrap_or_default();
+            keys += batch.len() as u64;
+            bytes += sizes.into_iter().flatten().sum::<u64>();
+        }
+        cursor = next;
+        if cursor == 0 {
+            return (keys, bytes);
+        }
+    }
 }

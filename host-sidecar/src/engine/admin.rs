@@ -156,6 +156,13 @@ impl Engine {
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("unknown account {account:?}")))?;
         self.ensure_plan(&acct.row.plan).await?;
+        // The name is free text shown in listings, but the ledger's text columns cannot hold a
+        // NUL, and control characters have no business in a label (found by tests/hostile.rs).
+        if n.name.len() > 200 || n.name.chars().any(char::is_control) {
+            return Err(ApiError::Invalid(
+                "name: at most 200 characters, no control characters".into(),
+            ));
+        }
         self.cfg
             .validate_limits("limits", &n.limits)
             .map_err(|e| ApiError::Invalid(e.to_string().replace("invalid configuration: ", "")))?;

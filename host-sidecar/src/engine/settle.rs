@@ -62,7 +62,7 @@ impl Engine {
         // A hold is settled as it was made: priced with its own route and model, whatever the
         // commit says (one that names others is refused, so a caller cannot pick a cheaper
         // price for the usage).
-        let (route, model) = self.hold_route(&req.hold_id).await?;
+        let (route, model, by_key) = self.hold_route(&req.hold_id).await?;
         if req.route.as_ref().is_some_and(|r| *r != route) {
             return Err(ApiError::Conflict(format!(
                 "route: the hold was authorized for route {route:?}"
@@ -83,16 +83,28 @@ impl Engine {
         let credit = self.price(&route, model.as_deref(), &meters, 0)?;
         meters.insert("credits".into(), credit);
         let fp = fingerprint(&("commit", &meters));
-        self.settle(&req.hold_id, "committed", &meters, credit, &fp)
+        // A hold the filter made (for an API key) is never asked again by a client under its
+        // key (the filter's keys are its own), only by the filter's retries: its settled record
+        // stays for the replay window, not a day; a repeat after that is answered from the
+        // ledger (Reply::Gone below). Holds of trusted callers keep the idempotency TTL.
+        let ttl_ms = if by_key {
+            (self.cfg.server.replay_window_secs * 1000).min(self.idem_ttl_ms())
+        } else {
+            self.idem_ttl_ms()
+        };
+        self.settle(&req.hold_id, "committed", &meters, credit, &fp, ttl_ms)
             .await
     }
 
     /// The route and model a hold was authorized with (from Redis, else the ledger).
-    async fn hold_route(&self, hold_id: &str) -> Result<(String, Option<String>), ApiError> {
+    /// The route and model a hold was authorized with, and whether it was made for an API key.
+    async fn hold_route(&self, hold_id: &str) -> Result<(String, Option<String>, bool), ApiError> {
         #[derive(Deserialize)]
         struct RouteOf {
             route: Option<String>,
             model: Option<String>,
+            #[serde(default)]
+            key: Option<String>,
         }
         let (acct, _) = split_hold_id(hold_id)?;
         // While Redis is down (the breaker open) the commit is decided from PostgreSQL, which
@@ -119,8 +131,9 @@ impl Engine {
             Some(RouteOf {
                 route: Some(route),
                 model,
-            }) => (route, model),
-            _ => (tollgate_protocol::default_route(), None),
+                key,
+            }) => (route, model, key.is_some()),
+            _ => (tollgate_protocol::default_route(), None, false),
         })
     }
 
@@ -138,14 +151,28 @@ impl Engine {
             }
         };
         let hold_id = format!("{acct}/{}", req.idempotency_key);
-        self.settle(&hold_id, "cancelled", &Meters::new(), 0, "release")
-            .await
+        self.settle(
+            &hold_id,
+            "cancelled",
+            &Meters::new(),
+            0,
+            "release",
+            self.idem_ttl_ms(),
+        )
+        .await
     }
 
     pub async fn release(&self, hold_id: &str) -> Result<(Settlement, bool), ApiError> {
         split_hold_id(hold_id)?;
-        self.settle(hold_id, "released", &Meters::new(), 0, "release")
-            .await
+        self.settle(
+            hold_id,
+            "released",
+            &Meters::new(),
+            0,
+            "release",
+            self.idem_ttl_ms(),
+        )
+        .await
     }
 
     async fn settle(
@@ -155,6 +182,7 @@ impl Engine {
         meters: &Meters,
         credit: u64,
         fp: &str,
+        ttl_ms: u64,
     ) -> Result<(Settlement, bool), ApiError> {
         if self.redis_down().await {
             let (acct, _) = split_hold_id(hold_id)?;
@@ -167,7 +195,7 @@ impl Engine {
             );
             return self
                 .via_ledger(&acct, move |e| async move {
-                    e.settle_in_store(&hold, &status, &meters, credit, &fp)
+                    e.settle_in_store(&hold, &status, &meters, credit, &fp, ttl_ms)
                         .await
                 })
                 .await;
@@ -176,7 +204,7 @@ impl Engine {
         let (acct, _) = split_hold_id(hold_id)?;
         let epoch = self.ack_epoch(acct).await?;
         let out = self
-            .settle_in_store(hold_id, status, meters, credit, fp)
+            .settle_in_store(hold_id, status, meters, credit, fp, ttl_ms)
             .await?;
         self.until_in_ledger(acct, epoch).await?;
         Ok(out)
@@ -190,6 +218,7 @@ impl Engine {
         meters: &Meters,
         credit: u64,
         fp: &str,
+        ttl_ms: u64,
     ) -> Result<(Settlement, bool), ApiError> {
         let started = Instant::now();
         let (acct, _) = split_hold_id(hold_id)?;
@@ -197,7 +226,7 @@ impl Engine {
             return Err(ApiError::NotFound(format!("unknown hold {hold_id:?}")));
         }
         let out = self
-            .settle_in_redis(acct, hold_id, status, meters, credit, fp)
+            .settle_in_redis(acct, hold_id, status, meters, credit, fp, ttl_ms)
             .await;
         self.metrics
             .decision_us
@@ -216,6 +245,7 @@ impl Engine {
         Ok((s, replay))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn settle_in_redis(
         &self,
         acct: &str,
@@ -224,6 +254,7 @@ impl Engine {
         meters: &Meters,
         credit: u64,
         fp: &str,
+        ttl_ms: u64,
     ) -> Result<(Settlement, bool), ApiError> {
         for _ in 0..4 {
             let args = SettleArgs {
@@ -232,7 +263,7 @@ impl Engine {
                 fp,
                 meters,
                 credit,
-                idem_ttl_ms: self.idem_ttl_ms(),
+                idem_ttl_ms: ttl_ms,
             };
             let reply = if status == "committed" {
                 self.store.commit(acct, &args).await?
