@@ -54,7 +54,9 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(crate::api_billing::routes())
+        .merge(crate::api_billing::routes(
+            engine.cfg.server.webhook_listen.is_some(),
+        ))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::middleware::from_fn(refuse_control_characters))
         .layer(DefaultBodyLimit::max(limit))

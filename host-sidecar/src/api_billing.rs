@@ -15,12 +15,14 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Router};
+use axum::Router;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-pub fn routes() -> Router<Arc<Engine>> {
-    Router::new()
+/// The billing routes of the main listener; the webhooks among them only when they have no
+/// listener of their own (`server.webhook_listen`).
+pub fn routes(webhooks_apart: bool) -> Router<Arc<Engine>> {
+    let admin = Router::new()
         .route("/admin/plans", get(plans))
         .route(
             "/admin/plans/{name}",
@@ -39,8 +41,12 @@ pub fn routes() -> Router<Arc<Engine>> {
         .route("/admin/export", get(export))
         .route("/admin/top", get(top))
         .route("/admin/reconcile", get(reconcile))
-        .route("/admin/jobs/run", post(run_jobs))
-        .merge(webhook_routes())
+        .route("/admin/jobs/run", post(run_jobs));
+    if webhooks_apart {
+        admin
+    } else {
+        admin.merge(webhook_routes())
+    }
 }
 
 /// Largest webhook body: providers' events outgrow `server.max_body_bytes` (a Stripe
@@ -61,10 +67,6 @@ fn webhook_routes() -> Router<Arc<Engine>> {
         )
 }
 
-/// Marks a request that arrived on the webhook listener.
-#[derive(Clone, Copy)]
-struct OnWebhookListener;
-
 /// What the webhook listener (`server.webhook_listen`) serves: the webhooks and `/healthz`,
 /// nothing else (every other path is 404), so it may face the internet while the decision and
 /// admin API stay on `server.listen`.
@@ -73,7 +75,6 @@ pub fn webhook_router(engine: Arc<Engine>) -> Router {
         .merge(webhook_routes())
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(Extension(OnWebhookListener))
         .with_state(engine)
 }
 
@@ -472,22 +473,7 @@ async fn webhook(e: Arc<Engine>, p: Provider, sig: Option<&str>, body: Body) -> 
     }
 }
 
-/// With `server.webhook_listen` set, the webhooks are not served on the main listener: a
-/// request there gets the 404 of an unknown route.
-fn misplaced(e: &Engine, on_webhook_listener: bool) -> Option<Response> {
-    (e.cfg.server.webhook_listen.is_some() && !on_webhook_listener)
-        .then(|| ApiError::NotFound("no such route".into()).into_response())
-}
-
-async fn stripe(
-    State(e): St,
-    at: Option<Extension<OnWebhookListener>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    if let Some(r) = misplaced(&e, at.is_some()) {
-        return r;
-    }
+async fn stripe(State(e): St, headers: HeaderMap, body: Body) -> Response {
     let sig = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
@@ -495,15 +481,7 @@ async fn stripe(
     webhook(e, Provider::Stripe, sig.as_deref(), body).await
 }
 
-async fn revenuecat(
-    State(e): St,
-    at: Option<Extension<OnWebhookListener>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    if let Some(r) = misplaced(&e, at.is_some()) {
-        return r;
-    }
+async fn revenuecat(State(e): St, headers: HeaderMap, body: Body) -> Response {
     let sig = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
