@@ -103,6 +103,8 @@ struct World {
     envoy: Envoy,
     mock: Mock,
     keys: std::collections::BTreeMap<String, String>,
+    /// The sidecar's own port: what a client who skips Envoy would call.
+    sidecar_port: u16,
 }
 
 impl World {
@@ -175,7 +177,7 @@ impl World {
         );
     }
 
-    /// The account's ledger entries once `done` holds for them (the sync worker in the
+    /// The account's ledger entries once `done` holds for them, waiting up to 30 s (the sync worker in the
     /// background may hold a pass in flight: the ledger trails the store by a few ms).
     async fn ledger_where(
         &self,
@@ -186,7 +188,7 @@ impl World {
         loop {
             while self.engine.sync.sync_all().await.unwrap() > 0 {}
             let entries = self.engine.ledger.history(acct, 0, 1000).await.unwrap();
-            if done(&entries) || t.elapsed() > Duration::from_secs(10) {
+            if done(&entries) || t.elapsed() > Duration::from_secs(30) {
                 return entries;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -247,6 +249,7 @@ async fn world(backend: Backend, accounts: &[&str]) -> (World, Config) {
             envoy,
             mock,
             keys,
+            sidecar_port: port,
         },
         cfg,
     )
@@ -425,7 +428,13 @@ async fn cheats(backend: Backend) {
         .filter(|e| e.kind == "commit")
         .map(|e| e.credit as u64)
         .collect();
-    assert_eq!(commits.len() as u64, served);
+    assert_eq!(
+        commits.len() as u64,
+        served,
+        "after {hundred:?}; filter stats: retried {:?}, at estimate {:?}",
+        w.envoy.stat("wasmcustom.tollgate.settle_retried"),
+        w.envoy.stat("wasmcustom.tollgate.settle_at_estimate")
+    );
     assert!(commits.iter().all(|c| *c == per_stream), "{commits:?}");
     let open = count(&entries, "hold") as u64 - served;
     println!(
@@ -631,6 +640,47 @@ async fn cheats(backend: Backend) {
     );
     assert_eq!(refused, 5000);
     assert!(looked_up <= 5, "{looked_up} lookups");
+
+    // 13. Skipping the filter: a client that reaches the sidecar's port itself, with no token or
+    //     a made-up one, cannot spend, settle someone's hold for nothing, or release it.
+    let before = w.balance("rid").await;
+    let hold = w
+        .ledger_where("rid", |es| count(es, "hold") >= 6)
+        .await
+        .into_iter()
+        .find(|e| e.kind == "hold")
+        .and_then(|e| e.hold_id)
+        .unwrap();
+    let http = reqwest::Client::new();
+    let direct = [
+        (
+            "/v1/consume",
+            json!({"api_key": w.key("rid"), "idempotency_key": "skip-1", "route": "chat", "meters": {"requests": 1}}),
+        ),
+        (
+            "/v1/authorize",
+            json!({"account": "rid", "idempotency_key": "skip-2", "route": "chat", "meters": {"requests": 1}}),
+        ),
+        ("/v1/commit", json!({"hold_id": hold, "meters": {}})),
+        ("/v1/release", json!({"hold_id": hold})),
+        (
+            "/v1/cancel",
+            json!({"api_key": w.key("rid"), "idempotency_key": "skip-3"}),
+        ),
+    ];
+    for (route, body) in &direct {
+        for token in [None, Some("a-made-up-token-0123456789")] {
+            let mut r = http
+                .post(format!("http://127.0.0.1:{}{route}", w.sidecar_port))
+                .json(body);
+            if let Some(t) = token {
+                r = r.bearer_auth(t);
+            }
+            let status = r.send().await.unwrap().status().as_u16();
+            assert_eq!(status, 401, "{route} {token:?}");
+        }
+    }
+    assert_eq!(w.balance("rid").await, before, "nothing changed");
 
     let stats = [
         "tollgate.allowed",
