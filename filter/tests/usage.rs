@@ -168,19 +168,8 @@ fn without_usage_the_generated_text_is_kept_for_counting() {
 /// One meaning per token kind, whatever the provider (docs/FILTER.md, "Token meters").
 #[test]
 fn token_kinds_mean_the_same_across_providers() {
-    let kinds = |u: &TokenUsage| {
-        [
-            "input_tokens",
-            "cached_input_tokens",
-            "cache_write_tokens",
-            "cache_write_5m_tokens",
-            "cache_write_1h_tokens",
-            "output_tokens",
-            "reasoning_tokens",
-            "tokens",
-        ]
-        .map(|m| u.meter(m))
-    };
+    // In the order of the shared list the sidecar accepts.
+    let kinds = |u: &TokenUsage| tollgate_protocol::TOKEN_METERS.map(|m| u.meter(m));
     // OpenAI: prompt_tokens includes the cached ones, completion_tokens the reasoning ones.
     let o = json(r#"{"usage":{"prompt_tokens":1000,"completion_tokens":300,"total_tokens":1300,
         "prompt_tokens_details":{"cached_tokens":600},"completion_tokens_details":{"reasoning_tokens":200}}}"#).unwrap();

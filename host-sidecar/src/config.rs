@@ -41,16 +41,7 @@ fn field_err(field: impl Into<String>, problem: impl Into<String>) -> ConfigErro
 /// is every input kind plus output. Always available, like `credits`: a configuration that does
 /// not list them still accepts a filter's commit that reports them (a refused commit would let
 /// its hold expire and charge nothing).
-pub const TOKEN_METERS: [&str; 8] = [
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "cache_write_5m_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "tokens",
-];
+pub use tollgate_protocol::TOKEN_METERS;
 
 /// Bounds of `server.max_commit_body_bytes`.
 const MIN_COMMIT_BODY: usize = 64 * 1024;

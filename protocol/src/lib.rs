@@ -17,6 +17,21 @@ use std::collections::BTreeMap;
 /// request is far beyond any real charge and keeps sums of many charges exact.
 pub const MAX_AMOUNT: u64 = 1_000_000_000_000;
 
+/// The token meters the filter measures from a model's response, each with one meaning whatever
+/// the provider (docs/CONFIGURATION.md, "Token meters"): `input_tokens` is uncached input, cache
+/// reads and writes are meters of their own, `output_tokens` includes reasoning
+/// (`reasoning_tokens` is the part of it), `tokens` is every input kind plus output.
+pub const TOKEN_METERS: [&str; 8] = [
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "tokens",
+];
+
 /// Longest identifier (account id, key id, idempotency key, grant id, route, meter, model).
 pub const MAX_ID_LEN: usize = 128;
 
