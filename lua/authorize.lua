@@ -7,13 +7,15 @@
 -- KEYS[4] open holds by expiry    tg:{s}:holds                   (zset, member = hold id)
 -- KEYS[5] grant order             tg:{s}:a:<acct>:go             (lex zset)
 -- KEYS[6] grant remaining         tg:{s}:a:<acct>:gr             (hash gid -> remaining)
--- KEYS[7..] one usage counter per limit, in the order of lims
+-- KEYS[7], KEYS[8] tombstone buckets (current, previous): see tomb_get in lib.lua
+-- KEYS[9..] one usage counter per limit, in the order of lims
 -- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits,
 --   the account version and the correlation id as JSON or ""; the id goes on the hold record
 --   and the event, not into the fingerprint)
 -- Returns {kind, json}:
 --   ok       {hold, exp, credits, balance, limit, used}   the hold was created (used: per limit)
 --   replay   the first ok, unchanged                this request id already holds
+--            (once the hold is settled: {hold, exp, credits} from its tombstone)
 --   deny     {reason: limit|credits, limit, credits, balance}
 --   conflict ""   the request id was used with a different request
 --   cold     ""   account state not in Redis: load it from the ledger and retry
@@ -29,9 +31,14 @@ if prev[1] then
   if prev[1] ~= req.fp then return reply('conflict') end
   return reply('replay', prev[2])
 end
+local t = tomb_get(7, req.tomb)
+if t then
+  if t.status == 'cancelled' or t.afp ~= fp16(req.fp) then return reply('conflict') end
+  return reply('replay', '{"hold":"' .. req.hold .. '","exp":' .. t.exp .. ',"credits":' .. req.credit_s .. '}')
+end
 if recheck_until > req.now and not req.checked then return reply('recheck') end
 
-local denied, a, b = eval_limits(req.lims, 7)
+local denied, a, b = eval_limits(req.lims, 9)
 if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
 local tight, tight_rem = a, b
 
@@ -42,7 +49,7 @@ if req.credit > 0 then
 end
 
 -- Admitted: charge counters, draw credit, record the hold.
-local uj, cj, usedj = charge_counters(req.lims, 7, req.now)
+local uj, cj, usedj = charge_counters(req.lims, 9, req.now)
 local g, x, draws = {}, {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[5], KEYS[6], expired, x)

@@ -80,7 +80,8 @@ end
 --   [15] number of limits, then 7 per limit: scope, meter, period, amount, max, period end, name,
 --   then the account version the sidecar's limits come from (see `stale`),
 --   then the caller's correlation id as a JSON string (quotes included) or "" (ARGV[16 + n*7]
---   and ARGV[17 + n*7] for n limits). The correlation id is recorded on the hold record and the
+--   and ARGV[17 + n*7] for n limits), then the request's tombstone field and the ttl of its
+--   tombstone bucket in ms (ARGV[18 + n*7], ARGV[19 + n*7]; see tomb_get). The correlation id is recorded on the hold record and the
 --   event as is; it is no part of the fingerprint, so a replay keeps the first one's.
 -- The counter of limit i is KEYS[first + i - 1] (first is given by each script).
 local function spend_req()
@@ -105,20 +106,61 @@ local function spend_req()
   -- ASCII, quotes and backslashes too, unlike the ids this file splices in bare).
   req.ver = tonumber(ARGV[16 + n * 7] or '0') or 0
   req.cid = opt(ARGV[17 + n * 7] or '')
+  -- Then the request's tombstone field and the tombstone bucket's ttl (see tomb_get).
+  req.tomb = ARGV[18 + n * 7] or ''
+  req.tomb_ttl_ms = ARGV[19 + n * 7] or '1000'
   return req
 end
 
 -- The arguments of commit and release:
---   ARGV[1] now  [2] hold id  [3] settle fingerprint  [4] credit  [5] idempotency ttl (ms)
---   [6] actual meters as JSON  [7] number of meters, then 2 per meter: name, amount
+--   ARGV[1] now  [2] hold id  [3] settle fingerprint  [4] credit  [5] tombstone bucket ttl (ms)
+--   [6] tombstone field  [7] actual meters as JSON  [8] number of meters, then 2 per meter:
+--   name, amount; then what the script itself takes (req.next is its index)
 local function settle_req()
   local req = {now = tonumber(ARGV[1]), now_s = ARGV[1], hold = ARGV[2], fp = ARGV[3],
-    credit = tonumber(ARGV[4]), idem_ttl_ms = ARGV[5], meters_json = ARGV[6], meters = {}}
-  local n = tonumber(ARGV[7] or '0')
+    credit = tonumber(ARGV[4]), tomb_ttl_ms = ARGV[5], tomb = ARGV[6], meters_json = ARGV[7],
+    meters = {}}
+  local n = tonumber(ARGV[8] or '0')
   for i = 1, n do
-    req.meters[ARGV[6 + i * 2]] = tonumber(ARGV[7 + i * 2])
+    req.meters[ARGV[7 + i * 2]] = tonumber(ARGV[8 + i * 2])
   end
+  req.next = 9 + n * 2
   return req
+end
+
+-- Tombstones: what replay protection needs of a settled request, and nothing else. A settled
+-- hold's record (its hash: ~1.5 KB) is deleted and a one-line tombstone takes its place, in a
+-- hash of many tombstones (a "bucket": small enough for Redis's compact listpack encoding, ~120
+-- bytes per tombstone instead of a key of its own). The sidecar names two buckets per request,
+-- KEYS[t] for the current time window and KEYS[t + 1] for the one before, and the field of the
+-- request in them; a bucket expires one window after its own ended, so a tombstone is kept
+-- for one to two replay windows (`server.replay_window_secs`). A repeat after that is answered
+-- from the ledger.
+--   value: status | request fingerprint | settle fingerprint | credits charged | shortfall | hold expiry
+--   status: c committed, r released, x expired, k cancelled (never held), n consumed
+-- Fingerprints are kept to 16 hex digits (64 bits): enough to tell a repeat from a different
+-- request.
+local TOMB_STATUS = {c = 'committed', r = 'released', x = 'expired', k = 'cancelled', n = 'consumed'}
+local TOMB_CODE = {committed = 'c', released = 'r', expired = 'x', cancelled = 'k', consumed = 'n'}
+
+local function fp16(fp)
+  return string.sub(fp or '', 1, 16)
+end
+
+local function tomb_get(t, field)
+  if field == nil or field == '' then return nil end
+  local v = redis.call('HGET', KEYS[t], field)
+  if not v then v = redis.call('HGET', KEYS[t + 1], field) end
+  if not v then return nil end
+  local st, afp, sfp, cr, sh, exp = string.match(v, '^(%a)|([^|]*)|([^|]*)|(%d*)|(%d*)|(%d*)$')
+  if not st then return nil end
+  return {status = TOMB_STATUS[st], afp = afp, sfp = sfp, credits = cr, short = sh, exp = exp}
+end
+
+local function tomb_put(t, field, ttl_ms, status, afp, sfp, credits, short, exp)
+  redis.call('HSET', KEYS[t], field, TOMB_CODE[status] .. '|' .. fp16(afp) .. '|' .. fp16(sfp) ..
+    '|' .. (credits or '') .. '|' .. (short or '') .. '|' .. (exp or ''))
+  redis.call('PEXPIRE', KEYS[t], ttl_ms)
 end
 
 -- Grants live in a lex-ordered zset (all scores 0) whose members sort in spending order:
@@ -220,8 +262,11 @@ end
 -- zero estimate: the meter is exhausted.
 local function eval_limits(lims, first)
   local tight, tight_rem = nil, nil
+  if #lims == 0 then return nil, nil, nil end
+  -- Every counter in one command (they share the hash tag: one slot).
+  local used_all = redis.call('MGET', unpack(KEYS, first, first + #lims - 1))
   for i, l in ipairs(lims) do
-    local used = num(redis.call('GET', KEYS[first + i - 1]))
+    local used = num(used_all[i])
     if used + l.amt > l.max or (used >= l.max) then
       return l, used
     end
@@ -322,30 +367,51 @@ local function reply(kind, body)
   return {kind, body or ''}
 end
 
--- Hold records are hashes: d = the hold (JSON: acct, key, exp, credit, draws, ctr, meters,
--- route, model, at, fp, and cid = the correlation id when the request had one), f = request
--- fingerprint, a = authorize answer (JSON), s = status (open | committed | released | expired),
--- and once settled sf/sr = settle fingerprint/answer.
+-- An open hold's record is a hash: d = the hold (JSON: acct, key, exp, credit, draws, ctr,
+-- meters, route, model, at, fp, and cid = the correlation id when the request had one), f =
+-- request fingerprint, a = authorize answer (JSON), s = open. Once settled it is deleted and a
+-- tombstone (tomb_put) answers repeats.
 
 -- Settles an open hold (commit, release, expire): moves every counter and the credit from the
 -- estimate to the actual amounts (zero for release/expire), resolves the hold exactly once and
 -- records one event (carrying the hold's correlation id, if it had one). Shared by commit.lua
 -- and release.lua.
 --
--- KEYS: 1 account state, 2 outbox, 3 hold record, 4 open holds zset, 5 grant order, 6 grant remaining
+-- KEYS: 1 account state, 2 outbox, 3 hold record, 4 open holds zset, 5 grant order, 6 grant
+-- remaining, 7 and 8 the tombstone buckets (current, previous)
 -- req: see settle_req; status: committed | released | expired
+-- A commit may name the route and model it was priced with (req.route, req.model: the model ''
+-- for none); when they are not the hold's, nothing changes and the answer is `conflict` with the
+-- hold's route and model, for the sidecar to refuse or price again.
 local EVENT_OF = {committed = 'commit', released = 'release', expired = 'expire'}
 
 local function settle_hold(req, status)
   local meters_raw = req.meters_json
   if account_state(KEYS[1]) == nil then return reply('cold') end
   local rec = redis.call('HMGET', KEYS[3], 's', 'd', 'sf', 'sr')
-  if not rec[1] then return reply('gone') end
+  if not rec[1] then
+    local t = tomb_get(7, req.tomb)
+    if t == nil then return reply('gone') end
+    if t.status == status and t.sfp == fp16(req.fp) then
+      local m = '{}'
+      if status == 'committed' then m = meters_raw end
+      return reply('replay', '{"hold":"' .. req.hold .. '","status":"' .. status .. '","credits":' ..
+        t.credits .. ',"shortfall":' .. t.short .. ',"meters":' .. m .. '}')
+    end
+    return reply('resolved', jobj({'status', t.status}))
+  end
+  if req.replay_only then return reply('gone') end
   if rec[1] ~= 'open' then
+    -- A record settled before tombstones (kept as a hash with its settle answer), or the
+    -- `cancelled` marker such a release wrote.
     if rec[1] == status and rec[3] == req.fp then return reply('replay', rec[4]) end
     return reply('resolved', jobj({'status', rec[1]}))
   end
   local h = cjson.decode(rec[2])
+  if req.route ~= nil and ((h.route or 'default') ~= req.route or (h.model or '') ~= req.model) then
+    return reply('conflict', '{"route":' .. cjson.encode(h.route or '') .. ',"model":' ..
+      cjson.encode(h.model or '') .. '}')
+  end
   -- The hold's correlation id goes on its settlement too (decoded from the record: encoded again).
   local cid = nil
   if type(h.cid) == 'string' then cid = cjson.encode(h.cid) end
@@ -389,8 +455,8 @@ local function settle_hold(req, status)
 
   local res = '{"hold":"' .. req.hold .. '","status":"' .. status .. '","credits":' .. charged ..
     ',"shortfall":' .. short .. ',"meters":' .. meters_raw .. fr('grew', gj) .. '}'
-  redis.call('HSET', KEYS[3], 's', status, 'sf', req.fp, 'sr', res)
-  redis.call('PEXPIRE', KEYS[3], req.idem_ttl_ms)
+  redis.call('DEL', KEYS[3])
+  tomb_put(7, req.tomb, req.tomb_ttl_ms, status, h.fp, req.fp, charged, short, h.exp)
   redis.call('ZREM', KEYS[4], req.hold)
   emit(KEYS[2], '{"t":"' .. EVENT_OF[status] .. '","acct":"' .. h.acct .. '"' .. fs('key', h.key) ..
     ',"hold":"' .. req.hold .. '","fp":"' .. req.fp .. '","at":' .. req.now_s .. ',"credit":' .. charged ..

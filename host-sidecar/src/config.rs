@@ -297,6 +297,10 @@ pub struct SyncConfig {
     pub batch: usize,
     /// How often each shard's outbox is polled when idle.
     pub interval_ms: u64,
+    /// The shortest time between two sync passes, even when changes wake the worker sooner:
+    /// under load each pass then carries many changes in few ledger transactions (at most
+    /// `interval_ms`; 0 = a pass as soon as woken).
+    pub min_gap_ms: u64,
     /// Outbox events not yet in the ledger above which the alert gauge and /readyz say so.
     pub backlog_alert: u64,
     /// Above this backlog, spending decisions are refused (503): the ledger has been unreachable
@@ -317,6 +321,7 @@ impl Default for SyncConfig {
         Self {
             batch: 2_000,
             interval_ms: 10,
+            min_gap_ms: 5,
             backlog_alert: 100_000,
             max_backlog: 5_000_000,
             ack_after_ledger: false,

@@ -144,7 +144,8 @@ async fn warn_unless_noeviction(redis: &store::Store) {
 /// Starts the ledger sync worker, the hold sweeper and the billing scheduler (included credits,
 /// credit expiry, alert delivery retries).
 pub fn spawn_background(engine: &Arc<Engine>) -> Vec<JoinHandle<()>> {
-    let sync = engine.sync.clone();
+    let mut sync = engine.sync.clone();
+    sync.min_gap = Duration::from_millis(engine.cfg.sync.min_gap_ms);
     let wake = engine.sync_wake.clone();
     let interval = Duration::from_millis(engine.cfg.sync.interval_ms);
     let sweeper = {

@@ -95,9 +95,12 @@ pub struct Metrics {
     pub idempotent_replays: Counter,
     pub cold_loads: Counter,
     pub rechecks: Counter,
+    pub ledger_idempotency_lookups: Counter,
     pub bad_requests: Counter,
     pub internal_errors: Counter,
     pub sync_events: Counter,
+    /// Statements the sync worker sent to the ledger (each one round trip).
+    pub ledger_round_trips: Counter,
     pub sync_errors: Counter,
     pub sync_bad_events: Counter,
     pub stale_rereads: Counter,
@@ -121,6 +124,9 @@ pub struct Metrics {
     pub sync_lag_ms: Histogram,
     /// Outbox events not yet in the ledger, over all shards, as of the last sync pass (gauge).
     pub outbox_backlog: AtomicU64,
+    /// Set while the last sync pass (or a ledger lookup of an idempotency key) failed: the
+    /// lookup before a decision is then skipped rather than waited on (see `Engine::spend`).
+    pub ledger_unreachable: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -138,9 +144,11 @@ impl Default for Metrics {
             idempotent_replays: Counter::default(),
             cold_loads: Counter::default(),
             rechecks: Counter::default(),
+            ledger_idempotency_lookups: Counter::default(),
             bad_requests: Counter::default(),
             internal_errors: Counter::default(),
             sync_events: Counter::default(),
+            ledger_round_trips: Counter::default(),
             sync_errors: Counter::default(),
             sync_bad_events: Counter::default(),
             stale_rereads: Counter::default(),
@@ -163,6 +171,7 @@ impl Default for Metrics {
             decision_us: Histogram::new(MICROS),
             sync_lag_ms: Histogram::new(MILLIS),
             outbox_backlog: AtomicU64::new(0),
+            ledger_unreachable: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -239,6 +248,11 @@ impl Metrics {
             &[("", &self.rechecks)],
         );
         counter(
+            "tollgate_idempotency_ledger_lookups_total",
+            "Idempotency keys not made by the filter, checked against the ledger before deciding.",
+            &[("", &self.ledger_idempotency_lookups)],
+        );
+        counter(
             "tollgate_bad_requests_total",
             "Requests refused with 4xx.",
             &[("", &self.bad_requests)],
@@ -252,6 +266,11 @@ impl Metrics {
             "tollgate_sync_events_total",
             "Outbox events written to the ledger.",
             &[("", &self.sync_events)],
+        );
+        counter(
+            "tollgate_sync_ledger_round_trips_total",
+            "Statements the sync worker sent to the ledger (one round trip each).",
+            &[("", &self.ledger_round_trips)],
         );
         counter(
             "tollgate_sync_errors_total",

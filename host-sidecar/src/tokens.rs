@@ -70,9 +70,11 @@ pub fn count(model: Option<&str>, text: &str) -> u64 {
 /// few bytes, and a long completion must not stall the decisions sharing this worker thread.
 const INLINE_BYTES: usize = 16 * 1024;
 
-/// [`count`], off the async workers for long texts.
+/// [`count`], off the async workers for long texts and before the tables are built.
 pub async fn count_async(model: Option<&str>, text: &str) -> u64 {
-    if text.len() <= INLINE_BYTES {
+    // Inline only once the tables are built: a count that comes while the preload still runs
+    // would wait for it on an async worker, stalling every decision on that thread.
+    if text.len() <= INLINE_BYTES && loaded() {
         return count(model, text);
     }
     let (m, t) = (model.map(str::to_string), text.to_string());

@@ -151,46 +151,95 @@ conformance! {
         assert_eq!(s, 404);
     }
 
-    async fn a_settled_filter_hold_stays_only_for_the_replay_window(backend: Backend) {
+    async fn a_settled_hold_shrinks_to_a_tombstone_for_the_replay_window(backend: Backend) {
         let env = Env::on(backend, 1).await;
         let key = env.account("acme", "basic", "UTC").await;
         env.grant("acme", "g", 1000, json!({})).await;
-        let pttl = |hold: String| {
-            let e = env.engine().clone();
+        let e = env.engine().clone();
+        let window = e.cfg.server.replay_window_secs * 1000;
+        // What Redis keeps of a hold: its record while open, a tombstone once settled.
+        let kept = |hold: String| {
+            let e = e.clone();
             async move {
                 let mut c = e.store.conn();
-                let k = e.store.keys.hold("acme", &hold);
-                let t: i64 = redis::cmd("PTTL").arg(&k).query_async(&mut c).await.unwrap();
-                (t, k)
+                let rec: i64 = redis::cmd("EXISTS").arg(e.store.keys.hold("acme", &hold)).query_async(&mut c).await.unwrap();
+                let field = tollgate_sidecar::store::keys::tomb_field(&hold);
+                let (cur, prev, _) = e.store.keys.tombs("acme", &field, e.clock.now_ms(), window);
+                let mut tomb: Option<String> = redis::cmd("HGET").arg(&cur).arg(&field).query_async(&mut c).await.unwrap();
+                if tomb.is_none() {
+                    tomb = redis::cmd("HGET").arg(&prev).arg(&field).query_async(&mut c).await.unwrap();
+                }
+                (rec, tomb)
             }
         };
-        let settle = |body: Value, token: &'static str| {
+        let auth = |body: Value, token: &'static str| {
             let env = &env;
             async move {
-                let (_, v) = post_as(env, "/v1/authorize", &body, Some(token)).await;
-                let hold = v["hold_id"].as_str().unwrap().to_string();
-                let commit = json!({"hold_id": hold, "meters": {"requests": 1}});
-                let (s, first) = post_as(env, "/v1/commit", &commit, Some(DECISION)).await;
-                assert_eq!(s, 200, "{first}");
-                (hold, commit, first)
+                let (s, v) = post_as(env, "/v1/authorize", &body, Some(token)).await;
+                assert_eq!(s, 200, "{v}");
+                v
             }
         };
-        // The filter's hold (an API key): kept for the replay window (600 s), not a day.
-        let (hold, commit, first) = settle(json!({"api_key": key, "idempotency_key": "f1", "meters": {"requests": 1}}), DECISION).await;
-        let (t, k) = pttl(hold).await;
-        assert!(t > 0 && t <= 600_000, "{t}");
-        // A trusted caller's hold (a bare account) keeps the idempotency TTL.
-        let (other, _, _) = settle(json!({"account": "acme", "idempotency_key": "s1", "meters": {"requests": 1}}), SERVICE).await;
-        let (t2, _) = pttl(other).await;
-        assert!(t2 > 600_000, "{t2}");
-        // Past the window (the record gone), a retried commit is answered from the ledger: the
-        // same settlement, nothing charged again.
-        env.sync().await;
+        let filter = json!({"api_key": key, "idempotency_key": "tg-f1", "meters": {"requests": 1}});
+        let first = auth(filter.clone(), DECISION).await;
+        let hold = first["hold_id"].as_str().unwrap().to_string();
+        assert_eq!(kept(hold.clone()).await, (1, None), "an open hold keeps its record");
+        let commit = json!({"hold_id": hold, "route": "default", "meters": {"requests": 1}});
+        let (s, settled) = post_as(&env, "/v1/commit", &commit, Some(DECISION)).await;
+        assert_eq!(s, 200, "{settled}");
+        let (rec, tomb) = kept(hold.clone()).await;
+        assert_eq!(rec, 0, "the record is gone once settled");
+        let tomb = tomb.expect("a tombstone");
+        assert!(tomb.starts_with("c|") && tomb.len() < 64, "{tomb}");
+
+        // Within the window both repeats are answered from the tombstone, and change nothing.
         let before = state(&env, "acme").await;
-        let mut c = env.engine().store.conn();
-        let _: i64 = redis::cmd("DEL").arg(&k).query_async(&mut c).await.unwrap();
-        let (s, again) = post_as(&env, "/v1/commit", &commit, Some(DECISION)).await;
-        assert_eq!((s, again["credits"].clone(), again["status"].clone()), (200, first["credits"].clone(), first["status"].clone()), "{again}");
+        let again = auth(filter.clone(), DECISION).await;
+        assert_eq!((again["hold_id"].clone(), again["credits"].clone()), (first["hold_id"].clone(), first["credits"].clone()), "{again}");
+        let (s, re) = post_as(&env, "/v1/commit", &commit, Some(DECISION)).await;
+        assert_eq!((s, re["credits"].clone(), re["status"].clone()), (200, settled["credits"].clone(), settled["status"].clone()), "{re}");
+        // A different request under the same key, or a different commit, is refused.
+        let (s, _) = post_as(&env, "/v1/authorize", &json!({"api_key": key, "idempotency_key": "tg-f1", "meters": {"requests": 2}}), Some(DECISION)).await;
+        assert_eq!(s, 409);
+        let (s, _) = post_as(&env, "/v1/commit", &json!({"hold_id": hold, "route": "default", "meters": {"requests": 3}}), Some(DECISION)).await;
+        assert_eq!(s, 409);
+        let (s, _) = post_as(&env, "/v1/release", &json!({"hold_id": hold}), Some(DECISION)).await;
+        assert_eq!(s, 409);
+        assert_eq!(state(&env, "acme").await, before);
+
+        // Two windows later Redis keeps nothing of it; a retried commit is answered from the
+        // ledger: the same settlement, nothing charged again.
+        env.clock.advance_ms(2 * window + 1);
+        assert_eq!(kept(hold.clone()).await, (0, None));
+        let (s, late) = post_as(&env, "/v1/commit", &commit, Some(DECISION)).await;
+        assert_eq!((s, late["credits"].clone(), late["status"].clone()), (200, settled["credits"].clone(), settled["status"].clone()), "{late}");
+        assert_eq!(state(&env, "acme").await, before);
+
+        // A trusted caller's key may come again any time: past the window its repeat is
+        // answered from the ledger, not held again.
+        let trusted = json!({"account": "acme", "idempotency_key": "s1", "meters": {"requests": 1}});
+        let t1 = auth(trusted.clone(), SERVICE).await;
+        let th = t1["hold_id"].as_str().unwrap().to_string();
+        let (s, _) = post_as(&env, "/v1/commit", &json!({"hold_id": th, "meters": {"requests": 1}}), Some(DECISION)).await;
+        assert_eq!(s, 200);
+        let before = state(&env, "acme").await;
+        env.clock.advance_ms(2 * window + 1);
+        assert_eq!(kept(th.clone()).await, (0, None));
+        let t2 = auth(trusted, SERVICE).await;
+        assert_eq!(t2["hold_id"], t1["hold_id"], "{t2}");
+        let (s, _) = post_as(&env, "/v1/authorize", &json!({"account": "acme", "idempotency_key": "s1", "meters": {"requests": 5}}), Some(SERVICE)).await;
+        assert_eq!(s, 409, "a different request under a used key");
+        assert_eq!(state(&env, "acme").await, before);
+        // And a consume: the same.
+        let c = json!({"account": "acme", "idempotency_key": "c1", "meters": {"requests": 1}});
+        let (s, c1) = post_as(&env, "/v1/consume", &c, Some(SERVICE)).await;
+        assert_eq!(s, 200, "{c1}");
+        let before = state(&env, "acme").await;
+        let (s, _) = post_as(&env, "/v1/consume", &c, Some(SERVICE)).await;
+        assert_eq!(s, 200);
+        env.clock.advance_ms(2 * window + 1);
+        let (s, c3) = post_as(&env, "/v1/consume", &c, Some(SERVICE)).await;
+        assert_eq!((s, c3["credits"].clone()), (200, c1["credits"].clone()), "{c3}");
         assert_eq!(state(&env, "acme").await, before);
     }
 

@@ -18,7 +18,7 @@
 //! the same `RedisError` (kind `ResponseError` for `ERR`, `NoScriptError` for `NOSCRIPT`, an
 //! extension error with code `WRONGTYPE` for type errors, ...).
 //!
-//! Commands: GET, SET (NX, XX, GET, EX, PX, EXAT, PXAT, KEEPTTL), SETNX, INCRBY, INCR, DECR,
+//! Commands: GET, MGET, SET (NX, XX, GET, EX, PX, EXAT, PXAT, KEEPTTL), SETNX, INCRBY, INCR, DECR,
 //! DECRBY, DEL, EXISTS, PEXPIRE, EXPIRE (NX, XX, GT, LT), PTTL, TTL; HGET, HMGET, HSET, HDEL,
 //! HINCRBY, HGETALL, HLEN, HEXISTS; ZADD (NX, XX, GT, LT, CH, INCR), ZREM, ZRANGE (by rank or
 //! BYSCORE, REV, LIMIT, WITHSCORES), ZRANGEBYSCORE, ZCARD, ZSCORE; XADD (NOMKSTREAM, MAXLEN,

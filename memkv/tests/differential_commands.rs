@@ -71,6 +71,10 @@ async fn strings_and_keys() {
         &["TYPE", h],
         &["GET", a, b],
         &["INCRBY", n],
+        // MGET: a missing key and one of another type read as nil.
+        &["MGET", a, n, h, b],
+        &["MGET", b],
+        &["MGET"],
     ] {
         p.s(args).await;
     }

@@ -8,6 +8,11 @@
 //! Options (all optional): --seconds N (10) --concurrency N (64) --accounts N (1000)
 //! --rate N (total authorize+commit pairs per second to offer; 0 = as fast as possible)
 //! --authorize-only (no commits: holds are left to expire)
+//! --trusted (a trusted caller's requests: a bare account and keys of its own, each looked up in
+//! the ledger first; default: the filter's, an API key and a `tg-` key of the filter's making)
+//! --min-gap-ms N (sync.min_gap_ms)
+//! --window N (server.replay_window_secs for the run, 10: the bytes after the window are
+//! measured by waiting it out twice; the projection uses the default, 600)
 //! --ack-after-ledger (sync.ack_after_ledger: every answer waits for its ledger write)
 //! URLs: TOLLGATE_REDIS_URL (redis://127.0.0.1:6379), TOLLGATE_BENCH_DATABASE_URL
 //! (postgres://postgres@127.0.0.1:5432); a fresh database and key prefix are made per run.
@@ -59,6 +64,8 @@ async fn main() -> anyhow::Result<()> {
     let rate = arg("--rate", 0);
     let authorize_only = std::env::args().any(|a| a == "--authorize-only");
     let ack_after_ledger = std::env::args().any(|a| a == "--ack-after-ledger");
+    let trusted = std::env::args().any(|a| a == "--trusted");
+    let window = arg("--window", 10).max(10);
     let redis_url =
         std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let pg = std::env::var("TOLLGATE_BENCH_DATABASE_URL")
@@ -71,10 +78,14 @@ async fn main() -> anyhow::Result<()> {
     cfg.postgres.url = Some(format!("{pg}/tollgate_{run}"));
     cfg.server.admin_token = Some("bench-admin-token-unused".into());
     cfg.sync.ack_after_ledger = ack_after_ledger;
+    let default_window = cfg.server.replay_window_secs;
+    cfg.server.replay_window_secs = window;
+    cfg.sync.min_gap_ms = arg("--min-gap-ms", cfg.sync.min_gap_ms);
     let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock)).await?;
     let _bg = tollgate_sidecar::spawn_background(&engine);
 
     eprintln!("setting up {accounts} accounts ...");
+    let mut api_keys = Vec::with_capacity(accounts);
     for i in 0..accounts {
         let id = format!("a{i}");
         engine
@@ -82,6 +93,13 @@ async fn main() -> anyhow::Result<()> {
                 serde_json::json!({"id": id, "plan": "bench"}),
             )?)
             .await?;
+        let (_, key) = engine
+            .create_key(
+                &id,
+                serde_json::from_value(serde_json::json!({"name": "bench"}))?,
+            )
+            .await?;
+        api_keys.push(key);
         engine
             .grant(
                 &id,
@@ -99,11 +117,14 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("running {seconds}s with {concurrency} concurrent callers ...");
     let commands_before = tollgate_sidecar::store::commands_processed(&redis_url).await;
+    let round_trips_before = engine.metrics.ledger_round_trips.get();
+    let api_keys = Arc::new(api_keys);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..concurrency {
         let engine = engine.clone();
+        let api_keys = api_keys.clone();
         tasks.push(tokio::spawn(async move {
             let (mut auth_us, mut commit_us, mut errors) = (Vec::new(), Vec::new(), 0u64);
             let mut i = 0u64;
@@ -119,11 +140,18 @@ async fn main() -> anyhow::Result<()> {
                 if let Some(p) = pace.as_mut() {
                     p.tick().await;
                 }
-                let acct = format!("a{}", (t as u64 * 7919 + i) % accounts as u64);
-                let idem = format!("t{t}-{i}");
+                let n = ((t as u64 * 7919 + i) % accounts as u64) as usize;
                 i += 1;
+                // The filter's request (its key and one of its own unguessable decision keys), or
+                // a trusted caller's.
+                let (account, api_key, idem) = if trusted {
+                    (Some(format!("a{n}")), None, format!("t{t}-{i}"))
+                } else {
+                    (None, Some(api_keys[n].clone()), format!("tg-{t}-{i}"))
+                };
                 let req = SpendRequest {
-                    account: Some(acct),
+                    account,
+                    api_key,
                     idempotency_key: idem,
                     route: "default".into(),
                     meters: [("requests".to_string(), 1), ("tokens".to_string(), 500)]
@@ -175,6 +203,11 @@ async fn main() -> anyhow::Result<()> {
     let commands = tollgate_sidecar::store::commands_processed(&redis_url)
         .await
         .saturating_sub(commands_before);
+    let round_trips = engine
+        .metrics
+        .ledger_round_trips
+        .get()
+        .saturating_sub(round_trips_before);
     // Drain: how long until the ledger has everything.
     let t_drain = Instant::now();
     while engine.sync.sync_all().await? > 0 {}
@@ -197,17 +230,18 @@ async fn main() -> anyhow::Result<()> {
     };
 
     // What the run left in Redis once the ledger has everything: the accounts' state was there
-    // before; the rest is per request (settled hold records, kept `idempotency_ttl_secs`).
+    // before; the rest is per request (settled requests' tombstones, for one to two replay
+    // windows). Then again once two windows have passed: what stays for good.
     let (keys_after, bytes_after) = keyspace_bytes(&mut rc, &run).await;
     let per_request = bytes_after.saturating_sub(bytes_before) as f64 / pairs.max(1.0);
-    let ttl_s = engine.cfg.server.idempotency_ttl_secs as f64;
-    let window_s = engine
-        .cfg
-        .server
-        .replay_window_secs
-        .min(engine.cfg.server.idempotency_ttl_secs) as f64;
-    let day_gb = per_request * (pairs / elapsed) * ttl_s.min(86_400.0) / 1e9;
-    let window_gb = per_request * (pairs / elapsed) * window_s / 1e9;
+    eprintln!("waiting out the replay window ({window} s) twice ...");
+    tokio::time::sleep(Duration::from_secs(2 * window + 2)).await;
+    let (keys_later, bytes_later) = keyspace_bytes(&mut rc, &run).await;
+    let per_request_later = bytes_later.saturating_sub(bytes_before) as f64 / pairs.max(1.0);
+    // Steady state at this rate with the default window: tombstones live 1.5 windows on average.
+    let rate_now = pairs / elapsed;
+    let steady_gb = per_request * rate_now * 1.5 * default_window as f64 / 1e9;
+    let day_gb = steady_gb + per_request_later * rate_now * 86_400.0 / 1e9;
 
     let offered = if rate > 0 {
         format!("{rate} pairs/s offered")
@@ -220,8 +254,13 @@ async fn main() -> anyhow::Result<()> {
         (true, true) => "authorize only, ack after ledger",
         (false, true) => "authorize+commit, ack after ledger",
     };
+    let caller = if trusted {
+        "trusted caller (account, own keys)"
+    } else {
+        "the filter (API key, tg- keys)"
+    };
     println!(
-        "tollgate-bench: {mode}, {seconds}s, {concurrency} callers, {accounts} accounts, {offered}, Redis {redis_url}"
+        "tollgate-bench: {mode}, {caller}, {seconds}s, {concurrency} callers, {accounts} accounts, {offered}, Redis {redis_url}"
     );
     println!("| metric | value |");
     println!("|---|---|");
@@ -249,13 +288,20 @@ async fn main() -> anyhow::Result<()> {
         "| sync lag p50 / p99 (ms, histogram bucket bound) | ≤{} / ≤{} |",
         lag[0], lag[1]
     );
+    println!(
+        "| PostgreSQL round trips per request (sync worker statements / pairs) | {:.2} |",
+        round_trips as f64 / pairs.max(1.0)
+    );
     println!("| ledger drain after load (ms) | {drain_ms} |");
     println!("| ledger rows written | {rows} |");
     println!(
-        "| Redis bytes per settled request (MEMORY USAGE of the run's keys, after the ledger caught up) | {per_request:.0} ({keys_after} keys, {bytes_after} bytes) |"
+        "| Redis bytes per settled request, within the replay window (MEMORY USAGE of the run's keys, after the ledger caught up) | {per_request:.0} ({keys_after} keys, {bytes_after} bytes) |"
     );
     println!(
-        "| Redis memory at this rate, steady state: trusted callers' holds (as here), kept {ttl_s:.0} s (idempotency_ttl_secs) / the filter's holds, kept {window_s:.0} s (replay_window_secs) | {day_gb:.1} GB / {window_gb:.2} GB |"
+        "| Redis bytes per settled request, after the replay window ({window} s, waited twice) | {per_request_later:.0} ({keys_later} keys, {bytes_later} bytes) |"
+    );
+    println!(
+        "| Redis memory at this rate with the default window ({default_window} s): steady state / after a day | {steady_gb:.2} GB / {day_gb:.2} GB |"
     );
     // The whole process: the engine (directory cache, connections, sync worker) and the load
     // generator's latency vectors; the sidecar alone is less.

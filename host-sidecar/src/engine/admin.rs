@@ -285,7 +285,7 @@ impl Engine {
                 self.metrics.idempotent_replays.inc();
                 Ok((serde_json::from_str(&b).unwrap_or_default(), true))
             }
-            Reply::Conflict => Err(ApiError::Conflict(format!(
+            Reply::Conflict(_) => Err(ApiError::Conflict(format!(
                 "grant_id {:?} already exists",
                 g.grant_id
             ))),

@@ -132,6 +132,18 @@ impl Engine {
         fp: &str,
     ) -> Result<Option<String>, ApiError> {
         self.metrics.rechecks.inc();
+        self.ledger_answer(acct, kind, idem, fp).await
+    }
+
+    /// The first result of `idem` when the ledger has it for the same request; a conflict when
+    /// it has it for another.
+    pub(crate) async fn ledger_answer(
+        &self,
+        acct: &str,
+        kind: &str,
+        idem: &str,
+        fp: &str,
+    ) -> Result<Option<String>, ApiError> {
         match self.ledger.idempotent_result(acct, kind, idem).await? {
             Some((Some(f), result)) if f == fp => Ok(Some(result)),
             Some(_) => Err(ApiError::Conflict(format!(

@@ -22,6 +22,7 @@ pub use billing::{SubscriptionChange, WebhookOutcome};
 pub use plans::from_config as plans_from_config;
 pub use pools::{Claim, NewPool, PoolState};
 pub use report::{Difference, Reconciliation};
+pub use settle::Pricing;
 
 use crate::clock::Clock;
 use crate::config::{Config, LimitSpec};
@@ -278,6 +279,12 @@ impl Engine {
 
     pub fn idem_ttl_ms(&self) -> u64 {
         self.cfg.server.idempotency_ttl_secs * 1000
+    }
+
+    /// How long a settled request's tombstone answers its repeats from Redis
+    /// (`server.replay_window_secs`); later ones are answered from the ledger.
+    pub fn window_ms(&self) -> u64 {
+        self.cfg.server.replay_window_secs * 1000
     }
 
     pub(crate) async fn resolve(

@@ -140,6 +140,9 @@ impl Engine {
                 checked,
                 route: "pool",
                 idem_ttl_ms: CLAIM_RECORD_TTL_MS,
+                // A claim's tombstone is kept as long as its record was: a pool's claims are
+                // bounded by its stock, and an account claims once.
+                window_ms: CLAIM_RECORD_TTL_MS,
                 ..SpendArgs::probe(self.clock.now_ms(), &pacct, &meters, &lims)
             };
             let (body, claimed, replay) = match self.store.consume(&args).await? {

@@ -49,6 +49,43 @@ impl From<LuaSettlement> for Settlement {
     }
 }
 
+/// What a commit is: its hold's usage as reported (meters, and the text counted when it came
+/// as text), not its price, so that a repeat is recognised without knowing the hold's route.
+fn commit_fp(req: &CommitRequest) -> String {
+    fingerprint(&("commit", &req.meters, &req.output_text))
+}
+
+/// How a commit's route and model are known (see `Engine::commit`).
+#[derive(Debug, Clone, Copy)]
+pub enum Pricing<'a> {
+    /// Read from the hold by the sidecar (release, expiry: no price at all).
+    Read,
+    /// Given by the commit: checked against the hold's in the commit script.
+    Check(&'a str, Option<&'a str>),
+    /// Unknown (the hold's record is gone): answer a replay of its settlement, change nothing.
+    ReplayOnly,
+}
+
+/// What settling a hold came to.
+enum Settled {
+    /// The settlement, and whether it is a replay.
+    Done(Settlement, bool),
+    /// Nothing changed: the commit was priced with a route and model (given) that are not the
+    /// hold's.
+    PricedOtherwise(String, Option<String>),
+}
+
+impl Settled {
+    fn done(self) -> Result<(Settlement, bool), ApiError> {
+        match self {
+            Settled::Done(s, replay) => Ok((s, replay)),
+            Settled::PricedOtherwise(route, _) => Err(ApiError::Conflict(format!(
+                "the hold was authorized for route {route:?}"
+            ))),
+        }
+    }
+}
+
 impl Engine {
     /// Settles a hold with the actual usage. Returns the settlement and whether it is a replay.
     pub async fn commit(&self, req: CommitRequest) -> Result<(Settlement, bool), ApiError> {
@@ -61,50 +98,97 @@ impl Engine {
         }
         // A hold is settled as it was made: priced with its own route and model, whatever the
         // commit says (one that names others is refused, so a caller cannot pick a cheaper
-        // price for the usage).
-        let (route, model, by_key) = self.hold_route(&req.hold_id).await?;
-        if req.route.as_ref().is_some_and(|r| *r != route) {
-            return Err(ApiError::Conflict(format!(
-                "route: the hold was authorized for route {route:?}"
-            )));
+        // price for the usage). A commit that names its route (the filter's do) is priced with
+        // it and the commit script checks it against the hold's, in the same call; one that
+        // does not has the hold's read first.
+        let (mut route, mut model) = match &req.route {
+            Some(r) => (r.clone(), req.model.clone()),
+            None => match self.hold_route(&req.hold_id).await {
+                Ok(rm) => rm,
+                // No record in Redis nor (yet) in the ledger: the hold is settled (its
+                // tombstone answers a repeat) or unknown. Only a replay can be answered.
+                Err(ApiError::NotFound(m)) => {
+                    let fp = commit_fp(&req);
+                    return match self
+                        .settle(
+                            &req.hold_id,
+                            "committed",
+                            &req.meters,
+                            0,
+                            &fp,
+                            Pricing::ReplayOnly,
+                        )
+                        .await?
+                    {
+                        Settled::Done(s, true) => Ok((s, true)),
+                        _ => Err(ApiError::NotFound(m)),
+                    };
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let checked_here = req.route.is_none();
+        for _ in 0..2 {
+            let (meters, credit, fp) = self.priced_commit(&req, model.as_deref(), &route).await?;
+            let priced = if checked_here {
+                Pricing::Read
+            } else {
+                Pricing::Check(route.as_str(), model.as_deref())
+            };
+            match self
+                .settle(&req.hold_id, "committed", &meters, credit, &fp, priced)
+                .await?
+            {
+                Settled::Done(s, replay) => return Ok((s, replay)),
+                // The hold was made with another route or model: a commit naming another
+                // route is refused; one that named no model is priced again with the hold's.
+                Settled::PricedOtherwise(hold_route, hold_model) => {
+                    if hold_route != route {
+                        return Err(ApiError::Conflict(format!(
+                            "route: the hold was authorized for route {hold_route:?}"
+                        )));
+                    }
+                    if req.model.is_some() || hold_model == model {
+                        return Err(ApiError::Conflict(format!(
+                            "model: the hold was authorized for model {hold_model:?}"
+                        )));
+                    }
+                    route = hold_route;
+                    model = hold_model;
+                }
+            }
         }
-        if req.model.is_some() && req.model != model {
-            return Err(ApiError::Conflict(format!(
-                "model: the hold was authorized for model {model:?}"
-            )));
-        }
+        Err(ApiError::Conflict(
+            "the hold's route and model changed while committing".into(),
+        ))
+    }
+
+    /// A commit's meters (its output counted when it came as text), credit and fingerprint,
+    /// priced with `route` and `model`.
+    async fn priced_commit(
+        &self,
+        req: &CommitRequest,
+        model: Option<&str>,
+        route: &str,
+    ) -> Result<(Meters, u64, String), ApiError> {
         let mut meters = req.meters.clone();
         if let Some(text) = &req.output_text {
             // No usage object: the output is counted here, with the model's tokenizer.
             if let Some(out) = meters.get_mut("output_tokens") {
-                *out = crate::tokens::count_async(model.as_deref(), text).await;
+                *out = crate::tokens::count_async(model, text).await;
             }
         }
-        let credit = self.price(&route, model.as_deref(), &meters, 0)?;
+        let credit = self.price(route, model, &meters, 0)?;
         meters.insert("credits".into(), credit);
-        let fp = fingerprint(&("commit", &meters));
-        // A hold the filter made (for an API key) is never asked again by a client under its
-        // key (the filter's keys are its own), only by the filter's retries: its settled record
-        // stays for the replay window, not a day; a repeat after that is answered from the
-        // ledger (Reply::Gone below). Holds of trusted callers keep the idempotency TTL.
-        let ttl_ms = if by_key {
-            (self.cfg.server.replay_window_secs * 1000).min(self.idem_ttl_ms())
-        } else {
-            self.idem_ttl_ms()
-        };
-        self.settle(&req.hold_id, "committed", &meters, credit, &fp, ttl_ms)
-            .await
+        Ok((meters, credit, commit_fp(req)))
     }
 
     /// The route and model a hold was authorized with (from Redis, else the ledger).
-    /// The route and model a hold was authorized with, and whether it was made for an API key.
-    async fn hold_route(&self, hold_id: &str) -> Result<(String, Option<String>, bool), ApiError> {
+    async fn hold_route(&self, hold_id: &str) -> Result<(String, Option<String>), ApiError> {
         #[derive(Deserialize)]
         struct RouteOf {
             route: Option<String>,
             model: Option<String>,
-            #[serde(default)]
-            key: Option<String>,
         }
         let (acct, _) = split_hold_id(hold_id)?;
         // While Redis is down (the breaker open) the commit is decided from PostgreSQL, which
@@ -131,9 +215,8 @@ impl Engine {
             Some(RouteOf {
                 route: Some(route),
                 model,
-                key,
-            }) => (route, model, key.is_some()),
-            _ => (tollgate_protocol::default_route(), None, false),
+            }) => (route, model),
+            _ => (tollgate_protocol::default_route(), None),
         })
     }
 
@@ -157,9 +240,10 @@ impl Engine {
             &Meters::new(),
             0,
             "release",
-            self.idem_ttl_ms(),
+            Pricing::Read,
         )
-        .await
+        .await?
+        .done()
     }
 
     pub async fn release(&self, hold_id: &str) -> Result<(Settlement, bool), ApiError> {
@@ -170,9 +254,10 @@ impl Engine {
             &Meters::new(),
             0,
             "release",
-            self.idem_ttl_ms(),
+            Pricing::Read,
         )
-        .await
+        .await?
+        .done()
     }
 
     async fn settle(
@@ -182,8 +267,8 @@ impl Engine {
         meters: &Meters,
         credit: u64,
         fp: &str,
-        ttl_ms: u64,
-    ) -> Result<(Settlement, bool), ApiError> {
+        priced: Pricing<'_>,
+    ) -> Result<Settled, ApiError> {
         if self.redis_down().await {
             let (acct, _) = split_hold_id(hold_id)?;
             let acct = acct.to_string();
@@ -193,9 +278,19 @@ impl Engine {
                 meters.clone(),
                 fp.to_string(),
             );
+            let owned = match priced {
+                Pricing::Check(r, m) => Some((r.to_string(), m.map(str::to_string))),
+                _ => None,
+            };
+            let replay_only = matches!(priced, Pricing::ReplayOnly);
             return self
                 .via_ledger(&acct, move |e| async move {
-                    e.settle_in_store(&hold, &status, &meters, credit, &fp, ttl_ms)
+                    let priced = match (&owned, replay_only) {
+                        (Some((r, m)), _) => Pricing::Check(r, m.as_deref()),
+                        (None, true) => Pricing::ReplayOnly,
+                        (None, false) => Pricing::Read,
+                    };
+                    e.settle_in_store(&hold, &status, &meters, credit, &fp, priced)
                         .await
                 })
                 .await;
@@ -204,7 +299,7 @@ impl Engine {
         let (acct, _) = split_hold_id(hold_id)?;
         let epoch = self.ack_epoch(acct).await?;
         let out = self
-            .settle_in_store(hold_id, status, meters, credit, fp, ttl_ms)
+            .settle_in_store(hold_id, status, meters, credit, fp, priced)
             .await?;
         self.until_in_ledger(acct, epoch).await?;
         Ok(out)
@@ -218,20 +313,23 @@ impl Engine {
         meters: &Meters,
         credit: u64,
         fp: &str,
-        ttl_ms: u64,
-    ) -> Result<(Settlement, bool), ApiError> {
+        priced: Pricing<'_>,
+    ) -> Result<Settled, ApiError> {
         let started = Instant::now();
         let (acct, _) = split_hold_id(hold_id)?;
         if self.directory.account(acct).await?.is_none() {
             return Err(ApiError::NotFound(format!("unknown hold {hold_id:?}")));
         }
         let out = self
-            .settle_in_redis(acct, hold_id, status, meters, credit, fp, ttl_ms)
+            .settle_in_redis(acct, hold_id, status, meters, credit, fp, priced)
             .await;
         self.metrics
             .decision_us
             .observe(started.elapsed().as_micros() as u64);
-        let (s, replay) = out?;
+        let (s, replay) = match out? {
+            Settled::Done(s, replay) => (s, replay),
+            other => return Ok(other),
+        };
         if replay {
             self.metrics.idempotent_replays.inc();
         } else {
@@ -242,7 +340,7 @@ impl Engine {
             }
             self.sync_wake.notify_one();
         }
-        Ok((s, replay))
+        Ok(Settled::Done(s, replay))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -254,8 +352,8 @@ impl Engine {
         meters: &Meters,
         credit: u64,
         fp: &str,
-        ttl_ms: u64,
-    ) -> Result<(Settlement, bool), ApiError> {
+        priced: Pricing<'_>,
+    ) -> Result<Settled, ApiError> {
         for _ in 0..4 {
             let args = SettleArgs {
                 now: self.clock.now_ms(),
@@ -263,7 +361,8 @@ impl Engine {
                 fp,
                 meters,
                 credit,
-                idem_ttl_ms: ttl_ms,
+                window_ms: self.window_ms(),
+                priced,
             };
             let reply = if status == "committed" {
                 self.store.commit(acct, &args).await?
@@ -274,9 +373,27 @@ impl Engine {
                 Reply::Ok(body) => {
                     let s = parse_settlement(&body)?;
                     self.raise_commit_alerts(acct, &s.grew);
-                    return Ok((s.into(), false));
+                    return Ok(Settled::Done(s.into(), false));
                 }
-                Reply::Replay(body) => return Ok((settlement(&body)?, true)),
+                Reply::Replay(body) => return Ok(Settled::Done(settlement(&body)?, true)),
+                Reply::Conflict(body) => {
+                    #[derive(Deserialize)]
+                    struct Made {
+                        route: String,
+                        model: String,
+                    }
+                    let m: Made = serde_json::from_str(&body)
+                        .map_err(|e| ApiError::Internal(format!("unreadable script reply: {e}")))?;
+                    let route = if m.route.is_empty() {
+                        tollgate_protocol::default_route()
+                    } else {
+                        m.route
+                    };
+                    return Ok(Settled::PricedOtherwise(
+                        route,
+                        (!m.model.is_empty()).then_some(m.model),
+                    ));
+                }
                 Reply::Resolved(body) => {
                     let st: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                     let was = st
@@ -292,9 +409,9 @@ impl Engine {
                 // Redis lost its data. The ledger knows.
                 Reply::Gone => {
                     return match self.ledger.hold(acct, hold_id).await? {
-                        Some(h) if h.status == status && h.settle_fp.as_deref() == Some(fp) => {
-                            Ok((settlement(h.result.as_deref().unwrap_or("{}"))?, true))
-                        }
+                        Some(h) if h.status == status && h.settle_fp.as_deref() == Some(fp) => Ok(
+                            Settled::Done(settlement(h.result.as_deref().unwrap_or("{}"))?, true),
+                        ),
                         Some(h) if h.status != "open" => Err(ApiError::Conflict(format!(
                             "hold {hold_id:?} is already {}",
                             h.status
@@ -352,7 +469,8 @@ impl Engine {
                     fp: "expire",
                     meters: &Meters::new(),
                     credit: 0,
-                    idem_ttl_ms: self.idem_ttl_ms(),
+                    window_ms: self.window_ms(),
+                    priced: Pricing::Read,
                 };
                 match self.store.release(acct, &args, "expired").await? {
                     Reply::Ok(_) => {

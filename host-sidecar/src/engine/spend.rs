@@ -4,6 +4,7 @@ use super::{fingerprint, not_loaded, unexpected, Caller, Engine, Resolved};
 use crate::error::ApiError;
 use crate::store::{Reply, SpendArgs};
 use serde::Deserialize;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use tollgate_protocol::{Decision, DenyReason, LimitState, SpendRequest};
 
@@ -164,7 +165,33 @@ impl Engine {
             resource: req.resource.as_ref(),
         });
         let hold_id = format!("{acct}/{}", req.idempotency_key);
+        // Redis keeps a settled request's tombstone for the replay window only. A key the
+        // filter made (`tg-`: unguessable and never used twice) has no repeat after it; any
+        // other key may (a client's `Idempotency-Key`, a trusted caller's), so the ledger is
+        // asked first whether it was used — an index lookup, answered as a replay if so.
+        // While the ledger is unreachable the lookup is skipped, not waited on: Redis still
+        // answers every repeat within the replay window (and after a cold load, `recheck`
+        // asks the ledger and fails closed, as before).
         let mut checked = false;
+        let unreachable = &self.metrics.ledger_unreachable;
+        if op != Op::Check && !filter_key(req) && !unreachable.load(Relaxed) {
+            self.metrics.ledger_idempotency_lookups.inc();
+            match self
+                .ledger_answer(acct, op.kind(), &req.idempotency_key, &fp)
+                .await
+            {
+                Ok(Some(body)) => {
+                    let now = self.clock.now_ms();
+                    return Ok((self.decision(acct, parse_decision(&body)?, now), true));
+                }
+                Ok(None) => checked = true,
+                Err(ApiError::Conflict(m)) => return Err(ApiError::Conflict(m)),
+                Err(e) => {
+                    unreachable.store(true, Relaxed);
+                    tracing::warn!(error = %e, "ledger lookup of an idempotency key failed; deciding from Redis");
+                }
+            }
+        }
         for _ in 0..4 {
             let caller = fresh.as_ref().unwrap_or(caller);
             // Periods are computed per attempt: a cold load may have taken a while.
@@ -186,6 +213,7 @@ impl Engine {
                 hold: (op == Op::Authorize).then_some(hold_id.as_str()),
                 exp: now + self.cfg.server.hold_ttl_secs * 1000,
                 idem_ttl_ms: self.idem_ttl_ms(),
+                window_ms: self.window_ms(),
                 version: caller.account.row.version,
                 correlation_id: req.correlation_id.as_deref(),
             };
@@ -247,7 +275,7 @@ impl Engine {
                     }
                     checked = true;
                 }
-                Reply::Conflict => {
+                Reply::Conflict(_) => {
                     return Err(ApiError::Conflict(format!(
                         "idempotency_key {:?} was already used for a different request",
                         req.idempotency_key
@@ -280,6 +308,13 @@ impl Engine {
             balance: d.balance,
         }
     }
+}
+
+/// Whether the request's idempotency key is one the filter made for it: `tg-` and an API key
+/// (the filter's callouts name the key; trusted callers name an account). Such a key is never
+/// used again after its retries, so its tombstone is all the replay protection it needs.
+fn filter_key(req: &SpendRequest) -> bool {
+    req.api_key.is_some() && req.idempotency_key.starts_with("tg-")
 }
 
 fn parse_decision(body: &str) -> Result<LuaDecision, ApiError> {

@@ -151,6 +151,15 @@ fn json_opt<T: serde::Serialize>(v: &[T]) -> Option<String> {
 }
 
 impl Batch {
+    /// The statements [`Batch::write_pg`] sends: one round trip each.
+    fn statements(&self) -> u64 {
+        1 + u64::from(!self.usage_delta.is_empty())
+            + self.grant_new.len() as u64
+            + u64::from(!self.grant_delta.is_empty())
+            + u64::from(!self.holds_new.is_empty())
+            + u64::from(!self.holds_settled.is_empty())
+    }
+
     fn push(&mut self, event_id: String, e: Event) {
         for (scope, meter, period, delta, end) in &e.u {
             let k = (e.acct.clone(), scope.clone(), meter.clone(), period.clone());
@@ -589,6 +598,8 @@ pub struct SyncWorker {
     clock: Arc<dyn crate::clock::Clock>,
     /// Per shard: the (epoch, last id) this process last saw applied; skips idle shards cheaply.
     seen: Seen,
+    /// The shortest time between two passes of [`SyncWorker::run`] (`sync.min_gap_ms`).
+    pub min_gap: Duration,
 }
 
 type Entries = Vec<(String, Vec<String>)>;
@@ -609,6 +620,7 @@ impl SyncWorker {
             metrics,
             clock,
             seen: Arc::new((0..shards).map(|_| Mutex::new(None)).collect()),
+            min_gap: Duration::ZERO,
         }
     }
 
@@ -744,11 +756,16 @@ impl SyncWorker {
             match entries.last().map(|(id, _)| id.clone()) {
                 None => {
                     tx.commit().await?;
+                    // begin, lock, cursor, commit
+                    self.metrics.ledger_round_trips.add(4);
                     Err(start)
                 }
                 Some(last) => {
                     let n = entries.len();
-                    tx.apply(self.batch_of(shard, &epoch, entries), shard as i32).await?;
+                    let batch = self.batch_of(shard, &epoch, entries);
+                    // begin, lock, cursor, the batch, cursor update, commit
+                    self.metrics.ledger_round_trips.add(5 + batch.statements());
+                    tx.apply(batch, shard as i32).await?;
                     sqlx::query(
                         "INSERT INTO sync_cursor (prefix, shard, epoch, last_id) VALUES ($1, $2, $3, $4)
                          ON CONFLICT (prefix, shard) DO UPDATE SET epoch = $3, last_id = $4,
@@ -913,13 +930,20 @@ impl SyncWorker {
                     }
                 }
             }
+            self.metrics
+                .ledger_unreachable
+                .store(pass.is_err(), std::sync::atomic::Ordering::Relaxed);
             if let Err(e) = pass {
                 self.metrics.sync_errors.inc();
                 tracing::warn!(error = %e, "ledger sync pass failed; will retry");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+            // Woken by a change, the next pass still waits `min_gap`, so that under load each
+            // pass carries many changes (fewer, larger ledger transactions) rather than a few.
+            let gap = self.min_gap.min(interval);
+            tokio::time::sleep(gap).await;
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(interval - gap) => {}
                 _ = wake.notified() => {}
             }
         }

@@ -2,6 +2,28 @@
 //! (`tg:{7}:...`), so one script touches one Redis Cluster slot, and each shard has one outbox
 //! stream that the sync worker drains in order.
 
+/// Tombstone buckets per shard and replay window (see [`Keyspace::tombs`]): at 3,000 settled
+/// requests a second, a 600 s window and 16 shards, ~55 tombstones each, well under Redis's
+/// `hash-max-listpack-entries` (128).
+pub const TOMB_SLOTS: u64 = 2048;
+
+/// A settled request's field in its tombstone bucket: the hold id (`<account>/<key>`; a
+/// consume's is `<account>//<key>`), or when that is long, a 128-bit digest of it, so that
+/// fields stay within Redis's `hash-max-listpack-value` (64 bytes) with the value.
+pub fn tomb_field(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    if id.len() <= 40 {
+        return id.to_string();
+    }
+    format!("#{}", hex::encode(&Sha256::digest(id.as_bytes())[..16]))
+}
+
+fn fnv64(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, x| {
+        (h ^ u64::from(*x)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct Keyspace {
     prefix: String,
@@ -67,6 +89,30 @@ impl Keyspace {
     pub fn holds(&self, shard: u32) -> String {
         format!("{}:holds", self.tag(shard))
     }
+    /// The two tombstone buckets a request's tombstone may be in at `now_ms` (the current replay
+    /// window's and the one before), and the time to live a bucket written now gets: until the
+    /// end of the window after its own, so a tombstone is kept one to two windows. Each window
+    /// has [`TOMB_SLOTS`] buckets per shard, a request's chosen by its field, so that a bucket
+    /// stays small enough for Redis's compact (listpack) hash encoding under load.
+    pub fn tombs(
+        &self,
+        account: &str,
+        field: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> (String, String, u64) {
+        let w = window_ms.max(1);
+        let n = now_ms / w;
+        let slot = fnv64(field.as_bytes()) % TOMB_SLOTS;
+        let tag = self.acct_tag(account);
+        let ttl = (n + 2) * w - now_ms + 1000;
+        (
+            format!("{tag}:t:{n}:{slot}"),
+            format!("{tag}:t:{}:{slot}", n.saturating_sub(1)),
+            ttl,
+        )
+    }
+
     /// A random id set once per stream lifetime: when Redis loses the stream, the epoch changes
     /// and the sync worker restarts its cursor instead of skipping the new stream's entries.
     pub fn epoch(&self, shard: u32) -> String {
@@ -90,6 +136,8 @@ mod tests {
             ks.counter("acct_42", "k:key_1", "requests", "d:2026-11-22"),
             ks.outbox(s),
             ks.holds(s),
+            ks.tombs("acct_42", "acct_42/r1", 1_000_000, 600_000).0,
+            ks.tombs("acct_42", "acct_42/r1", 1_000_000, 600_000).1,
         ] {
             assert_eq!(&k[k.find('{').unwrap()..=k.find('}').unwrap()], tag, "{k}");
         }
@@ -97,5 +145,22 @@ mod tests {
             ks.shard_of("acct_42"),
             Keyspace::new("other", 16).shard_of("acct_42")
         );
+    }
+
+    #[test]
+    fn a_tombstone_is_found_for_two_windows_and_fields_stay_short() {
+        let ks = Keyspace::new("tg", 16);
+        let w = 600_000;
+        let (cur, prev, ttl) = ks.tombs("a", "a/r1", 5 * w + 10, w);
+        // Written in window 5; still read (as "previous") during window 6.
+        let (cur6, prev6, _) = ks.tombs("a", "a/r1", 6 * w + 599_000, w);
+        assert_eq!(prev6, cur);
+        assert_ne!(cur6, cur);
+        assert_ne!(prev, cur);
+        assert_eq!(ttl, 2 * w - 10 + 1000);
+        assert_eq!(tomb_field("a/r1"), "a/r1");
+        let long = format!("{}/tg-{}", "x".repeat(30), "f".repeat(32));
+        assert_eq!(tomb_field(&long).len(), 33);
+        assert_ne!(tomb_field(&long), tomb_field(&format!("{long}0")));
     }
 }

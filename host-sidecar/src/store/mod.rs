@@ -31,8 +31,9 @@ pub enum Reply {
     Cold,
     /// Just after a cold load: ask the ledger whether this idempotency key was used.
     Recheck,
-    /// The idempotency key was used by a different request.
-    Conflict,
+    /// The idempotency key was used by a different request (commit: the hold's route and
+    /// model, as JSON, when the commit was priced with others).
+    Conflict(String),
     /// The account changed since the sidecar read it (plan, limits, keys): re-read and retry.
     Stale,
     /// No such hold in Redis.
@@ -82,6 +83,8 @@ pub struct SpendArgs<'a> {
     pub hold: Option<&'a str>,
     pub exp: u64,
     pub idem_ttl_ms: u64,
+    /// The replay window (`server.replay_window_secs`) in ms: how long tombstones are kept.
+    pub window_ms: u64,
     /// The version of the account the limits were read from (see [`Store::set_version`]).
     pub version: i64,
     /// The caller's correlation id (validated printable ASCII), recorded on the ledger entry;
@@ -109,14 +112,23 @@ impl<'a> SpendArgs<'a> {
             hold: None,
             exp: 0,
             idem_ttl_ms: 0,
+            window_ms: 1,
             // Not a caller's request: never told `stale`.
             version: i64::MAX,
             correlation_id: None,
         }
     }
 
-    fn argv(&self) -> Vec<String> {
-        let mut v = Vec::with_capacity(17 + self.lims.len() * 7);
+    /// The request's tombstone field: its hold id, or for a consume `<account>//<key>`.
+    fn tomb_field(&self) -> String {
+        match self.hold {
+            Some(h) => keys::tomb_field(h),
+            None => keys::tomb_field(&format!("{}//{}", self.acct, self.idem)),
+        }
+    }
+
+    fn argv(&self, tomb: &str, tomb_ttl_ms: u64) -> Vec<String> {
+        let mut v = Vec::with_capacity(19 + self.lims.len() * 7);
         v.extend([
             self.now.to_string(),
             self.acct.to_string(),
@@ -148,6 +160,8 @@ impl<'a> SpendArgs<'a> {
         v.push(self.version.to_string());
         // As a JSON string (quotes and escapes included): the scripts splice it into JSON as is.
         v.push(self.correlation_id.map(|c| json(&c)).unwrap_or_default());
+        v.push(tomb.to_string());
+        v.push(tomb_ttl_ms.to_string());
         v
     }
 }
@@ -160,17 +174,22 @@ pub struct SettleArgs<'a> {
     pub fp: &'a str,
     pub meters: &'a Meters,
     pub credit: u64,
-    pub idem_ttl_ms: u64,
+    /// The replay window in ms: how long the settled hold's tombstone is kept.
+    pub window_ms: u64,
+    /// commit: how its route and model are known (checked against the hold's in the script,
+    /// or unknown: a replay only).
+    pub priced: crate::engine::Pricing<'a>,
 }
 
 impl SettleArgs<'_> {
-    fn argv(&self) -> Vec<String> {
+    fn argv(&self, tomb: &str, tomb_ttl_ms: u64) -> Vec<String> {
         let mut v = vec![
             self.now.to_string(),
             self.hold.to_string(),
             self.fp.to_string(),
             self.credit.to_string(),
-            self.idem_ttl_ms.to_string(),
+            tomb_ttl_ms.to_string(),
+            tomb.to_string(),
             json(self.meters),
             self.meters.len().to_string(),
         ];
@@ -400,7 +419,7 @@ impl Store {
             "deny" => Reply::Deny(body),
             "cold" => Reply::Cold,
             "recheck" => Reply::Recheck,
-            "conflict" => Reply::Conflict,
+            "conflict" => Reply::Conflict(body),
             "stale" => Reply::Stale,
             "gone" => Reply::Gone,
             "resolved" => Reply::Resolved(body),
@@ -418,6 +437,8 @@ impl Store {
 
     pub async fn authorize(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
         let hold = a.hold.unwrap_or_default();
+        let field = a.tomb_field();
+        let (cur, prev, ttl) = self.keys.tombs(a.acct, &field, a.now, a.window_ms);
         let mut keys = vec![
             self.keys.account(a.acct),
             self.keys.outbox(self.keys.shard_of(a.acct)),
@@ -425,21 +446,28 @@ impl Store {
             self.keys.holds(self.keys.shard_of(a.acct)),
             self.keys.grant_order(a.acct),
             self.keys.grant_remaining(a.acct),
+            cur,
+            prev,
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        self.run(&self.scripts.authorize, &keys, &a.argv()).await
+        self.run(&self.scripts.authorize, &keys, &a.argv(&field, ttl))
+            .await
     }
 
     pub async fn consume(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
+        let field = a.tomb_field();
+        let (cur, prev, ttl) = self.keys.tombs(a.acct, &field, a.now, a.window_ms);
         let mut keys = vec![
             self.keys.account(a.acct),
             self.keys.outbox(self.keys.shard_of(a.acct)),
-            self.keys.idempotency(a.acct, "consume", a.idem),
+            cur,
+            prev,
             self.keys.grant_order(a.acct),
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        self.run(&self.scripts.consume, &keys, &a.argv()).await
+        self.run(&self.scripts.consume, &keys, &a.argv(&field, ttl))
+            .await
     }
 
     pub async fn check(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
@@ -449,24 +477,37 @@ impl Store {
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        self.run(&self.scripts.check, &keys, &a.argv()).await
+        self.run(&self.scripts.check, &keys, &a.argv("", 0)).await
     }
 
-    fn settle_keys(&self, acct: &str, hold: &str) -> Vec<String> {
+    /// The keys of commit and release, and their arguments (without what each script adds).
+    fn settle_call(&self, acct: &str, a: &SettleArgs<'_>) -> (Vec<String>, Vec<String>) {
         let shard = self.keys.shard_of(acct);
-        vec![
+        let field = keys::tomb_field(a.hold);
+        let (cur, prev, ttl) = self.keys.tombs(acct, &field, a.now, a.window_ms);
+        let keys = vec![
             self.keys.account(acct),
             self.keys.outbox(shard),
-            self.keys.hold(acct, hold),
+            self.keys.hold(acct, a.hold),
             self.keys.holds(shard),
             self.keys.grant_order(acct),
             self.keys.grant_remaining(acct),
-        ]
+            cur,
+            prev,
+        ];
+        (keys, a.argv(&field, ttl))
     }
 
     pub async fn commit(&self, acct: &str, a: &SettleArgs<'_>) -> Result<Reply, StoreError> {
-        let keys = self.settle_keys(acct, a.hold);
-        self.run(&self.scripts.commit, &keys, &a.argv()).await
+        let (keys, mut argv) = self.settle_call(acct, a);
+        match a.priced {
+            crate::engine::Pricing::Read => {}
+            crate::engine::Pricing::Check(route, model) => {
+                argv.extend(["check", route, model.unwrap_or_default()].map(String::from))
+            }
+            crate::engine::Pricing::ReplayOnly => argv.push("replay".into()),
+        }
+        self.run(&self.scripts.commit, &keys, &argv).await
     }
 
     /// `status` is `released` (a caller cancelled) or `expired` (the sweeper).
@@ -476,8 +517,7 @@ impl Store {
         a: &SettleArgs<'_>,
         status: &str,
     ) -> Result<Reply, StoreError> {
-        let keys = self.settle_keys(acct, a.hold);
-        let mut argv = a.argv();
+        let (keys, mut argv) = self.settle_call(acct, a);
         argv.push(status.to_string());
         self.run(&self.scripts.release, &keys, &argv).await
     }

@@ -95,9 +95,10 @@ static SCRIPT_SUBS: [Spec; 3] = [
     script("script|flush", -2, ScriptCmd::Flush),
 ];
 
-static COMMANDS: [Spec; 47] = [
+static COMMANDS: [Spec; 48] = [
     // Strings and keys.
     data("get", 2, 0, strings::get),
+    data("mget", -2, 0, strings::mget),
     data("set", -3, WRITE, strings::set),
     data("setnx", 3, WRITE, strings::setnx),
     data("incrby", 3, WRITE, strings::incrby),

@@ -1,4 +1,4 @@
-//! String and generic key commands: GET, SET, SETNX, INCRBY (INCR, DECR, DECRBY), DEL, EXISTS,
+//! String and generic key commands: GET, MGET, SET, SETNX, INCRBY (INCR, DECR, DECRBY), DEL, EXISTS,
 //! PEXPIRE, EXPIRE, PTTL, TTL.
 
 use super::{int_arg, is};
@@ -10,6 +10,16 @@ pub fn get(ks: &mut Keyspace, argv: &[&[u8]]) -> Reply {
         Ok(v) => Reply::opt_bulk(v),
         Err(e) => e,
     }
+}
+
+/// `MGET key [key ...]`: a key holding another type reads as nil, as in Redis.
+pub fn mget(ks: &mut Keyspace, argv: &[&[u8]]) -> Reply {
+    Reply::Array(
+        argv[1..]
+            .iter()
+            .map(|k| Reply::opt_bulk(ks.get_str(k).ok().flatten()))
+            .collect(),
+    )
 }
 
 #[derive(Default)]
