@@ -114,6 +114,9 @@ struct NewHold {
     fp: String,
     auth_result: String,
     created: i64,
+    /// Settled in the same batch: (status, result, settle fingerprint, when), written with the
+    /// row itself, so the hold takes one insert and no update.
+    settled: Option<(String, String, Option<String>, i64)>,
 }
 /// Per shard: the (epoch, last applied id) this process last saw.
 type Seen = Arc<Vec<Mutex<Option<(String, String)>>>>;
@@ -143,6 +146,8 @@ struct Batch {
     grant_new: Vec<(String, GrantInfo, i64)>,
     grant_delta: HashMap<(String, String), (i64, i64)>,
     holds_new: Vec<NewHold>,
+    /// Where each (account, hold) of `holds_new` is.
+    holds_new_at: HashMap<(String, String), usize>,
     holds_settled: Vec<(String, String, String, String, Option<String>, i64)>,
 }
 
@@ -187,6 +192,8 @@ impl Batch {
                     if fp.is_none() {
                         fp = rec.get("fp").and_then(Value::as_str).map(str::to_string);
                     }
+                    self.holds_new_at
+                        .insert((e.acct.clone(), hold.clone()), self.holds_new.len());
                     self.holds_new.push(NewHold {
                         account: e.acct.clone(),
                         id: hold.clone(),
@@ -197,6 +204,7 @@ impl Batch {
                         fp: fp.clone().unwrap_or_default(),
                         auth_result: e.result.to_string(),
                         created: e.at,
+                        settled: None,
                     });
                 }
             }
@@ -207,14 +215,18 @@ impl Batch {
                         "release" => "released",
                         _ => "expired",
                     };
-                    self.holds_settled.push((
-                        e.acct.clone(),
-                        hold.clone(),
-                        status.to_string(),
-                        e.result.to_string(),
-                        e.fp.clone(),
-                        e.at,
-                    ));
+                    let settled = (status.to_string(), e.result.to_string(), e.fp.clone(), e.at);
+                    match self.holds_new_at.get(&(e.acct.clone(), hold.clone())) {
+                        Some(&i) => self.holds_new[i].settled = Some(settled),
+                        None => self.holds_settled.push((
+                            e.acct.clone(),
+                            hold.clone(),
+                            settled.0,
+                            settled.1,
+                            settled.2,
+                            settled.3,
+                        )),
+                    }
                 }
             }
             _ => {}
@@ -364,6 +376,12 @@ impl Batch {
                 Vec::with_capacity(n),
                 Vec::with_capacity(n),
             );
+            let (mut st, mut res, mut sfp, mut rat) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
             for h in by_id.into_values() {
                 a.push(h.account);
                 id.push(h.id);
@@ -374,16 +392,26 @@ impl Batch {
                 f.push(h.fp);
                 ar.push(h.auth_result);
                 at.push(h.created);
+                let (s1, s2, s3, s4) = match h.settled {
+                    Some((s1, s2, s3, s4)) => (s1, Some(s2), s3, Some(s4)),
+                    None => ("open".to_string(), None, None, None),
+                };
+                st.push(s1);
+                res.push(s2);
+                sfp.push(s3);
+                rat.push(s4);
             }
             sqlx::query(
-                "INSERT INTO holds (account_id, id, key_id, status, credit, expires_at, record, fp, auth_result, created_at)
-                 SELECT a, id, k, 'open', c, e, r::jsonb, f, ar::jsonb, at
+                "INSERT INTO holds (account_id, id, key_id, status, credit, expires_at, record, fp, auth_result, created_at,
+                   result, settle_fp, resolved_at)
+                 SELECT a, id, k, st, c, e, r::jsonb, f, ar::jsonb, at, res::jsonb, sfp, rat
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[],
-                   $7::text[], $8::text[], $9::int8[]) AS t(a, id, k, c, e, r, f, ar, at)
-                 ON CONFLICT (account_id, id) DO UPDATE SET key_id = EXCLUDED.key_id, status = 'open',
+                   $7::text[], $8::text[], $9::int8[], $10::text[], $11::text[], $12::text[], $13::int8[])
+                   AS t(a, id, k, c, e, r, f, ar, at, st, res, sfp, rat)
+                 ON CONFLICT (account_id, id) DO UPDATE SET key_id = EXCLUDED.key_id, status = EXCLUDED.status,
                    credit = EXCLUDED.credit, expires_at = EXCLUDED.expires_at, record = EXCLUDED.record,
                    fp = EXCLUDED.fp, auth_result = EXCLUDED.auth_result, created_at = EXCLUDED.created_at,
-                   result = NULL, settle_fp = NULL, resolved_at = NULL",
+                   result = EXCLUDED.result, settle_fp = EXCLUDED.settle_fp, resolved_at = EXCLUDED.resolved_at",
             )
             .bind(a)
             .bind(id)
@@ -394,6 +422,10 @@ impl Batch {
             .bind(f)
             .bind(ar)
             .bind(at)
+            .bind(st)
+            .bind(res)
+            .bind(sfp)
+            .bind(rat)
             .execute(&mut *tx)
             .await?;
         }
@@ -519,25 +551,29 @@ impl Batch {
         for chunk in holds.chunks(LITE_ROWS_PER_INSERT) {
             let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO holds (account_id, id, key_id, status, credit, expires_at, record, fp,
-                    auth_result, created_at) ",
+                    auth_result, created_at, result, settle_fp, resolved_at) ",
             );
             q.push_values(chunk, |mut b, h| {
+                let settled = h.settled.as_ref();
                 b.push_bind(&h.account)
                     .push_bind(&h.id)
                     .push_bind(&h.key)
-                    .push_bind("open")
+                    .push_bind(settled.map_or("open", |s| s.0.as_str()))
                     .push_bind(h.credit)
                     .push_bind(h.expires)
                     .push_bind(&h.record)
                     .push_bind(&h.fp)
                     .push_bind(&h.auth_result)
-                    .push_bind(h.created);
+                    .push_bind(h.created)
+                    .push_bind(settled.map(|s| s.1.as_str()))
+                    .push_bind(settled.and_then(|s| s.2.as_deref()))
+                    .push_bind(settled.map(|s| s.3));
             });
             q.push(
-                " ON CONFLICT (account_id, id) DO UPDATE SET key_id = excluded.key_id, status = 'open',
+                " ON CONFLICT (account_id, id) DO UPDATE SET key_id = excluded.key_id, status = excluded.status,
                    credit = excluded.credit, expires_at = excluded.expires_at, record = excluded.record,
                    fp = excluded.fp, auth_result = excluded.auth_result, created_at = excluded.created_at,
-                   result = NULL, settle_fp = NULL, resolved_at = NULL",
+                   result = excluded.result, settle_fp = excluded.settle_fp, resolved_at = excluded.resolved_at",
             );
             q.build().execute(&mut *tx).await?;
         }
