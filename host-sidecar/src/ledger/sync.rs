@@ -85,9 +85,6 @@ struct GrantInfo {
 /// Rows per INSERT into the SQLite ledger (20 columns: well under SQLite's 32,766 parameters).
 const LITE_ROWS_PER_INSERT: usize = 200;
 
-/// How many shards one worker applies concurrently (each holds one PostgreSQL connection).
-const SHARDS_AT_ONCE: usize = 4;
-
 /// A stream entry id `ms-seq`, ordered numerically.
 pub fn parse_stream_id(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
@@ -124,6 +121,8 @@ type Seen = Arc<Vec<Mutex<Option<(String, String)>>>>;
 #[derive(Default)]
 struct Batch {
     event_id: Vec<String>,
+    /// The shard each row came from (one batch may carry several shards' events).
+    shard: Vec<i32>,
     account: Vec<String>,
     key: Vec<Option<String>>,
     kind: Vec<String>,
@@ -165,7 +164,7 @@ impl Batch {
             + u64::from(!self.holds_settled.is_empty())
     }
 
-    fn push(&mut self, event_id: String, e: Event) {
+    fn push(&mut self, event_id: String, shard: i32, e: Event) {
         for (scope, meter, period, delta, end) in &e.u {
             let k = (e.acct.clone(), scope.clone(), meter.clone(), period.clone());
             let slot = self.usage_delta.entry(k).or_insert((0, *end));
@@ -235,6 +234,7 @@ impl Batch {
             self.grant_new.push((e.acct.clone(), g, e.at));
         }
         self.event_id.push(event_id);
+        self.shard.push(shard);
         self.account.push(e.acct);
         self.key.push(e.key);
         self.kind.push(e.t);
@@ -255,22 +255,22 @@ impl Batch {
         self.at.push(e.at);
     }
 
-    async fn write_pg(self, tx: &mut sqlx::PgConnection, shard: i32) -> Result<(), sqlx::Error> {
+    async fn write_pg(self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO ledger (event_id, shard, account_id, key_id, kind, idem_key, hold_id, fp,
                 credit, shortfall, meters, usage, grants, expired, route, model, resource, result, at,
                 correlation_id)
-             SELECT e, $2, a, k, t, i, h, f, c, s, m::jsonb, u::jsonb, g::jsonb, x::jsonb, r, md,
+             SELECT e, sh, a, k, t, i, h, f, c, s, m::jsonb, u::jsonb, g::jsonb, x::jsonb, r, md,
                 rs::jsonb, res::jsonb, to_timestamp(at / 1000.0), cid
-             FROM UNNEST($1::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+             FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                 $8::text[], $9::int8[], $10::int8[], $11::text[], $12::text[], $13::text[],
                 $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::int8[],
                 $20::text[])
-               AS t(e, a, k, t, i, h, f, c, s, m, u, g, x, r, md, rs, res, at, cid)
+               AS t(e, sh, a, k, t, i, h, f, c, s, m, u, g, x, r, md, rs, res, at, cid)
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(&self.event_id)
-        .bind(shard)
+        .bind(&self.shard)
         .bind(&self.account)
         .bind(&self.key)
         .bind(&self.kind)
@@ -461,11 +461,7 @@ impl Batch {
 
 impl Batch {
     /// The same rows as [`Batch::write_pg`], for the embedded SQLite ledger.
-    async fn write_lite(
-        self,
-        tx: &mut sqlx::SqliteConnection,
-        shard: i32,
-    ) -> Result<(), sqlx::Error> {
+    async fn write_lite(self, tx: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
         // Many rows per statement: each statement is a round trip to SQLite's worker thread.
         let rows: Vec<usize> = (0..self.event_id.len()).collect();
         for chunk in rows.chunks(LITE_ROWS_PER_INSERT) {
@@ -476,7 +472,7 @@ impl Batch {
             );
             q.push_values(chunk, |mut b, &i| {
                 b.push_bind(&self.event_id[i])
-                    .push_bind(shard)
+                    .push_bind(self.shard[i])
                     .push_bind(&self.account[i])
                     .push_bind(&self.key[i])
                     .push_bind(&self.kind[i])
@@ -597,30 +593,85 @@ impl Batch {
 
 /// What applying a batch needs from a ledger connection, per database.
 trait BatchTarget {
-    /// Whether this transaction may apply the shard now (false: another sidecar is at it).
-    async fn lock_shard(&mut self, key: i64) -> Result<bool, sqlx::Error>;
-    async fn apply(&mut self, batch: Batch, shard: i32) -> Result<(), sqlx::Error>;
+    /// The shards of `keys` (shard, lock key) this transaction may apply now (the others:
+    /// another sidecar is at them).
+    async fn lock_shards(&mut self, keys: &[(u32, i64)]) -> Result<Vec<u32>, sqlx::Error>;
+    async fn apply(&mut self, batch: Batch) -> Result<(), sqlx::Error>;
+    /// Moves the cursors of `done` (shard, epoch, last id applied).
+    async fn save_cursors(
+        &mut self,
+        prefix: &str,
+        done: &[(u32, String, String)],
+    ) -> Result<(), sqlx::Error>;
 }
 
 impl BatchTarget for sqlx::PgConnection {
-    async fn lock_shard(&mut self, key: i64) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(key)
-            .fetch_one(self)
-            .await
+    async fn lock_shards(&mut self, keys: &[(u32, i64)]) -> Result<Vec<u32>, sqlx::Error> {
+        let (shards, locks): (Vec<i32>, Vec<i64>) =
+            keys.iter().map(|(s, k)| (*s as i32, *k)).unzip();
+        let got: Vec<i32> = sqlx::query_scalar(
+            "SELECT s FROM UNNEST($1::int4[], $2::int8[]) AS t(s, k) WHERE pg_try_advisory_xact_lock(k)",
+        )
+        .bind(shards)
+        .bind(locks)
+        .fetch_all(self)
+        .await?;
+        Ok(got.into_iter().map(|s| s as u32).collect())
     }
-    async fn apply(&mut self, batch: Batch, shard: i32) -> Result<(), sqlx::Error> {
-        batch.write_pg(self, shard).await
+    async fn apply(&mut self, batch: Batch) -> Result<(), sqlx::Error> {
+        batch.write_pg(self).await
+    }
+    async fn save_cursors(
+        &mut self,
+        prefix: &str,
+        done: &[(u32, String, String)],
+    ) -> Result<(), sqlx::Error> {
+        let shards: Vec<i32> = done.iter().map(|d| d.0 as i32).collect();
+        let epochs: Vec<&str> = done.iter().map(|d| d.1.as_str()).collect();
+        let lasts: Vec<&str> = done.iter().map(|d| d.2.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO sync_cursor (prefix, shard, epoch, last_id)
+             SELECT $1, s, e, l FROM UNNEST($2::int4[], $3::text[], $4::text[]) AS t(s, e, l)
+             ON CONFLICT (prefix, shard) DO UPDATE SET epoch = EXCLUDED.epoch, last_id = EXCLUDED.last_id,
+               updated_at = CURRENT_TIMESTAMP",
+        )
+        .bind(prefix)
+        .bind(shards)
+        .bind(epochs)
+        .bind(lasts)
+        .execute(self)
+        .await?;
+        Ok(())
     }
 }
 
 impl BatchTarget for sqlx::SqliteConnection {
     /// One sidecar per SQLite file; within it, [`Ledger::write_lock`] serializes the writers.
-    async fn lock_shard(&mut self, _key: i64) -> Result<bool, sqlx::Error> {
-        Ok(true)
+    async fn lock_shards(&mut self, keys: &[(u32, i64)]) -> Result<Vec<u32>, sqlx::Error> {
+        Ok(keys.iter().map(|k| k.0).collect())
     }
-    async fn apply(&mut self, batch: Batch, shard: i32) -> Result<(), sqlx::Error> {
-        batch.write_lite(self, shard).await
+    async fn apply(&mut self, batch: Batch) -> Result<(), sqlx::Error> {
+        batch.write_lite(self).await
+    }
+    async fn save_cursors(
+        &mut self,
+        prefix: &str,
+        done: &[(u32, String, String)],
+    ) -> Result<(), sqlx::Error> {
+        for (shard, epoch, last) in done {
+            sqlx::query(
+                "INSERT INTO sync_cursor (prefix, shard, epoch, last_id) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (prefix, shard) DO UPDATE SET epoch = $3, last_id = $4,
+                   updated_at = CURRENT_TIMESTAMP",
+            )
+            .bind(prefix)
+            .bind(*shard as i32)
+            .bind(epoch)
+            .bind(last)
+            .execute(&mut *self)
+            .await?;
+        }
+        Ok(())
     }
 }
 
@@ -753,6 +804,15 @@ impl SyncWorker {
     /// Applies up to one batch of the shard's outbox. Returns how many events were applied (0
     /// when there was nothing new or another sidecar holds the shard).
     pub async fn sync_shard(&self, shard: u32) -> Result<usize, SyncError> {
+        match self.probe(shard).await? {
+            Some(epoch) => Ok(self.sync_shards(&[(shard, epoch)], self.batch).await?.0),
+            None => Ok(0),
+        }
+    }
+
+    /// The shard's epoch when it may have entries this process has not seen applied; `None`
+    /// when it has nothing new (one cheap read).
+    async fn probe(&self, shard: u32) -> Result<Option<String>, SyncError> {
         let epoch = self.epoch(shard).await?;
         let seen = self.seen[shard as usize]
             .lock()
@@ -760,83 +820,111 @@ impl SyncWorker {
             .unwrap_or(None);
         if let Some((e, last)) = &seen {
             if *e == epoch && self.read(shard, last, 1).await?.is_empty() {
-                return Ok(0);
+                return Ok(None);
             }
         }
+        Ok(Some(epoch))
+    }
+
+    /// Applies up to `per_shard` events of each of `want` (shard, epoch) in **one** ledger
+    /// transaction: under load a pass writes every shard's events with a handful of statements
+    /// and one commit, instead of as many transactions as shards. Returns the events applied and
+    /// whether some shard had more than `per_shard`.
+    async fn sync_shards(
+        &self,
+        want: &[(u32, String)],
+        per_shard: usize,
+    ) -> Result<(usize, bool), SyncError> {
+        use futures::future::join_all;
+        let prefix = self.ledger.prefix().to_string();
         let _writer = self.ledger.write_lock().await;
-        let applied = on_db!(self.ledger.db(), p => {
+        let keys: Vec<(u32, i64)> = want
+            .iter()
+            .map(|(s, _)| (*s, lock_key(&prefix, *s)))
+            .collect();
+        let outcome = on_db!(self.ledger.db(), p => {
             let mut tx = p.begin_write().await?;
-            if !tx.lock_shard(lock_key(self.ledger.prefix(), shard)).await? {
-                return Ok(0);
-            }
-            let row: Option<(String, String)> = sqlx::query_as(
-                "SELECT epoch, last_id FROM sync_cursor WHERE prefix = $1 AND shard = $2",
+            let locked = tx.lock_shards(&keys).await?;
+            let cursors: Vec<(i32, String, String)> = sqlx::query_as(
+                "SELECT shard, epoch, last_id FROM sync_cursor WHERE prefix = $1",
             )
-            .bind(self.ledger.prefix())
-            .bind(shard as i32)
-            .fetch_optional(&mut *tx)
+            .bind(&prefix)
+            .fetch_all(&mut *tx)
             .await?;
-            // A different epoch means Redis lost the stream: the new one is read from its start.
-            let start = match row {
-                Some((e, last)) if e == epoch => last,
-                _ => "0-0".to_string(),
-            };
-            let entries = self.read(shard, &start, self.batch).await?;
-            // Redis lost its state between reading the epoch and the entries: they may be the
-            // new stream's, which must not be labelled with the old epoch (the next pass would
-            // apply them again under the new one). Apply nothing this pass.
-            if !entries.is_empty() && self.epoch(shard).await? != epoch {
-                tx.rollback().await?;
-                return Ok(0);
-            }
-            match entries.last().map(|(id, _)| id.clone()) {
-                None => {
-                    tx.commit().await?;
-                    // begin, lock, cursor, commit
-                    self.metrics.ledger_round_trips.add(4);
-                    Err(start)
-                }
-                Some(last) => {
-                    let n = entries.len();
-                    let batch = self.batch_of(shard, &epoch, entries);
-                    // begin, lock, cursor, the batch, cursor update, commit
-                    self.metrics.ledger_round_trips.add(5 + batch.statements());
-                    tx.apply(batch, shard as i32).await?;
-                    sqlx::query(
-                        "INSERT INTO sync_cursor (prefix, shard, epoch, last_id) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (prefix, shard) DO UPDATE SET epoch = $3, last_id = $4,
-                           updated_at = CURRENT_TIMESTAMP",
-                    )
-                    .bind(self.ledger.prefix())
-                    .bind(shard as i32)
-                    .bind(&epoch)
-                    .bind(&last)
-                    .execute(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    Ok((n, last))
-                }
-            }
-        });
-        let (n, last) = match applied {
-            Ok(done) => done,
-            Err(start) => {
-                self.remember(shard, epoch, start);
-                return Ok(0);
-            }
-        };
-        self.metrics.sync_events.add(n as u64);
-        // Only now that the rows are durable may the stream forget them.
-        let (ms, seq) = parse_stream_id(&last);
-        let mut conn = self.redis.conn();
-        let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
-            .arg(self.redis.keys.outbox(shard))
-            .arg("MINID")
-            .arg(format!("{ms}-{}", seq + 1))
-            .query_async(&mut conn)
+            // Each locked shard from its cursor; a different epoch means Redis lost the stream:
+            // the new one is read from its start.
+            let starts: Vec<(u32, String, String)> = want
+                .iter()
+                .filter(|(s, _)| locked.contains(s))
+                .map(|(s, epoch)| {
+                    let start = cursors
+                        .iter()
+                        .find(|c| c.0 == *s as i32 && c.1 == *epoch)
+                        .map_or_else(|| "0-0".to_string(), |c| c.2.clone());
+                    (*s, epoch.clone(), start)
+                })
+                .collect();
+            let reads = join_all(starts.iter().map(|(s, epoch, start)| async move {
+                let entries = self.read(*s, start, per_shard).await?;
+                // Redis lost its state between reading the epoch and the entries: they may be
+                // the new stream's, which must not be labelled with the old epoch (the next pass
+                // would apply them again under the new one). Skip the shard this pass.
+                let same = entries.is_empty() || self.epoch(*s).await? == *epoch;
+                Ok::<_, SyncError>((entries, same))
+            }))
             .await;
-        self.remember(shard, epoch, last);
-        Ok(n)
+            let mut batch = Batch::default();
+            let (mut done, mut idle, mut full, mut n) = (Vec::new(), Vec::new(), false, 0);
+            for ((s, epoch, start), read) in starts.into_iter().zip(reads) {
+                let (entries, same) = read?;
+                match entries.last().map(|(id, _)| id.clone()) {
+                    None => idle.push((s, epoch, start)),
+                    Some(_) if !same => {}
+                    Some(last) => {
+                        full |= entries.len() >= per_shard;
+                        n += entries.len();
+                        self.fill(&mut batch, s, &epoch, entries);
+                        done.push((s, epoch, last));
+                    }
+                }
+            }
+            if done.is_empty() {
+                tx.commit().await?;
+                // begin, lock, cursors, commit
+                self.metrics.ledger_round_trips.add(4);
+            } else {
+                // begin, lock, cursors, the batch, cursor update, commit
+                self.metrics.ledger_round_trips.add(5 + batch.statements());
+                tx.apply(batch).await?;
+                tx.save_cursors(&prefix, &done).await?;
+                tx.commit().await?;
+            }
+            Ok::<_, SyncError>((done, idle, full, n))
+        });
+        let (done, idle, full, n) = outcome?;
+        for (s, epoch, start) in idle {
+            self.remember(s, epoch, start);
+        }
+        if n == 0 {
+            return Ok((0, false));
+        }
+        self.metrics.sync_events.add(n as u64);
+        // Only now that the rows are durable may the streams forget them.
+        join_all(done.iter().map(|(s, _, last)| async move {
+            let (ms, seq) = parse_stream_id(last);
+            let mut conn = self.redis.conn();
+            let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
+                .arg(self.redis.keys.outbox(*s))
+                .arg("MINID")
+                .arg(format!("{ms}-{}", seq + 1))
+                .query_async(&mut conn)
+                .await;
+        }))
+        .await;
+        for (s, epoch, last) in done {
+            self.remember(s, epoch, last);
+        }
+        Ok((n, full))
     }
 
     /// Writes every entry of every shard's outbox into the ledger inside `tx` (event ids
@@ -865,17 +953,21 @@ impl SyncWorker {
                     touched.push((acct, hold));
                 }
             }
-            self.batch_of(shard, label, entries)
-                .write_pg(tx, shard as i32)
-                .await?;
+            self.batch_of(shard, label, entries).write_pg(tx).await?;
         }
         Ok(touched)
     }
 
     /// Parses a shard's outbox entries into one batch of ledger rows.
     fn batch_of(&self, shard: u32, epoch: &str, entries: Entries) -> Batch {
-        let now = self.clock.now_ms() as i64;
         let mut batch = Batch::default();
+        self.fill(&mut batch, shard, epoch, entries);
+        batch
+    }
+
+    /// Adds a shard's outbox entries to `batch`.
+    fn fill(&self, batch: &mut Batch, shard: u32, epoch: &str, entries: Entries) {
+        let now = self.clock.now_ms() as i64;
         for (id, fields) in entries {
             let payload = fields
                 .chunks(2)
@@ -886,7 +978,7 @@ impl SyncWorker {
                     self.metrics
                         .sync_lag_ms
                         .observe((now - ev.at).max(0) as u64);
-                    batch.push(format!("{epoch}:{id}"), ev);
+                    batch.push(format!("{epoch}:{id}"), shard as i32, ev);
                 }
                 // Scripts are the only writers; an unreadable entry is a bug. Keep it out of
                 // the ledger but count it loudly rather than blocking the shard forever.
@@ -896,7 +988,6 @@ impl SyncWorker {
                 }
             }
         }
-        batch
     }
 
     fn remember(&self, shard: u32, epoch: String, last: String) {
@@ -905,25 +996,32 @@ impl SyncWorker {
         }
     }
 
-    /// One pass over every shard; returns the number of events applied. Shards are independent
-    /// streams with their own cursors, so a few are applied at once: while one waits on
-    /// PostgreSQL, another reads Redis.
+    /// One pass over every shard; returns the number of events applied. The shards with news
+    /// (probed at once) are applied together, in one ledger transaction per round.
     pub async fn sync_all(&self) -> Result<usize, SyncError> {
-        use futures::stream::{self, StreamExt, TryStreamExt};
-        stream::iter(0..self.redis.keys.shards())
-            .map(|shard| async move {
-                let mut total = 0;
-                loop {
-                    let n = self.sync_shard(shard).await?;
-                    total += n;
-                    if n < self.batch {
-                        return Ok::<usize, SyncError>(total);
-                    }
-                }
-            })
-            .buffer_unordered(SHARDS_AT_ONCE)
-            .try_fold(0, |acc, n| async move { Ok(acc + n) })
-            .await
+        use futures::future::join_all;
+        let probes = join_all(
+            (0..self.redis.keys.shards())
+                .map(|s| async move { self.probe(s).await.map(|e| e.map(|e| (s, e))) }),
+        )
+        .await;
+        let mut want = Vec::new();
+        for p in probes {
+            want.extend(p?);
+        }
+        if want.is_empty() {
+            return Ok(0);
+        }
+        // A round carries at most about `batch` events over all of them.
+        let per_shard = (self.batch / want.len()).max(64);
+        let mut total = 0;
+        loop {
+            let (n, full) = self.sync_shards(&want, per_shard).await?;
+            total += n;
+            if !full {
+                return Ok(total);
+            }
+        }
     }
 
     /// Outbox entries not yet in the ledger, over all shards (applied entries are trimmed).
