@@ -1,7 +1,13 @@
 //! Who is calling: API keys and accounts, read from PostgreSQL and cached in memory so the hot
 //! path never waits on the database.
 //!
-//! An entry is fresh for `server.account_cache_ttl_ms`. After that it is still served while one
+//! An entry is fresh for `server.account_cache_ttl_ms` when it records an absence (an unknown
+//! key or account), and [`KNOWN_FACTOR`] times that when it holds a row: every change to an
+//! account, its plan or its keys bumps the account's version, which every decision checks in
+//! Redis (the script answers `stale`, and the entry is dropped and read again), so the TTL of a
+//! known entry only bounds how long read routes may see an old row — and re-reading every
+//! account and key once a second was, under load, most of PostgreSQL's work (`perf`, issue 15).
+//! After that it is still served while one
 //! background task re-reads it (stale-while-revalidate), so a busy key never pays a database
 //! round trip on the request path; an entry older than [`STALE_FACTOR`] × TTL is re-read inline.
 //! Unknown keys are cached too (negatively), so a flood of bad keys does not reach PostgreSQL.
@@ -36,6 +42,9 @@ const MAX_ENTRIES: usize = 200_000;
 
 /// How many TTLs a stale entry may still be served while it is refreshed in the background.
 const STALE_FACTOR: u32 = 10;
+
+/// How many TTLs an entry that holds a row stays fresh (see the module's header).
+const KNOWN_FACTOR: u32 = 30;
 
 /// A cached lookup: when it was read, what it found (None = known absent), and whether a
 /// refresh is under way.
@@ -73,12 +82,17 @@ impl<K: Eq + Hash + Clone + Send + 'static, V: Send + Sync + 'static> Cache<K, V
             return Lookup::Miss;
         };
         let age = e.at.elapsed();
-        if age < self.ttl {
+        let ttl = if e.value.is_some() {
+            self.ttl * KNOWN_FACTOR
+        } else {
+            self.ttl
+        };
+        if age < ttl {
             Lookup::Fresh(e.value.clone())
-        } else if age < self.ttl * STALE_FACTOR && !e.refreshing {
+        } else if age < ttl * STALE_FACTOR && !e.refreshing {
             e.refreshing = true;
             Lookup::Stale(e.value.clone())
-        } else if age < self.ttl * STALE_FACTOR {
+        } else if age < ttl * STALE_FACTOR {
             Lookup::Fresh(e.value.clone())
         } else {
             Lookup::Miss
