@@ -11,6 +11,8 @@
 //! --trusted (a trusted caller's requests: a bare account and keys of its own, each looked up in
 //! the ledger first; default: the filter's, an API key and a `tg-` key of the filter's making)
 //! --min-gap-ms N (sync.min_gap_ms)
+//! --soak [--soak-minutes N (10)]: the exact maximum, then N minutes at half of it, a row per
+//! minute (pairs/s, p99s, Redis memory); `./tg bench soak` runs it with a 60 s replay window
 //! --window N (server.replay_window_secs for the run, 10: the bytes after the window are
 //! measured by waiting it out twice; the projection uses the default, 600)
 //! --ack-after-ledger (sync.ack_after_ledger: every answer waits for its ledger write)
@@ -65,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
     let authorize_only = std::env::args().any(|a| a == "--authorize-only");
     let ack_after_ledger = std::env::args().any(|a| a == "--ack-after-ledger");
     let trusted = std::env::args().any(|a| a == "--trusted");
+    let soak = std::env::args().any(|a| a == "--soak");
     let window = arg("--window", 10).max(10);
     let redis_url =
         std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
@@ -115,90 +118,25 @@ async fn main() -> anyhow::Result<()> {
     let mut rc = redis_client.get_multiplexed_async_connection().await?;
     let (_, bytes_before) = keyspace_bytes(&mut rc, &run).await;
 
+    let api_keys = Arc::new(api_keys);
+    let load = Load {
+        engine: engine.clone(),
+        api_keys: api_keys.clone(),
+        accounts,
+        concurrency,
+        trusted,
+        authorize_only,
+    };
+    if soak {
+        let minutes = arg("--soak-minutes", 10);
+        return run_soak(&load, minutes, rate, &redis_url, &run, &pg).await;
+    }
+
     eprintln!("running {seconds}s with {concurrency} concurrent callers ...");
     let commands_before = tollgate_sidecar::store::commands_processed(&redis_url).await;
     let round_trips_before = engine.metrics.ledger_round_trips.get();
-    let api_keys = Arc::new(api_keys);
-    let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for t in 0..concurrency {
-        let engine = engine.clone();
-        let api_keys = api_keys.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut auth_us, mut commit_us, mut errors) = (Vec::new(), Vec::new(), 0u64);
-            let mut i = 0u64;
-            // Paced runs: each caller offers rate/concurrency pairs per second.
-            // Callers start spread over one period so their requests do not arrive in bursts.
-            let period = Duration::from_secs_f64(concurrency as f64 / rate.max(1) as f64);
-            let mut pace = (rate > 0).then(|| {
-                let first =
-                    tokio::time::Instant::now() + period.mul_f64(t as f64 / concurrency as f64);
-                tokio::time::interval_at(first, period)
-            });
-            while Instant::now() < deadline {
-                if let Some(p) = pace.as_mut() {
-                    p.tick().await;
-                }
-                let n = ((t as u64 * 7919 + i) % accounts as u64) as usize;
-                i += 1;
-                // The filter's request (its key and one of its own unguessable decision keys), or
-                // a trusted caller's.
-                let (account, api_key, idem) = if trusted {
-                    (Some(format!("a{n}")), None, format!("t{t}-{i}"))
-                } else {
-                    (None, Some(api_keys[n].clone()), format!("tg-{t}-{i}"))
-                };
-                let req = SpendRequest {
-                    account,
-                    api_key,
-                    idempotency_key: idem,
-                    route: "default".into(),
-                    meters: [("requests".to_string(), 1), ("tokens".to_string(), 500)]
-                        .into_iter()
-                        .collect(),
-                    ..Default::default()
-                };
-                let t0 = Instant::now();
-                let d = match engine.authorize(req).await {
-                    Ok((d, _)) => d,
-                    Err(_) => {
-                        errors += 1;
-                        continue;
-                    }
-                };
-                auth_us.push(t0.elapsed().as_micros() as u64);
-                if authorize_only {
-                    continue;
-                }
-                let Some(hold_id) = d.hold_id else {
-                    errors += 1;
-                    continue;
-                };
-                let c = CommitRequest {
-                    hold_id,
-                    route: Some("default".into()),
-                    meters: [("requests".to_string(), 1), ("tokens".to_string(), 321)]
-                        .into_iter()
-                        .collect(),
-                    ..Default::default()
-                };
-                let t1 = Instant::now();
-                match engine.commit(c).await {
-                    Ok(_) => commit_us.push(t1.elapsed().as_micros() as u64),
-                    Err(_) => errors += 1,
-                }
-            }
-            (auth_us, commit_us, errors)
-        }));
-    }
-    let (mut auth, mut commit, mut errors) = (Vec::new(), Vec::new(), 0);
-    for t in tasks {
-        let (a, c, e) = t.await?;
-        auth.extend(a);
-        commit.extend(c);
-        errors += e;
-    }
+    let (auth, commit, errors) = load.run(seconds, rate, 0).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let commands = tollgate_sidecar::store::commands_processed(&redis_url)
         .await
@@ -212,8 +150,6 @@ async fn main() -> anyhow::Result<()> {
     let t_drain = Instant::now();
     while engine.sync.sync_all().await? > 0 {}
     let drain_ms = t_drain.elapsed().as_millis();
-    auth.sort_unstable();
-    commit.sort_unstable();
     let pairs = commit.len() as f64;
     let lag = engine.metrics.sync_lag_ms.quantiles(&[0.5, 0.99]);
     let rows: i64 = match engine.ledger.db() {
@@ -316,23 +252,7 @@ async fn main() -> anyhow::Result<()> {
     println!("| peak RSS of the benchmark process ({accounts} accounts) | {peak} |");
 
     // Leave nothing behind: drop the run's keys and database.
-    let client = redis::Client::open(redis_url.as_str())?;
-    let mut c = client.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{run}:*"))
-        .query_async(&mut c)
-        .await?;
-    for chunk in keys.chunks(1000) {
-        let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut c).await?;
-    }
-    engine.ledger.close().await;
-    let admin = sqlx::PgPool::connect(&format!("{pg}/postgres")).await?;
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS tollgate_{run} WITH (FORCE)"
-    ))
-    .execute(&admin)
-    .await?;
-    Ok(())
+    cleanup(&load, &redis_url, &run, &pg).await
 }
 
 /// Keys under `prefix` and the bytes Redis says they take (`MEMORY USAGE`, sampled exactly).
@@ -366,4 +286,217 @@ async fn keyspace_bytes(c: &mut redis::aio::MultiplexedConnection, prefix: &str)
             return (keys, bytes);
         }
     }
+}
+
+/// One load: `concurrency` callers, each an authorize then (unless authorize-only) a commit, on
+/// accounts in turn, for `seconds`, paced at `rate` pairs/s in all (0: unpaced).
+struct Load {
+    engine: Arc<tollgate_sidecar::engine::Engine>,
+    api_keys: Arc<Vec<String>>,
+    accounts: usize,
+    concurrency: usize,
+    trusted: bool,
+    authorize_only: bool,
+}
+
+type Latencies = (Vec<u64>, Vec<u64>, u64);
+
+impl Load {
+    /// Authorize and commit latencies (µs) and the errors. `round` keeps the idempotency keys
+    /// of successive loads apart.
+    async fn run(&self, seconds: u64, rate: u64, round: u64) -> anyhow::Result<Latencies> {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = Vec::new();
+        let concurrency = self.concurrency;
+        for t in 0..concurrency {
+            let engine = self.engine.clone();
+            let api_keys = self.api_keys.clone();
+            let (accounts, trusted, authorize_only) =
+                (self.accounts, self.trusted, self.authorize_only);
+            tasks.push(tokio::spawn(async move {
+                let (mut auth_us, mut commit_us, mut errors) = (Vec::new(), Vec::new(), 0u64);
+                let mut i = 0u64;
+                // Paced runs: each caller offers rate/concurrency pairs per second.
+                // Callers start spread over one period so their requests do not arrive in bursts.
+                let period = Duration::from_secs_f64(concurrency as f64 / rate.max(1) as f64);
+                let mut pace = (rate > 0).then(|| {
+                    let first =
+                        tokio::time::Instant::now() + period.mul_f64(t as f64 / concurrency as f64);
+                    tokio::time::interval_at(first, period)
+                });
+                while Instant::now() < deadline {
+                    if let Some(p) = pace.as_mut() {
+                        p.tick().await;
+                    }
+                    let n = ((t as u64 * 7919 + i) % accounts as u64) as usize;
+                    i += 1;
+                    // The filter's request (its key and one of its own unguessable decision
+                    // keys), or a trusted caller's.
+                    let (account, api_key, idem) = if trusted {
+                        (Some(format!("a{n}")), None, format!("t{round}-{t}-{i}"))
+                    } else {
+                        (
+                            None,
+                            Some(api_keys[n].clone()),
+                            format!("tg-{round}-{t}-{i}"),
+                        )
+                    };
+                    let req = SpendRequest {
+                        account,
+                        api_key,
+                        idempotency_key: idem,
+                        route: "default".into(),
+                        meters: [("requests".to_string(), 1), ("tokens".to_string(), 500)]
+                            .into_iter()
+                            .collect(),
+                        ..Default::default()
+                    };
+                    let t0 = Instant::now();
+                    let d = match engine.authorize(req).await {
+                        Ok((d, _)) => d,
+                        Err(_) => {
+                            errors += 1;
+                            continue;
+                        }
+                    };
+                    auth_us.push(t0.elapsed().as_micros() as u64);
+                    if authorize_only {
+                        continue;
+                    }
+                    let Some(hold_id) = d.hold_id else {
+                        errors += 1;
+                        continue;
+                    };
+                    let c = CommitRequest {
+                        hold_id,
+                        route: Some("default".into()),
+                        meters: [("requests".to_string(), 1), ("tokens".to_string(), 321)]
+                            .into_iter()
+                            .collect(),
+                        ..Default::default()
+                    };
+                    let t1 = Instant::now();
+                    match engine.commit(c).await {
+                        Ok(_) => commit_us.push(t1.elapsed().as_micros() as u64),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (auth_us, commit_us, errors)
+            }));
+        }
+        let (mut auth, mut commit, mut errors) = (Vec::new(), Vec::new(), 0);
+        for t in tasks {
+            let (a, c, e) = t.await?;
+            auth.extend(a);
+            commit.extend(c);
+            errors += e;
+        }
+        auth.sort_unstable();
+        commit.sort_unstable();
+        Ok((auth, commit, errors))
+    }
+}
+
+/// `--soak`: the exact maximum (10 s unpaced, unless `--rate` is given), then `minutes` minutes
+/// at half of it, with each minute's throughput, p99s and Redis memory (`used_memory`, whole
+/// server) and key count. Flat memory and p99 from the second replay window on is the claim.
+async fn run_soak(
+    load: &Load,
+    minutes: u64,
+    rate: u64,
+    redis_url: &str,
+    run: &str,
+    pg: &str,
+) -> anyhow::Result<()> {
+    let client = redis::Client::open(redis_url)?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let rate = if rate > 0 {
+        rate
+    } else {
+        eprintln!("measuring the exact maximum (10 s unpaced) ...");
+        let (_, commit, _) = load.run(10, 0, 0).await?;
+        (commit.len() as u64 / 10 / 2).max(1)
+    };
+    let window = load.engine.cfg.server.replay_window_secs;
+    println!(
+        "tollgate-bench soak: {minutes} min at {rate} pairs/s (half the exact maximum), replay window {window} s, {} callers, {} accounts",
+        load.concurrency, load.accounts
+    );
+    println!("| minute | pairs/s | authorize p99 (µs) | commit p99 (µs) | errors | Redis used_memory (MB) | keys of the run |");
+    println!("|---|---|---|---|---|---|---|");
+    let (mem0, keys0) = redis_memory(&mut c, run).await;
+    println!("| start | | | | | {:.1} | {keys0} |", mem0 as f64 / 1e6);
+    for m in 1..=minutes {
+        let (auth, commit, errors) = load.run(60, rate, m).await?;
+        let (mem, keys) = redis_memory(&mut c, run).await;
+        println!(
+            "| {m} | {:.0} | {} | {} | {errors} | {:.1} | {keys} |",
+            commit.len() as f64 / 60.0,
+            pct(&auth, 0.99),
+            pct(&commit, 0.99),
+            mem as f64 / 1e6
+        );
+    }
+    cleanup(load, redis_url, run, pg).await
+}
+
+/// Redis's `used_memory` and how many keys the run has.
+async fn redis_memory(c: &mut redis::aio::MultiplexedConnection, run: &str) -> (u64, u64) {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(c)
+        .await
+        .unwrap_or_default();
+    let used = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let (keys, _) = keyspace_count(c, run).await;
+    (used, keys)
+}
+
+async fn keyspace_count(c: &mut redis::aio::MultiplexedConnection, prefix: &str) -> (u64, ()) {
+    let mut cursor: u64 = 0;
+    let mut keys = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = match redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(c)
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => return (keys, ()),
+        };
+        keys += batch.len() as u64;
+        cursor = next;
+        if cursor == 0 {
+            return (keys, ());
+        }
+    }
+}
+
+/// Drops the run's keys and database.
+async fn cleanup(load: &Load, redis_url: &str, run: &str, pg: &str) -> anyhow::Result<()> {
+    let client = redis::Client::open(redis_url)?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{run}:*"))
+        .query_async(&mut c)
+        .await?;
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut c).await?;
+    }
+    load.engine.ledger.close().await;
+    let admin = sqlx::PgPool::connect(&format!("{pg}/postgres")).await?;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS tollgate_{run} WITH (FORCE)"
+    ))
+    .execute(&admin)
+    .await?;
+    Ok(())
 }
