@@ -367,6 +367,46 @@ async fn cheats(backend: Backend) {
         )
         .await;
     assert_eq!(s, 409, "a later repeat too");
+    // Past the replay window Redis keeps nothing of it (its tombstone dropped here, as its
+    // bucket's expiry would): the key is then found in the ledger, and still refused, unserved
+    // and uncharged.
+    while w.engine.sync.sync_all().await.unwrap() > 0 {}
+    let e = &w.engine;
+    let hold = "idem/ik:order-1";
+    let field = tollgate_sidecar::store::keys::tomb_field(hold);
+    let (cur, prev, _) = e
+        .store
+        .keys
+        .tombs("idem", &field, e.clock.now_ms(), e.window_ms());
+    let mut conn = e.store.conn();
+    let dropped: i64 = redis::cmd("HDEL")
+        .arg(&cur)
+        .arg(&field)
+        .query_async::<i64>(&mut conn)
+        .await
+        .unwrap()
+        + redis::cmd("HDEL")
+            .arg(&prev)
+            .arg(&field)
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(dropped, 1, "the settled hold was a tombstone in Redis");
+    let (served, balance) = (w.mock.served(), w.balance("idem").await);
+    let (s, _) = w
+        .post(
+            "idem",
+            path,
+            &[("host", "pay.example"), ("idempotency-key", "order-1")],
+            &body,
+        )
+        .await;
+    assert_eq!(
+        s, 409,
+        "a repeat after the replay window, answered from the ledger"
+    );
+    assert_eq!(w.mock.served(), served);
+    assert_eq!(w.balance("idem").await, balance);
 
     // 4. Every spelling of the path is either charged as served or refused.
     for p in [
