@@ -191,6 +191,13 @@ conformance! {
         assert_eq!(rec, 0, "the record is gone once settled");
         let tomb = tomb.expect("a tombstone");
         assert!(tomb.starts_with("c|") && tomb.len() < 64, "{tomb}");
+        // Its bucket goes by itself: one to two windows from now (an hour-long grace for
+        // nothing, and no TTL at all, would each be a leak).
+        let field = tollgate_sidecar::store::keys::tomb_field(&hold);
+        let (bucket, _, _) = e.store.keys.tombs("acme", &field, e.clock.now_ms(), window);
+        let mut c = e.store.conn();
+        let pttl: i64 = redis::cmd("PTTL").arg(&bucket).query_async(&mut c).await.unwrap();
+        assert!(pttl > window as i64 && pttl <= 2 * window as i64 + 1000, "{pttl}");
 
         // Within the window both repeats are answered from the tombstone, and change nothing.
         let before = state(&env, "acme").await;
