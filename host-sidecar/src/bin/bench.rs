@@ -257,37 +257,43 @@ async fn main() -> anyhow::Result<()> {
     cleanup(&load, &redis_url, &run, &pg).await
 }
 
-/// Keys under `prefix` and the bytes Redis says they take (`MEMORY USAGE`, sampled exactly).
-async fn keyspace_bytes(c: &mut redis::aio::MultiplexedConnection, prefix: &str) -> (u64, u64) {
+/// Every key under `prefix` (SCAN, so a big key space does not block Redis).
+async fn run_keys(c: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
     let mut cursor: u64 = 0;
-    let (mut keys, mut bytes) = (0u64, 0u64);
+    let mut keys = Vec::new();
     loop {
-        let (next, batch): (u64, Vec<String>) = match redis::cmd("SCAN")
+        let Ok((next, batch)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
             .arg(format!("{prefix}:*"))
             .arg("COUNT")
-            .arg(1000)
+            .arg(5000)
             .query_async(c)
             .await
-        {
-            Ok(r) => r,
-            Err(_) => return (keys, bytes),
+        else {
+            return keys;
         };
-        if !batch.is_empty() {
-            let mut pipe = redis::pipe();
-            for k in &batch {
-                pipe.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
-            }
-            let sizes: Vec<Option<u64>> = pipe.query_async(c).await.unwrap_or_default();
-            keys += batch.len() as u64;
-            bytes += sizes.into_iter().flatten().sum::<u64>();
-        }
+        keys.extend(batch);
         cursor = next;
         if cursor == 0 {
-            return (keys, bytes);
+            return keys;
         }
     }
+}
+
+/// Keys under `prefix` and the bytes Redis says they take (`MEMORY USAGE`, sampled exactly).
+async fn keyspace_bytes(c: &mut redis::aio::MultiplexedConnection, prefix: &str) -> (u64, u64) {
+    let keys = run_keys(c, prefix).await;
+    let mut bytes = 0u64;
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+        }
+        let sizes: Vec<Option<u64>> = pipe.query_async(c).await.unwrap_or_default();
+        bytes += sizes.into_iter().flatten().sum::<u64>();
+    }
+    (keys.len() as u64, bytes)
 }
 
 /// One load: `concurrency` callers, each an authorize then (unless authorize-only) a commit, on
@@ -454,42 +460,14 @@ async fn redis_memory(c: &mut redis::aio::MultiplexedConnection, run: &str) -> (
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    let (keys, _) = keyspace_count(c, run).await;
-    (used, keys)
-}
-
-async fn keyspace_count(c: &mut redis::aio::MultiplexedConnection, prefix: &str) -> (u64, ()) {
-    let mut cursor: u64 = 0;
-    let mut keys = 0u64;
-    loop {
-        let (next, batch): (u64, Vec<String>) = match redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}:*"))
-            .arg("COUNT")
-            .arg(5000)
-            .query_async(c)
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => return (keys, ()),
-        };
-        keys += batch.len() as u64;
-        cursor = next;
-        if cursor == 0 {
-            return (keys, ());
-        }
-    }
+    (used, run_keys(c, run).await.len() as u64)
 }
 
 /// Drops the run's keys and database.
 async fn cleanup(load: &Load, redis_url: &str, run: &str, pg: &str) -> anyhow::Result<()> {
     let client = redis::Client::open(redis_url)?;
     let mut c = client.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{run}:*"))
-        .query_async(&mut c)
-        .await?;
+    let keys = run_keys(&mut c, run).await;
     for chunk in keys.chunks(1000) {
         let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut c).await?;
     }
