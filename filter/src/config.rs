@@ -315,9 +315,22 @@ pub struct FilterConfig {
     /// this goes alone). The sidecar accepts 8 MiB by default (`server.max_commit_body_bytes`).
     #[serde(default = "default_batch_bytes")]
     pub commit_batch_bytes: usize,
+    /// Authorize callouts a worker keeps in flight; a request that comes while this many are
+    /// out waits in the root context and goes in the next batch, sent as soon as one answers.
+    #[serde(default = "default_authorize_inflight")]
+    pub authorize_inflight: u32,
+    /// Most requests in one authorize batch; 0 turns batching off (a callout per request).
+    #[serde(default = "default_authorize_batch")]
+    pub authorize_batch: usize,
     pub routes: Vec<Route>,
 }
 
+fn default_authorize_inflight() -> u32 {
+    1
+}
+fn default_authorize_batch() -> usize {
+    64
+}
 fn default_deadline() -> u64 {
     100
 }
@@ -399,6 +412,12 @@ impl FilterConfig {
         }
         if self.commit_interval_ms == 0 {
             return Err(err("commit_interval_ms", "must be positive"));
+        }
+        if !(1..=64).contains(&self.authorize_inflight) {
+            return Err(err("authorize_inflight", "must be 1..=64"));
+        }
+        if self.authorize_batch > tollgate_protocol::MAX_AUTHORIZE_BATCH {
+            return Err(err("authorize_batch", "must be 0..=256"));
         }
         if self.routes.is_empty() {
             return Err(err("routes", "declare at least one route"));

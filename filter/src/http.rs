@@ -8,6 +8,7 @@
 //! charged at its cap, the response is asked for uncompressed, and a stream is asked to report
 //! its usage. See docs/FILTER.md, "What a client cannot do".
 
+use crate::authz::{Admission, Item, Queued};
 use crate::body::{Field, RequestBody};
 use crate::config::{
     BadEstimate, FailureMode, FilterConfig, KeySource, OnUpstreamError, Route, Unmatched,
@@ -110,6 +111,11 @@ pub struct Request {
     response_bytes: u64,
     /// Admitted from this lease (no hold of its own).
     lease: Option<u64>,
+    /// This request's own authorize callout is out (the SDK answers it to this context; Envoy
+    /// drops it with the stream).
+    single_inflight: bool,
+    /// Its authorize waited for the line and went (or goes) in the root's batch.
+    batched: bool,
 }
 
 /// A header's value. Read as bytes: the SDK's string getter panics on a value that is not
@@ -208,6 +214,48 @@ impl Request {
             measure: Measure::Estimate,
             response_bytes: 0,
             lease: None,
+            single_inflight: false,
+            batched: false,
+        }
+    }
+
+    /// Takes up what the root decided for this request (a batched authorize, or a deadline
+    /// that let it pass), if it decided while this request was not running.
+    fn adopt(&mut self) {
+        if self.phase != Phase::Deciding {
+            return;
+        }
+        let admitted = self.shared.borrow_mut().authz.admitted.remove(&self.id);
+        match admitted {
+            Some(Admission::Allowed { hold_id, limit }) => {
+                self.hold_id = Some(hold_id);
+                self.limit = limit;
+                self.phase = Phase::Allowed;
+            }
+            Some(Admission::Answered) => self.phase = Phase::Idle,
+            None => {}
+        }
+    }
+
+    /// This request's own callout answered or was dropped: the line has room; wake the root if
+    /// requests wait for it.
+    fn free_line(&mut self) {
+        if !std::mem::take(&mut self.single_inflight) {
+            return;
+        }
+        let wake = {
+            let mut s = self.shared.borrow_mut();
+            if s.authz.freed() {
+                s.authz.wake
+            } else {
+                None
+            }
+        };
+        if let Some(q) = wake {
+            if !crate::authz::wake(q) {
+                // The root's tick sends the queue instead.
+                self.shared.borrow_mut().authz.woken = false;
+            }
         }
     }
 
@@ -359,15 +407,43 @@ impl Request {
             resource: None,
         };
         let now = now_ms();
+        let waiting = Waiting {
+            deadline_ms: now + self.cfg.deadline_ms,
+            mode: self.mode(),
+        };
+        let must_wait = self
+            .shared
+            .borrow()
+            .authz
+            .must_wait(self.cfg.authorize_inflight, self.cfg.authorize_batch);
+        if must_wait {
+            let queued = Queued {
+                context_id: self.id,
+                body: serde_json::to_vec(&req).unwrap_or_default(),
+                item: Item {
+                    context_id: self.id,
+                    api_key: req.api_key.unwrap_or_default(),
+                    idempotency_key: req.idempotency_key,
+                    client_key: self.client_key,
+                    asked_ms: now,
+                },
+            };
+            let mut s = self.shared.borrow_mut();
+            s.authz.queue.push(queued);
+            s.waiting.insert(self.id, waiting);
+            self.batched = true;
+            self.phase = Phase::Deciding;
+            self.asked_ms = now;
+            return Action::Pause;
+        }
         match dispatch_authorize(&self.cfg, &req) {
             Ok(_) => {
                 self.phase = Phase::Deciding;
                 self.asked_ms = now;
-                let waiting = Waiting {
-                    deadline_ms: now + self.cfg.deadline_ms,
-                    mode: self.mode(),
-                };
-                self.shared.borrow_mut().waiting.insert(self.id, waiting);
+                self.single_inflight = true;
+                let mut s = self.shared.borrow_mut();
+                s.authz.inflight += 1;
+                s.waiting.insert(self.id, waiting);
                 Action::Pause
             }
             Err(_) => self.fail_now(),
@@ -538,11 +614,23 @@ impl Context for Request {
     /// reset before it completed (a client that went away mid-stream), so settling here is what
     /// keeps such a request from waiting for its hold to expire.
     fn on_done(&mut self) -> bool {
-        self.shared.borrow_mut().waiting.remove(&self.id);
-        if self.phase == Phase::Deciding {
+        self.adopt();
+        {
+            let mut s = self.shared.borrow_mut();
+            s.waiting.remove(&self.id);
+            s.authz.admitted.remove(&self.id);
+            if self.phase == Phase::Deciding && self.batched {
+                // Still queued: nothing was sent. Else in a batch: the root gives back what its
+                // answer holds for a request that is gone.
+                s.authz.unqueue(self.id);
+                self.phase = Phase::Idle;
+            }
+        }
+        if self.single_inflight {
             // The stream ends before its decision came back (the deadline answered it, or the
             // client left): Envoy drops the callout with the stream, so its answer — and any
             // hold it placed — would never be seen here. Cancel it by its key instead.
+            self.free_line();
             self.phase = Phase::Idle;
             bump(self.shared.borrow().metrics.cancelled);
             self.queue(Settle::Cancel(tollgate_protocol::CancelRequest {
@@ -561,6 +649,8 @@ impl Context for Request {
         body_size: usize,
         _trailers: usize,
     ) {
+        self.free_line();
+        self.adopt();
         let now = now_ms();
         let still_waiting = self.shared.borrow_mut().waiting.remove(&self.id).is_some();
         record(
@@ -711,6 +801,7 @@ impl HttpContext for Request {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.adopt();
         match self.phase {
             Phase::ReadingBody => {}
             Phase::Deciding => return Action::Pause,
@@ -732,6 +823,7 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+        self.adopt();
         if self.phase != Phase::Allowed {
             return Action::Continue;
         }
@@ -797,6 +889,7 @@ impl HttpContext for Request {
     /// Called at the end of a completed stream (after `on_done` in some hosts, before it in
     /// others): settling twice is harmless, [`Request::settle`] runs once.
     fn on_log(&mut self) {
+        self.adopt();
         self.shared.borrow_mut().waiting.remove(&self.id);
         self.settle();
     }

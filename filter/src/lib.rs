@@ -17,6 +17,7 @@
 //! `.wasm` runs in our wasmtime proxy-wasm host (`tests/tests/filter.rs`) and in a real Envoy
 //! (`tests/tests/e2e_envoy.rs`).
 
+pub mod authz;
 pub mod body;
 pub mod config;
 pub mod http;

@@ -2,6 +2,7 @@
 //! settlement (commits queued by requests are sent together, so settling costs less than one
 //! callout per request).
 
+use crate::authz::{holds, Admission, Authz, Item};
 use crate::config::{FailureMode, FilterConfig};
 use crate::http::Request;
 use crate::lease::LeaseAsk;
@@ -16,7 +17,9 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
-use tollgate_protocol::{CommitRequest, Decision, SpendRequest};
+use tollgate_protocol::{
+    AuthorizeBatchResult, AuthorizeOutcome, CancelRequest, CommitRequest, Decision, SpendRequest,
+};
 
 /// A settlement is retried this many times (backing off from 100 ms to 2 s, about 5 s in all);
 /// then a commit is sent at its hold's estimate instead — a hold is never left to expire free —
@@ -34,6 +37,8 @@ pub struct Root {
     inflight: VecMap<u32, Vec<Pending>>,
     /// Lease requests in flight: token -> what was asked.
     lease_calls: VecMap<u32, LeaseAsk>,
+    /// Authorize batches in flight: token -> the requests in it, in order.
+    authz_calls: VecMap<u32, Vec<Item>>,
     last_flush_ms: u64,
 }
 
@@ -51,6 +56,24 @@ impl Context for Root {
     ) {
         if let Some(ask) = self.lease_calls.remove(&token) {
             self.lease_answered(ask, body_size);
+            return;
+        }
+        if let Some(items) = self.authz_calls.remove(&token) {
+            let status = crate::http::header(MapType::HttpCallResponseHeaders, ":status")
+                .and_then(|s| s.parse::<u16>().ok())
+                .unwrap_or(0);
+            let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            if let Some(shared) = self.shared.clone() {
+                {
+                    let mut s = shared.borrow_mut();
+                    s.authz.inflight = s.authz.inflight.saturating_sub(1);
+                }
+                batch_answered(&shared, status, &body, items);
+            }
+            self.send_authorizes();
             return;
         }
         let Some(batch) = self.inflight.remove(&token) else {
@@ -101,6 +124,14 @@ impl RootContext for Root {
         // A request waits at most its deadline plus one tick.
         let tick = (config.deadline_ms / 2).clamp(5, config.commit_interval_ms.max(5));
         let _ = hostcalls::set_tick_period(Duration::from_millis(tick));
+        let secret = std::collections::hash_map::RandomState::new();
+        // This VM's own wake-up queue (each worker's root registers one under a name of its
+        // own; Envoy posts its `on_queue_ready` to the worker that registered it).
+        let wake = {
+            use std::hash::BuildHasher;
+            let name = format!("tollgate.authz.{:016x}", secret.hash_one(0u8));
+            hostcalls::register_shared_queue(&name).ok()
+        };
         self.shared = Some(Rc::new(RefCell::new(Shared {
             config: Rc::new(config),
             metrics: Metrics::define(),
@@ -109,9 +140,25 @@ impl RootContext for Root {
             settles: VecDeque::new(),
             leases: Default::default(),
             counter: 0,
-            secret: std::collections::hash_map::RandomState::new(),
+            secret,
+            authz: Authz {
+                wake,
+                ..Authz::default()
+            },
         })));
         true
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        if shared.borrow().authz.wake != Some(queue_id) {
+            return;
+        }
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        shared.borrow_mut().authz.woken = false;
+        self.send_authorizes();
     }
 
     fn on_tick(&mut self) {
@@ -119,6 +166,11 @@ impl RootContext for Root {
         self.enforce_deadlines(now);
         self.tend_leases(now);
         self.flush(now);
+        // A wake-up the host did not deliver: the queue goes now.
+        if let Some(shared) = &self.shared {
+            shared.borrow_mut().authz.woken = false;
+        }
+        self.send_authorizes();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -132,6 +184,47 @@ impl RootContext for Root {
 }
 
 impl Root {
+    /// Sends what waits for the line, in batches, while it has room.
+    fn send_authorizes(&mut self) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        loop {
+            let (cfg, items, body) = {
+                let mut s = shared.borrow_mut();
+                let cfg = Rc::clone(&s.config);
+                if s.authz.inflight >= cfg.authorize_inflight {
+                    return;
+                }
+                let Some((items, body)) = s.authz.next_batch(cfg.authorize_batch) else {
+                    return;
+                };
+                (cfg, items, body)
+            };
+            let auth = cfg.sidecar_auth();
+            let sent = hostcalls::dispatch_http_call(
+                &cfg.sidecar.cluster,
+                cfg.sidecar.headers("/v1/authorize/batch", &auth),
+                Some(&body),
+                vec![],
+                Duration::from_millis(cfg.sidecar.timeout_ms),
+            );
+            match sent {
+                Ok(token) => {
+                    let mut s = shared.borrow_mut();
+                    s.authz.inflight += 1;
+                    bump(s.metrics.authorize_batches);
+                    let _ =
+                        hostcalls::increment_metric(s.metrics.authorize_batched, items.len() as i64);
+                    drop(s);
+                    self.authz_calls.insert(token, items);
+                }
+                // Cannot be asked: each request gets its failure mode now.
+                Err(_) => batch_answered(&shared, 0, &[], items),
+            }
+        }
+    }
+
     /// Asks for the leases requests asked for, and settles the leases that are done: a commit of
     /// what their requests used, or a release when they admitted nothing.
     fn tend_leases(&mut self, now: u64) {
@@ -234,6 +327,10 @@ impl Root {
                 .collect();
             for (id, _) in &ids {
                 s.waiting.remove(id);
+                // Answered now: a request still queued is never sent, and the request takes
+                // up the answer at its next callback (a body held back goes on, or is reset).
+                s.authz.unqueue(*id);
+                s.authz.admitted.insert(*id, Admission::Answered);
             }
             ids
         };
@@ -451,6 +548,94 @@ impl Root {
             Err(_) => {
                 Self::answered(shared, 0, &[], items);
                 false
+            }
+        }
+    }
+}
+
+/// Answers each request of an authorize batch (`status` 0: it could not be asked, or no answer
+/// came), in the request's context; a request that is no longer waiting (gone, or answered by
+/// its deadline) has what was held for it given back.
+fn batch_answered(shared: &SharedRef, status: u16, body: &[u8], items: Vec<Item>) {
+    let results: Vec<AuthorizeOutcome> = if status == 200 {
+        serde_json::from_slice::<AuthorizeBatchResult>(body)
+            .map(|r| r.results)
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let now = now_ms();
+    for (i, item) in items.into_iter().enumerate() {
+        let outcome = results.get(i);
+        let waiting = shared.borrow_mut().waiting.remove(&item.context_id);
+        let here = waiting.is_some() && hostcalls::set_effective_context(item.context_id).is_ok();
+        let Some(w) = waiting.filter(|_| here) else {
+            let give_back = match outcome {
+                Some(AuthorizeOutcome::Decided {
+                    decision,
+                    replayed: false,
+                }) if holds(decision) => decision.hold_id.clone().map(Settle::Release),
+                Some(AuthorizeOutcome::Decided { .. }) => None,
+                // Refused as a bad request: nothing was made.
+                Some(AuthorizeOutcome::Failed { status, .. }) if *status < 500 => None,
+                // No answer: whatever it may have made is cancelled by its key.
+                _ => Some(Settle::Cancel(CancelRequest {
+                    api_key: item.api_key,
+                    idempotency_key: item.idempotency_key,
+                })),
+            };
+            if let Some(settle) = give_back {
+                shared.borrow_mut().settles.push_back(Pending::new(settle));
+            }
+            continue;
+        };
+        let mut s = shared.borrow_mut();
+        crate::shared::record(s.metrics.callout_ms, now.saturating_sub(item.asked_ms));
+        let ctx = item.context_id;
+        match outcome {
+            Some(AuthorizeOutcome::Decided {
+                decision: d,
+                replayed: true,
+            }) if d.allowed && item.client_key => {
+                bump(s.metrics.key_reused);
+                s.authz.admitted.insert(ctx, Admission::Answered);
+                drop(s);
+                reply::reject(
+                    409,
+                    "idempotency_key_reused",
+                    "a request with this Idempotency-Key was already accepted",
+                );
+            }
+            Some(AuthorizeOutcome::Decided { decision: d, .. }) if holds(d) => {
+                bump(s.metrics.allowed);
+                let admission = Admission::Allowed {
+                    hold_id: d.hold_id.clone().unwrap_or_default(),
+                    limit: d.limit.clone(),
+                };
+                s.authz.admitted.insert(ctx, admission);
+                drop(s);
+                let _ = hostcalls::resume_http_request();
+            }
+            Some(AuthorizeOutcome::Decided { decision: d, .. }) if !d.allowed => {
+                bump(s.metrics.denied);
+                s.authz.admitted.insert(ctx, Admission::Answered);
+                drop(s);
+                reply::denied(d, now);
+            }
+            _ => {
+                s.authz.admitted.insert(ctx, Admission::Answered);
+                match w.mode {
+                    FailureMode::Open => {
+                        bump(s.metrics.failed_open);
+                        drop(s);
+                        let _ = hostcalls::resume_http_request();
+                    }
+                    FailureMode::Closed => {
+                        bump(s.metrics.failed_closed);
+                        drop(s);
+                        reply::unavailable();
+                    }
+                }
             }
         }
     }

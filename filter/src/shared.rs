@@ -118,6 +118,9 @@ pub struct Metrics {
     pub leases_granted: u32,
     pub leases_refused: u32,
     pub leases_committed: u32,
+    /// Authorize batches sent, and the requests they carried.
+    pub authorize_batches: u32,
+    pub authorize_batched: u32,
 }
 
 impl Metrics {
@@ -149,6 +152,8 @@ impl Metrics {
             leases_granted: c("tollgate.leases_granted"),
             leases_refused: c("tollgate.leases_refused"),
             leases_committed: c("tollgate.leases_committed"),
+            authorize_batches: c("tollgate.authorize_batches"),
+            authorize_batched: c("tollgate.authorize_batched"),
             callout_ms: hostcalls::define_metric(MetricType::Histogram, "tollgate.callout_ms")
                 .unwrap_or(0),
         }
@@ -178,6 +183,8 @@ pub struct Shared {
     pub text_bytes: usize,
     /// Leases this worker holds (routes with `lease`).
     pub leases: crate::lease::Leases,
+    /// The authorize line: callouts out, requests waiting for a batch.
+    pub authz: crate::authz::Authz,
     /// Makes request ids unique within this VM.
     pub counter: u64,
     /// Secret keys (from the host's WASI random source) of the PRF that makes ids.

@@ -5,7 +5,7 @@
 use crate::engine::{AccountPatch, Engine, NewAccount, NewKey};
 use crate::error::ApiError;
 use crate::handler::{
-    bytes_of, fresh, parse, require_admin, require_decision, require_reader, respond, Body, St,
+    fresh, parse, require_admin, require_decision, require_reader, respond, Body, St,
 };
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -14,10 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use tollgate_protocol::{
-    CommitBatchResult, CommitOutcome, CommitRequest, ErrorDetail, GrantRequest, ReleaseRequest,
-    SpendRequest, MAX_BATCH,
-};
+use tollgate_protocol::{CommitRequest, GrantRequest, ReleaseRequest, SpendRequest};
 
 pub fn router(engine: Arc<Engine>) -> Router {
     let limit = engine.cfg.server.max_body_bytes;
@@ -33,7 +30,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
         )
         .route(
             "/v1/commit/batch",
-            post(commit_batch).layer(DefaultBodyLimit::max(commit_limit)),
+            post(crate::api_batch::commit_batch).layer(DefaultBodyLimit::max(commit_limit)),
+        )
+        .route(
+            "/v1/authorize/batch",
+            post(crate::api_batch::authorize_batch).layer(DefaultBodyLimit::max(commit_limit)),
         )
         .route("/v1/release", post(release))
         .route("/v1/cancel", post(cancel))
@@ -143,57 +144,6 @@ async fn commit(State(e): St, headers: HeaderMap, body: Body) -> Response {
     }
     .await;
     respond(&e, r, false)
-}
-
-/// A commit batch as it arrives: the items are split off unparsed and each is parsed on its own,
-/// so an item that is not a valid commit fails alone (its own 400) and the rest settle.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBatch<'a> {
-    #[serde(borrow)]
-    commits: Vec<&'a serde_json::value::RawValue>,
-}
-
-async fn commit_batch(State(e): St, headers: HeaderMap, body: Body) -> Response {
-    let r = async {
-        require_decision(&e, &headers, false)?;
-        let bytes = bytes_of(body)?;
-        let batch: RawBatch<'_> = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))?;
-        if batch.commits.is_empty() || batch.commits.len() > MAX_BATCH {
-            return Err(ApiError::Invalid(format!("commits: 1..={MAX_BATCH} items")));
-        }
-        let outcomes =
-            futures::future::join_all(batch.commits.iter().enumerate().map(|(i, raw)| {
-                let item = serde_json::from_str::<CommitRequest>(raw.get()).map_err(|err| {
-                    ApiError::Invalid(format!("commits[{i}]: invalid commit: {err}"))
-                });
-                let e = &e;
-                async move { e.commit(item?).await }
-            }))
-            .await;
-        let results = outcomes
-            .into_iter()
-            .map(|o| match o {
-                Ok((s, _)) => CommitOutcome::Settled(s),
-                Err(err) => {
-                    if err.status().is_server_error() {
-                        e.metrics.internal_errors.inc();
-                    }
-                    CommitOutcome::Failed {
-                        status: err.status().as_u16(),
-                        error: ErrorDetail {
-                            code: err.code().to_string(),
-                            message: err.to_string(),
-                        },
-                    }
-                }
-            })
-            .collect();
-        Ok(CommitBatchResult { results })
-    }
-    .await;
-    respond(&e, fresh(r), false)
 }
 
 async fn cancel(State(e): St, headers: HeaderMap, body: Body) -> Response {

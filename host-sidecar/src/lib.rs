@@ -11,6 +11,7 @@
 //! - [`config`], [`windows`], [`clock`], [`apikey`], [`directory`], [`metrics`]: the supporting facts.
 
 pub mod api;
+pub mod api_batch;
 pub mod api_billing;
 pub mod apikey;
 pub mod clock;

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub consumed: Counter,
     pub granted: Counter,
     pub idempotent_replays: Counter,
+    pub authorize_batches: Counter,
+    pub authorize_batched: Counter,
     pub cold_loads: Counter,
     pub rechecks: Counter,
     pub ledger_idempotency_lookups: Counter,
@@ -142,6 +144,8 @@ impl Default for Metrics {
             consumed: Counter::default(),
             granted: Counter::default(),
             idempotent_replays: Counter::default(),
+            authorize_batches: Counter::default(),
+            authorize_batched: Counter::default(),
             cold_loads: Counter::default(),
             rechecks: Counter::default(),
             ledger_idempotency_lookups: Counter::default(),
@@ -236,6 +240,16 @@ impl Metrics {
             "tollgate_idempotent_replays_total",
             "Requests answered from an earlier identical request.",
             &[("", &self.idempotent_replays)],
+        );
+        counter(
+            "tollgate_authorize_batches_total",
+            "Authorize batches received (the filter's requests that waited for a callout).",
+            &[("", &self.authorize_batches)],
+        );
+        counter(
+            "tollgate_authorize_batched_total",
+            "Authorizes that came in a batch.",
+            &[("", &self.authorize_batched)],
         );
         counter(
             "tollgate_cold_loads_total",

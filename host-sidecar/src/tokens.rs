@@ -70,6 +70,15 @@ pub fn count(model: Option<&str>, text: &str) -> u64 {
 /// few bytes, and a long completion must not stall the decisions sharing this worker thread.
 const INLINE_BYTES: usize = 16 * 1024;
 
+/// The permits for counts on the blocking pool: one fewer than the cores, at least one.
+fn counters() -> &'static tokio::sync::Semaphore {
+    static PERMITS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+    })
+}
+
 /// [`count`], off the async workers for long texts and before the tables are built.
 pub async fn count_async(model: Option<&str>, text: &str) -> u64 {
     // Inline only once the tables are built: a count that comes while the preload still runs
@@ -77,6 +86,10 @@ pub async fn count_async(model: Option<&str>, text: &str) -> u64 {
     if text.len() <= INLINE_BYTES && loaded() {
         return count(model, text);
     }
+    // At most all cores but one count at once: a burst of long streams (a hundred 100 KB
+    // completions settling together) queues here instead of starving the async workers that
+    // decide the next requests against their deadline. Settling waits; deciding does not.
+    let _permit = counters().acquire().await;
     let (m, t) = (model.map(str::to_string), text.to_string());
     match tokio::task::spawn_blocking(move || count(m.as_deref(), &t)).await {
         Ok(n) => n,

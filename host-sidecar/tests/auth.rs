@@ -46,6 +46,7 @@ conformance! {
             ("/v1/consume", json!({"api_key": key, "idempotency_key": "c1", "route": "paid", "meters": {"requests": 1}})),
             ("/v1/commit", json!({"hold_id": hold, "route": "paid", "meters": {"requests": 1}})),
             ("/v1/commit/batch", json!({"commits": [{"hold_id": hold, "meters": {"requests": 1}}]})),
+            ("/v1/authorize/batch", json!({"requests": [{"api_key": key, "idempotency_key": "a2", "meters": {"requests": 1}}]})),
             ("/v1/release", json!({"hold_id": hold})),
         ];
         for (path, body) in &routes {
@@ -76,6 +77,11 @@ conformance! {
             let (s, v) = post_as(&env, path, &body, Some(DECISION)).await;
             assert_eq!((s, v["error"]["code"].clone()), (403, json!("forbidden")), "{path}: {v}");
         }
+        // In a batch too: that item is refused alone.
+        let item = json!({"account": "acme", "idempotency_key": "x2", "route": "paid", "meters": {"requests": 1}});
+        let (s, v) = post_as(&env, "/v1/authorize/batch", &json!({"requests": [item]}), Some(DECISION)).await;
+        assert_eq!((s, v["results"][0]["status"].clone()), (200, json!(403)), "{v}");
+        assert_eq!(v["results"][0]["error"]["code"], "forbidden", "{v}");
         assert_eq!(state(&env, "acme").await, before);
         // The service token (and the admin's) may.
         let body = json!({"account": "acme", "idempotency_key": "x1", "route": "paid", "meters": {"requests": 1}});

@@ -647,6 +647,67 @@ conformance! {
         assert_eq!(s, 400);
     }
 
+    /// The filter's authorize batch: each item is one authorize — exact against the limits
+    /// however many share the batch, all or nothing, idempotent by its own key — and answered in
+    /// order; a bad item fails alone with the error it would have had alone.
+    async fn authorizes_in_a_batch_are_decided_one_by_one_and_exactly(backend: Backend) {
+        let env = Env::on(backend, 1).await;
+        let key = env.account("acme", "tokens", "UTC").await;
+        let mut items: Vec<Value> = (0..12)
+            .map(|i| authorize_body(&key, &format!("ab{i}"), json!({"requests": 1, "tokens": 5})))
+            .collect();
+        items.insert(3, json!({"api_key": key, "idempotency_key": "bad", "meters": {"requests": 1}, "x": 1}));
+        items.push(authorize_body("tg_no_such_key_000000000000", "nokey", json!({"requests": 1})));
+        let (s, v) = env.post("/v1/authorize/batch", &json!({ "requests": items })).await;
+        assert_eq!(s, 200, "{v}");
+        let r = v["results"].as_array().unwrap();
+        assert_eq!(r.len(), 14, "{v}");
+        assert_eq!((r[3]["status"].clone(), r[3]["error"]["code"].clone()), (json!(400), json!("invalid_request")));
+        assert!(r[3]["error"]["message"].as_str().unwrap().starts_with("requests[3]"), "{v}");
+        let decided: Vec<&Value> = r.iter().filter(|o| o.get("decision").is_some()).collect();
+        assert_eq!(decided.len(), 13, "{v}");
+        let allowed: Vec<&Value> = decided.iter().filter(|o| o["decision"]["allowed"] == true).copied().collect();
+        assert_eq!(allowed.len(), 10, "requests/day is 10: {v}");
+        for o in r.iter().take(13).filter(|o| o["decision"]["allowed"] == false) {
+            assert_eq!(o["decision"]["reason"], "limit", "{v}");
+            assert_eq!(o["decision"]["limit"]["name"], "account:requests:day", "{v}");
+        }
+        assert_eq!(r[13]["decision"]["allowed"], false, "an unknown key is denied alone");
+        assert_eq!(r[13]["decision"]["status"], 401, "{v}");
+        assert!(allowed.iter().all(|o| o["replayed"] == false));
+        assert_eq!(env.used("acme", "account:requests:day").await, 10);
+        assert_eq!(env.used("acme", "account:tokens:day").await, 50);
+        // Sent again (the filter retrying), the admitted items replay their holds unchanged.
+        let first: Vec<Value> = (0..3)
+            .map(|i| authorize_body(&key, &format!("ab{i}"), json!({"requests": 1, "tokens": 5})))
+            .collect();
+        let (_, again) = env.post("/v1/authorize/batch", &json!({ "requests": first })).await;
+        for (i, o) in again["results"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(o["replayed"], true, "{again}");
+            assert_eq!(o["decision"]["hold_id"], r[i]["decision"]["hold_id"], "{again}");
+        }
+        assert_eq!(env.used("acme", "account:requests:day").await, 10);
+        // The same key for another request in a batch is refused alone (409).
+        let other = vec![authorize_body(&key, "ab0", json!({"requests": 1, "tokens": 9}))];
+        let (_, v) = env.post("/v1/authorize/batch", &json!({ "requests": other })).await;
+        assert_eq!(v["results"][0]["status"], 409, "{v}");
+        // What is not a batch, or holds no item or too many, is refused whole.
+        let many: Vec<Value> = (0..257)
+            .map(|i| authorize_body(&key, &format!("m{i}"), json!({"requests": 1})))
+            .collect();
+        for body in [json!({"requests": []}), json!({"requests": many}), json!({"requests": {}}), json!([])] {
+            let (s, _) = env.post("/v1/authorize/batch", &body).await;
+            assert_eq!(s, 400, "{body}");
+        }
+        assert_eq!(env.used("acme", "account:requests:day").await, 10);
+        env.sync().await;
+        assert_eq!(
+            env.sql_i64("SELECT count(*) FROM ledger WHERE account_id = $1 AND kind = 'hold'", "acme")
+                .await,
+            10
+        );
+    }
+
     /// A commit may carry the response's text (up to 1 MiB): the commit routes take bodies up to
     /// `server.max_commit_body_bytes` (8 MiB by default), every other route keeps
     /// `server.max_body_bytes` (64 KiB). The text is charged as its token count.
@@ -672,9 +733,10 @@ conformance! {
 
         // Beyond max_commit_body_bytes: refused whole (a 400, or the connection closed while
         // the rest of the body is still being sent: the length alone refuses it), nothing settled.
+        // On a client of its own: the server may close that connection mid-body, and a pooled
+        // connection it closed would fail the next request of the shared client.
         let huge = text_commit("acme/h2", &"x".repeat(9 << 20));
-        let sent = env
-            .http
+        let sent = reqwest::Client::new()
             .post(format!("{}/v1/commit", env.base(0)))
             .bearer_auth(SERVICE)
             .json(&huge)

@@ -17,6 +17,7 @@ const ENDPOINTS: &[&str] = &[
     "/v1/check",
     "/v1/commit",
     "/v1/commit/batch",
+    "/v1/authorize/batch",
     "/v1/release",
     "/admin/accounts",
     "/admin/accounts/acme/grants",

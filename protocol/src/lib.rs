@@ -140,6 +140,39 @@ pub struct CommitBatchResult {
     pub results: Vec<CommitOutcome>,
 }
 
+/// Several authorizes in one call (the filter batches the requests that arrive while a worker's
+/// authorize is in flight). At most [`MAX_AUTHORIZE_BATCH`] items; each is decided on its own —
+/// all or nothing, idempotent by its own key — and answered in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeBatch {
+    pub requests: Vec<SpendRequest>,
+}
+
+pub const MAX_AUTHORIZE_BATCH: usize = 256;
+
+/// One item's answer in an authorize batch: its decision (and whether it replays an earlier
+/// request with the same key, the `x-tollgate-replayed` of a single authorize), or the error it
+/// would have had alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AuthorizeOutcome {
+    Decided {
+        decision: Decision,
+        #[serde(default)]
+        replayed: bool,
+    },
+    Failed {
+        status: u16,
+        error: ErrorDetail,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizeBatchResult {
+    pub results: Vec<AuthorizeOutcome>,
+}
+
 /// Cancel a hold; everything it reserved is returned.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -104,6 +104,8 @@ pub struct State {
     metrics: HashMap<String, i64>,
     shared: HashMap<String, (Vec<u8>, u32)>,
     queues: Vec<(String, std::collections::VecDeque<Vec<u8>>)>,
+    /// Queues with an `on_queue_ready` posted and not yet delivered.
+    ready: Vec<u32>,
     /// Properties by path (segments joined with NUL, as the ABI serializes them).
     properties: HashMap<Vec<u8>, Vec<u8>>,
     rng: u64,
@@ -409,6 +411,13 @@ fn host_call(caller: &mut Caller<'_, State>, name: &str, a: &[Val]) -> Result<i3
             {
                 Some((_, q)) => {
                     q.push_back(value);
+                    // As Envoy does: the registrant's on_queue_ready is posted to its event
+                    // loop, so it runs after the current callback.
+                    let id = i(a, 0) as u32;
+                    let s = caller.data_mut();
+                    if !s.ready.contains(&id) {
+                        s.ready.push(id);
+                    }
                     OK
                 }
                 None => NOT_FOUND,
@@ -579,6 +588,7 @@ impl Filter {
             metrics: HashMap::new(),
             shared: HashMap::new(),
             queues: Vec::new(),
+            ready: Vec::new(),
             properties: HashMap::new(),
             rng: 0x2545_f491_4f6c_dd1d,
         };
@@ -629,8 +639,28 @@ impl Filter {
         Ok(f)
     }
 
-    /// Calls an export with i32 arguments; returns its i32 result (0 if it has none).
+    /// Calls an export with i32 arguments; returns its i32 result (0 if it has none). Then
+    /// runs what the call posted (`on_queue_ready`), as the event loop would next.
     fn call(&mut self, export: &str, args: &[i32]) -> Result<i32> {
+        let r = self.call_now(export, args)?;
+        let mut rounds = 0;
+        while !self.store.data().ready.is_empty() {
+            rounds += 1;
+            if rounds > 1000 {
+                bail!("on_queue_ready keeps posting itself");
+            }
+            let ready = std::mem::take(&mut self.store.data_mut().ready);
+            let current = self.store.data().current;
+            for q in ready {
+                self.enter(self.root);
+                self.call_now("proxy_on_queue_ready", &[self.root as i32, q as i32])?;
+            }
+            self.enter(current);
+        }
+        Ok(r)
+    }
+
+    fn call_now(&mut self, export: &str, args: &[i32]) -> Result<i32> {
         let func = self
             .instance
             .get_func(&mut self.store, export)

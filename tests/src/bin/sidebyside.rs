@@ -61,8 +61,9 @@ output_tokens = 1
 
 /// Tollgate's filter configuration for the benchmark route: the estimate from the request body,
 /// the usage from the JSON response (the realistic LLM-gateway path).
-/// With `lease`, the route is served from leases of that many requests (2 s each).
-fn filter_config(lease: Option<u64>) -> String {
+/// With `lease`, the route is served from leases of that many requests (2 s each). Without
+/// `batch`, every request has an authorize callout of its own (`authorize_batch: 0`).
+fn filter_config(lease: Option<u64>, batch: bool) -> String {
     let mut route = json!({
         "name": "chat", "method": "POST", "path_prefix": "/v1/chat/",
         "charges": {"requests": {"fixed": 1}, "input_tokens": {"fixed": 0},
@@ -76,6 +77,7 @@ fn filter_config(lease: Option<u64>) -> String {
         "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 1000, "token": DECISION},
         "deadline_ms": 1000,
         "key": {"header": "x-api-key"},
+        "authorize_batch": if batch { 64 } else { 0 },
         "routes": [route]
     })
     .to_string()
@@ -299,7 +301,7 @@ async fn main() -> Result<()> {
     ] {
         let prefix = format!("{run}_{label}");
         let tg = start_tollgate(&sidecar, &prefix, env, conns).await?;
-        let envoy = Envoy::start_with(upstream, tg.port, Some((&filter, &filter_config(None))))?;
+        let envoy = Envoy::start_with(upstream, tg.port, Some((&filter, &filter_config(None, true))))?;
         let keys = Arc::new(tg.keys.clone());
         let hot = Arc::new(vec![tg.keys[0].clone()]);
         let cmds_before = tollgate_sidecar::store::commands_processed(&redis_url).await;
@@ -344,13 +346,35 @@ async fn main() -> Result<()> {
             extra: String::new(),
         });
         if label == "redis" {
+            let batches = envoy.stat("wasmcustom.tollgate.authorize_batches");
+            let batched = envoy.stat("wasmcustom.tollgate.authorize_batched");
+            if let Some(r) = rows.iter_mut().find(|r| r.name.starts_with("3. ")) {
+                r.extra.push_str(&format!(
+                    "; 3 and 3b sent {} authorizes in {} batches",
+                    batched.map_or("?".into(), |n| n.to_string()),
+                    batches.map_or("?".into(), |n| n.to_string())
+                ));
+            }
             paced_full = Some(paced(envoy.port, conns, secs, half, &keys).await);
+            // The same sidecar, a callout per request (batching off): what batching adds.
+            drop(envoy);
+            let envoy =
+                Envoy::start_with(upstream, tg.port, Some((&filter, &filter_config(None, false))))?;
+            let out = drive(envoy.port, conns, secs, &keys).await;
+            rows.push(Row {
+                name: "3c. Tollgate (Redis + PostgreSQL), a callout per request (no batching)"
+                    .into(),
+                out,
+                envoy_kib: peak_rss_kib(envoy.pid()),
+                sidecar_kib: peak_rss_kib(tg.process.pid()),
+                extra: String::new(),
+            });
             // The same sidecar, the route opted into leases of 200 requests.
             drop(envoy);
             let envoy = Envoy::start_with(
                 upstream,
                 tg.port,
-                Some((&filter, &filter_config(Some(200)))),
+                Some((&filter, &filter_config(Some(200), true))),
             )?;
             let out = drive(envoy.port, conns, secs, &keys).await;
             rows.push(Row {
@@ -400,9 +424,12 @@ async fn main() -> Result<()> {
     println!();
     println!(
         "ratios: full/passthrough (3/1) {:.2}, full/no-op callout (3/2) {:.2}, \
+         hot key/no-op callout (3b/2) {:.2}, unbatched/no-op callout (3c/2) {:.2}, \
          leases/passthrough (5/1) {:.2}, embedded/full (4/3) {:.2}",
         rps("3.") / rps("1.").max(1.0),
         rps("3.") / rps("2.").max(1.0),
+        rps("3b.") / rps("2.").max(1.0),
+        rps("3c.") / rps("2.").max(1.0),
         rps("5.") / rps("1.").max(1.0),
         rps("4.") / rps("3.").max(1.0)
     );

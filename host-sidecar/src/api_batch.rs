@@ -1,0 +1,134 @@
+//! The batch routes: commits the filter settles together, and authorizes of requests that waited
+//! in the filter's root context while a callout was in flight. Every item is parsed and decided
+//! on its own — a bad item fails alone, with the error it would have had in a call of its own —
+//! and the answers come in order.
+
+use crate::engine::Engine;
+use crate::error::ApiError;
+use crate::handler::{bytes_of, fresh, require_decision, respond, Body, St};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tollgate_protocol::{
+    AuthorizeBatchResult, AuthorizeOutcome, CommitBatchResult, CommitOutcome, CommitRequest,
+    ErrorDetail, SpendRequest, MAX_AUTHORIZE_BATCH, MAX_BATCH,
+};
+
+/// A commit batch as it arrives: the items are split off unparsed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommits<'a> {
+    #[serde(borrow)]
+    commits: Vec<&'a RawValue>,
+}
+
+/// An authorize batch as it arrives: the items are split off unparsed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthorizes<'a> {
+    #[serde(borrow)]
+    requests: Vec<&'a RawValue>,
+}
+
+/// An item's error as its batch reports it (counted as a single call's would be).
+fn failed(e: &Engine, err: &ApiError) -> ErrorDetail {
+    if err.status().is_server_error() {
+        e.metrics.internal_errors.inc();
+    } else {
+        e.metrics.bad_requests.inc();
+    }
+    ErrorDetail {
+        code: err.code().to_string(),
+        message: err.to_string(),
+    }
+}
+
+fn items<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    max: usize,
+    name: &str,
+    of: impl FnOnce(T) -> Vec<&'a RawValue>,
+) -> Result<Vec<&'a RawValue>, ApiError> {
+    let batch: T = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))?;
+    let list = of(batch);
+    if list.is_empty() || list.len() > max {
+        return Err(ApiError::Invalid(format!("{name}: 1..={max} items")));
+    }
+    Ok(list)
+}
+
+pub(crate) async fn commit_batch(axum::extract::State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        require_decision(&e, &headers, false)?;
+        let bytes = bytes_of(body)?;
+        let list = items(&bytes, MAX_BATCH, "commits", |b: RawCommits| b.commits)?;
+        let outcomes = futures::future::join_all(list.iter().enumerate().map(|(i, raw)| {
+            let item = serde_json::from_str::<CommitRequest>(raw.get())
+                .map_err(|err| ApiError::Invalid(format!("commits[{i}]: invalid commit: {err}")));
+            let e = &e;
+            async move { e.commit(item?).await }
+        }))
+        .await;
+        let results = outcomes
+            .into_iter()
+            .map(|o| match o {
+                Ok((s, _)) => CommitOutcome::Settled(s),
+                Err(err) => CommitOutcome::Failed {
+                    status: err.status().as_u16(),
+                    error: failed(&e, &err),
+                },
+            })
+            .collect();
+        Ok(CommitBatchResult { results })
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
+
+/// `POST /v1/authorize/batch`: each request is one authorize — its limits and balance checked and
+/// held all or nothing, idempotent by its own key — decided concurrently with the others (the
+/// store pipelines their scripts on one connection). An item naming an `account` needs the
+/// service or admin token, as it would alone.
+pub(crate) async fn authorize_batch(
+    axum::extract::State(e): St,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let r = async {
+        require_decision(&e, &headers, false)?;
+        let bytes = bytes_of(body)?;
+        let list = items(&bytes, MAX_AUTHORIZE_BATCH, "requests", |b: RawAuthorizes| {
+            b.requests
+        })?;
+        e.metrics.authorize_batches.inc();
+        e.metrics.authorize_batched.add(list.len() as u64);
+        let outcomes = futures::future::join_all(list.iter().enumerate().map(|(i, raw)| {
+            let (e, headers) = (&e, &headers);
+            async move {
+                let req = serde_json::from_str::<SpendRequest>(raw.get()).map_err(|err| {
+                    ApiError::Invalid(format!("requests[{i}]: invalid request: {err}"))
+                })?;
+                if req.account.is_some() {
+                    require_decision(e, headers, true)?;
+                }
+                e.authorize(req).await
+            }
+        }))
+        .await;
+        let results = outcomes
+            .into_iter()
+            .map(|o| match o {
+                Ok((decision, replayed)) => AuthorizeOutcome::Decided { decision, replayed },
+                Err(err) => AuthorizeOutcome::Failed {
+                    status: err.status().as_u16(),
+                    error: failed(&e, &err),
+                },
+            })
+            .collect();
+        Ok(AuthorizeBatchResult { results })
+    }
+    .await;
+    respond(&e, fresh(r), false)
+}
