@@ -88,7 +88,8 @@ impl Authz {
         }
         let n = self.queue.len().min(max.max(1));
         let taken: Vec<Queued> = self.queue.drain(..n).collect();
-        let mut body = Vec::with_capacity(taken.iter().map(|q| q.body.len() + 1).sum::<usize>() + 16);
+        let mut body =
+            Vec::with_capacity(taken.iter().map(|q| q.body.len() + 1).sum::<usize>() + 16);
         body.extend_from_slice(b"{\"requests\":[");
         let mut items = Vec::with_capacity(taken.len());
         for (i, q) in taken.into_iter().enumerate() {

@@ -214,8 +214,10 @@ impl Root {
                     let mut s = shared.borrow_mut();
                     s.authz.inflight += 1;
                     bump(s.metrics.authorize_batches);
-                    let _ =
-                        hostcalls::increment_metric(s.metrics.authorize_batched, items.len() as i64);
+                    let _ = hostcalls::increment_metric(
+                        s.metrics.authorize_batched,
+                        items.len() as i64,
+                    );
                     drop(s);
                     self.authz_calls.insert(token, items);
                 }

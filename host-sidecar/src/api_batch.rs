@@ -59,7 +59,11 @@ fn items<'a, T: Deserialize<'a>>(
     Ok(list)
 }
 
-pub(crate) async fn commit_batch(axum::extract::State(e): St, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn commit_batch(
+    axum::extract::State(e): St,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let r = async {
         require_decision(&e, &headers, false)?;
         let bytes = bytes_of(body)?;
@@ -99,9 +103,12 @@ pub(crate) async fn authorize_batch(
     let r = async {
         require_decision(&e, &headers, false)?;
         let bytes = bytes_of(body)?;
-        let list = items(&bytes, MAX_AUTHORIZE_BATCH, "requests", |b: RawAuthorizes| {
-            b.requests
-        })?;
+        let list = items(
+            &bytes,
+            MAX_AUTHORIZE_BATCH,
+            "requests",
+            |b: RawAuthorizes| b.requests,
+        )?;
         e.metrics.authorize_batches.inc();
         e.metrics.authorize_batched.add(list.len() as u64);
         let outcomes = futures::future::join_all(list.iter().enumerate().map(|(i, raw)| {

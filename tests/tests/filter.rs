@@ -12,6 +12,9 @@ fn config(deadline_ms: u64) -> String {
         "key": {"header": "x-api-key"},
         "commit_batch": 3,
         "commit_interval_ms": 50,
+        // Up to two requests decide at once below, each with its own callout; requests that
+        // wait for a full line go in batches (tests/tests/filter_batch.rs).
+        "authorize_inflight": 2,
         "routes": [
             {"name": "chat", "method": "POST", "path_prefix": "/v1/chat/", "failure_mode": "closed",
              "charges": {"requests": {"fixed": 1}, "input_tokens": {"fixed": 0},

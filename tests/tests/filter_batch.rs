@@ -79,7 +79,11 @@ fn requests_that_come_while_an_authorize_is_out_go_as_one_batch_when_it_answers(
     let (first, a) = start(&mut f, "/open/1", "k1");
     assert_eq!(a, PAUSE);
     let calls = f.take_calls();
-    assert_eq!(calls.len(), 1, "the line is idle: no wait, a callout of its own");
+    assert_eq!(
+        calls.len(),
+        1,
+        "the line is idle: no wait, a callout of its own"
+    );
     assert_eq!(calls[0].header(":path"), Some("/v1/authorize"));
 
     // Three more while it is out: they wait, nothing is sent yet.
@@ -89,8 +93,12 @@ fn requests_that_come_while_an_authorize_is_out_go_as_one_batch_when_it_answers(
     assert!(f.take_calls().is_empty(), "they wait for the line");
 
     // The first answers: it goes on, and the three go as one batch, in order, from the root.
-    f.answer(calls[0].token, 200, allowed("acme/1", 9).to_string().as_bytes())
-        .unwrap();
+    f.answer(
+        calls[0].token,
+        200,
+        allowed("acme/1", 9).to_string().as_bytes(),
+    )
+    .unwrap();
     assert_eq!(f.resumed(first), 1);
     let batch = f.take_calls();
     assert_eq!(batch.len(), 1, "{batch:?}");
@@ -110,16 +118,13 @@ fn requests_that_come_while_an_authorize_is_out_go_as_one_batch_when_it_answers(
     answer_batch(
         &mut f,
         b,
-        vec![
-            decided(allowed("acme/2", 7)),
-            decided(denied()),
-            failed,
-        ],
+        vec![decided(allowed("acme/2", 7)), decided(denied()), failed],
     );
     assert_eq!((f.resumed(r2), f.local_response(r2).is_none()), (1, true));
     assert_eq!(f.local_response(r3).map(|r| r.status), Some(429));
     assert_eq!(
-        f.local_response(r3).and_then(|r| r.header("retry-after").map(String::from)),
+        f.local_response(r3)
+            .and_then(|r| r.header("retry-after").map(String::from)),
         Some("30".into())
     );
     assert_eq!(f.local_response(r4).map(|r| r.status), Some(503));
@@ -130,7 +135,10 @@ fn requests_that_come_while_an_authorize_is_out_go_as_one_batch_when_it_answers(
         f.response_headers(r2, &[(":status", "200")], true).unwrap(),
         CONTINUE
     );
-    assert_eq!(f.response_header(r2, "ratelimit-remaining").as_deref(), Some("7"));
+    assert_eq!(
+        f.response_header(r2, "ratelimit-remaining").as_deref(),
+        Some("7")
+    );
     f.finish(r2).unwrap();
     for ctx in [first, r3, r4] {
         f.finish(ctx).unwrap();
@@ -162,8 +170,12 @@ fn a_request_that_goes_away_while_it_waits_is_never_sent_and_one_in_a_batch_is_g
     let (stays, _) = start(&mut f, "/open/4", "k4");
     // The client of the second leaves before the line frees: it is dropped from the queue.
     f.reset(gone_early).unwrap();
-    f.answer(single.token, 200, allowed("acme/1", 9).to_string().as_bytes())
-        .unwrap();
+    f.answer(
+        single.token,
+        200,
+        allowed("acme/1", 9).to_string().as_bytes(),
+    )
+    .unwrap();
     let batch = f.take_calls();
     assert_eq!(batch.len(), 1);
     let sent: Vec<Value> = batch[0].json()["requests"]
@@ -172,7 +184,11 @@ fn a_request_that_goes_away_while_it_waits_is_never_sent_and_one_in_a_batch_is_g
         .iter()
         .map(|r| r["api_key"].clone())
         .collect();
-    assert_eq!(sent, [json!("k3"), json!("k4")], "k2 left before it was sent");
+    assert_eq!(
+        sent,
+        [json!("k3"), json!("k4")],
+        "k2 left before it was sent"
+    );
     // The third leaves while its batch is out; the answer admits it: its hold goes back.
     f.reset(gone_late).unwrap();
     answer_batch(
@@ -182,7 +198,8 @@ fn a_request_that_goes_away_while_it_waits_is_never_sent_and_one_in_a_batch_is_g
     );
     assert_eq!(f.resumed(stays), 1);
     for ctx in [first, stays] {
-        f.response_headers(ctx, &[(":status", "200")], true).unwrap();
+        f.response_headers(ctx, &[(":status", "200")], true)
+            .unwrap();
         f.finish(ctx).unwrap();
     }
     let calls = flush(&mut f);
@@ -208,7 +225,11 @@ fn a_request_that_goes_away_while_it_waits_is_never_sent_and_one_in_a_batch_is_g
         .map(|c| &c["hold_id"])
         .collect();
     assert_eq!(holds, [&json!("acme/1"), &json!("acme/4")]);
-    assert_eq!(f.metric("tollgate.decisions_cancelled"), 0, "nothing to cancel");
+    assert_eq!(
+        f.metric("tollgate.decisions_cancelled"),
+        0,
+        "nothing to cancel"
+    );
 }
 
 #[test]
@@ -219,13 +240,20 @@ fn a_batch_that_gets_no_answer_fails_each_request_by_its_mode_and_cancels_the_go
     let (open, _) = start(&mut f, "/open/2", "k2");
     let (closed, _) = start(&mut f, "/closed/3", "k3");
     let (gone, _) = start(&mut f, "/open/4", "k4");
-    f.answer(single.token, 200, allowed("acme/1", 9).to_string().as_bytes())
-        .unwrap();
+    f.answer(
+        single.token,
+        200,
+        allowed("acme/1", 9).to_string().as_bytes(),
+    )
+    .unwrap();
     let batch = f.take_calls().remove(0);
     f.reset(gone).unwrap();
     // The sidecar's cluster timed out (Envoy answers without a status).
     f.answer(batch.token, 0, b"").unwrap();
-    assert_eq!((f.resumed(open), f.local_response(open).is_none()), (1, true));
+    assert_eq!(
+        (f.resumed(open), f.local_response(open).is_none()),
+        (1, true)
+    );
     assert_eq!(f.local_response(closed).map(|r| r.status), Some(503));
     // Whatever the batch may have held for the request that left is cancelled by its key.
     let keys = batch.json()["requests"][2]["idempotency_key"].clone();
@@ -239,7 +267,8 @@ fn a_batch_that_gets_no_answer_fails_each_request_by_its_mode_and_cancels_the_go
     assert_eq!(cancels[0]["idempotency_key"], keys);
     assert_eq!(cancels[0]["api_key"], "k4");
     // The open request passed unmetered: nothing is settled for it.
-    f.response_headers(open, &[(":status", "200")], true).unwrap();
+    f.response_headers(open, &[(":status", "200")], true)
+        .unwrap();
     f.finish(open).unwrap();
     assert!(flush(&mut f).is_empty());
 }
@@ -257,8 +286,12 @@ fn a_waiting_request_past_its_deadline_gets_its_mode_and_is_never_sent() {
     assert_eq!(f.local_response(closed).map(|r| r.status), Some(503));
     assert!(f.take_calls().is_empty(), "the line is still full");
     // The single answers late: nothing is left to send.
-    f.answer(single.token, 200, allowed("acme/1", 9).to_string().as_bytes())
-        .unwrap();
+    f.answer(
+        single.token,
+        200,
+        allowed("acme/1", 9).to_string().as_bytes(),
+    )
+    .unwrap();
     assert!(
         f.take_calls()
             .iter()
@@ -266,11 +299,14 @@ fn a_waiting_request_past_its_deadline_gets_its_mode_and_is_never_sent() {
         "nothing waits any more"
     );
     // The request that failed open goes on unmetered.
-    f.response_headers(open, &[(":status", "200")], true).unwrap();
+    f.response_headers(open, &[(":status", "200")], true)
+        .unwrap();
     f.finish(open).unwrap();
     let calls = flush(&mut f);
     assert!(
-        calls.iter().all(|c| c.header(":path") == Some("/v1/release")),
+        calls
+            .iter()
+            .all(|c| c.header(":path") == Some("/v1/release")),
         "the late single's hold is given back, nothing else: {calls:?}"
     );
 }
@@ -293,8 +329,12 @@ fn a_replayed_client_key_in_a_batch_is_refused_409_and_a_body_route_waits_with_i
         PAUSE
     );
     assert!(f.take_calls().is_empty());
-    f.answer(single.token, 200, allowed("acme/1", 9).to_string().as_bytes())
-        .unwrap();
+    f.answer(
+        single.token,
+        200,
+        allowed("acme/1", 9).to_string().as_bytes(),
+    )
+    .unwrap();
     let batch = f.take_calls().remove(0);
     let item = &batch.json()["requests"][0];
     assert_eq!(item["idempotency_key"], "ik:order-7");
@@ -316,7 +356,11 @@ fn a_replayed_client_key_in_a_batch_is_refused_409_and_a_body_route_waits_with_i
 
 #[test]
 fn authorize_batching_can_be_turned_off() {
-    let cfg = config().replacen("\"deadline_ms\"", "\"authorize_batch\":0,\"deadline_ms\"", 1);
+    let cfg = config().replacen(
+        "\"deadline_ms\"",
+        "\"authorize_batch\":0,\"deadline_ms\"",
+        1,
+    );
     let mut f = Filter::load(&cfg).unwrap();
     assert!(f.configured);
     for k in ["k1", "k2", "k3"] {

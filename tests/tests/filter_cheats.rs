@@ -14,6 +14,9 @@ fn config() -> String {
         "commit_batch": 100,
         "commit_interval_ms": 50,
         "commit_batch_bytes": 65536,
+        // A callout per request, so each attempt's authorize is read on its own (batched ones
+        // carry the same request: tests/tests/filter_batch.rs).
+        "authorize_batch": 0,
         "routes": [
             {"name": "chat", "method": "POST", "path_prefix": "/v1/chat/completions",
              "charges": {"requests": {"fixed": 1}, "input_tokens": {"fixed": 0},

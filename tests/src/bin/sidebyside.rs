@@ -301,7 +301,11 @@ async fn main() -> Result<()> {
     ] {
         let prefix = format!("{run}_{label}");
         let tg = start_tollgate(&sidecar, &prefix, env, conns).await?;
-        let envoy = Envoy::start_with(upstream, tg.port, Some((&filter, &filter_config(None, true))))?;
+        let envoy = Envoy::start_with(
+            upstream,
+            tg.port,
+            Some((&filter, &filter_config(None, true))),
+        )?;
         let keys = Arc::new(tg.keys.clone());
         let hot = Arc::new(vec![tg.keys[0].clone()]);
         let cmds_before = tollgate_sidecar::store::commands_processed(&redis_url).await;
@@ -358,8 +362,11 @@ async fn main() -> Result<()> {
             paced_full = Some(paced(envoy.port, conns, secs, half, &keys).await);
             // The same sidecar, a callout per request (batching off): what batching adds.
             drop(envoy);
-            let envoy =
-                Envoy::start_with(upstream, tg.port, Some((&filter, &filter_config(None, false))))?;
+            let envoy = Envoy::start_with(
+                upstream,
+                tg.port,
+                Some((&filter, &filter_config(None, false))),
+            )?;
             let out = drive(envoy.port, conns, secs, &keys).await;
             rows.push(Row {
                 name: "3c. Tollgate (Redis + PostgreSQL), a callout per request (no batching)"
