@@ -476,8 +476,22 @@ async fn cheats(backend: Backend) {
     );
     assert!(commits.iter().all(|c| *c == per_stream), "{commits:?}");
     let open = count(&entries, "hold") as u64 - served;
+    // A hundred at once on one worker: most waited for the line and went in batches, each
+    // still decided and charged on its own (above).
+    let batched = w
+        .envoy
+        .stat("wasmcustom.tollgate.authorize_batched")
+        .unwrap_or(0);
+    let batches = w
+        .envoy
+        .stat("wasmcustom.tollgate.authorize_batches")
+        .unwrap_or(0);
+    assert!(
+        batched > 0 && batches < batched,
+        "{batched} in {batches} batches"
+    );
     println!(
-        "usage-less 100 KB streams ({counted} tokens each): one settled {} ms after its response; {served} of 100 at once committed {} ms after the last ({open} refused at the deadline, their late holds left to the sweeper)",
+        "usage-less 100 KB streams ({counted} tokens each): one settled {} ms after its response; {served} of 100 at once committed {} ms after the last ({open} refused at the deadline, their late holds left to the sweeper); {batched} authorized in {batches} batches",
         one.as_millis(),
         hundred.as_millis()
     );
