@@ -143,10 +143,23 @@ impl Envoy {
 
     /// A stat's value from the admin endpoint, e.g. `wasmcustom.tollgate.allowed`.
     pub fn stat(&self, name: &str) -> Option<i64> {
+        self.stat_text(name).and_then(|v| v.trim().parse().ok())
+    }
+
+    /// A stat as the admin endpoint prints it (a histogram: `P0(interval,cumulative) P25(…`).
+    pub fn stat_text(&self, name: &str) -> Option<String> {
         let body = http_get(self.admin_port, &format!("/stats?filter={name}$"))?;
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
+            .map(str::to_string)
+    }
+
+    /// A histogram's cumulative quantile, e.g. `("wasmcustom.tollgate.callout_ms", "P99")`.
+    pub fn quantile(&self, name: &str, q: &str) -> Option<f64> {
+        let text = self.stat_text(name)?;
+        let at = text.find(&format!("{q}("))? + q.len() + 1;
+        let inner = text.get(at..)?.split(')').next()?;
+        inner.split(',').nth(1)?.trim().parse().ok()
     }
 }
 

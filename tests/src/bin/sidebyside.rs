@@ -8,10 +8,13 @@
 //! 2. the no-op callout filter (`filter/examples/noop_callout.rs`: one callout per request to a
 //!    trivial HTTP/2 server) — the ceiling for any design with a callout per request;
 //! 3. Tollgate, full enforcement: filter + sidecar process + Redis + PostgreSQL sync, one key per
-//!    connection, then every connection on one key (hot key);
-//! 4. Tollgate on the embedded store and SQLite ledger.
+//!    connection, then every connection on one key (hot key), then with a callout per request
+//!    (authorize batching off);
+//! 4. Tollgate on the embedded store and SQLite ledger;
+//! 5. Tollgate with leases, on the body-reading route and on one that reads no body.
 //!
-//! Options: --seconds N (10) --connections N (32) --filter PATH --noop PATH --sidecar PATH
+//! Options: --seconds N (10) --connections N (32) --authorize-inflight N (1)
+//! --commit-interval-ms N (100) --filter PATH --noop PATH --sidecar PATH
 //! (the release binaries `./tg bench` builds). Redis and PostgreSQL: TOLLGATE_REDIS_URL
 //! (redis://127.0.0.1:6379), TOLLGATE_BENCH_DATABASE_URL (postgres://postgres@127.0.0.1:5432);
 //! a fresh key prefix and database per run, removed afterwards.
@@ -35,6 +38,10 @@ fn arg(name: &str) -> Option<String> {
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .cloned()
+}
+
+fn num_arg(name: &str, default: u64) -> u64 {
+    arg(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn sidecar_toml(prefix: &str) -> String {
@@ -63,13 +70,20 @@ output_tokens = 1
 /// the usage from the JSON response (the realistic LLM-gateway path).
 /// With `lease`, the route is served from leases of that many requests (2 s each). Without
 /// `batch`, every request has an authorize callout of its own (`authorize_batch: 0`).
-fn filter_config(lease: Option<u64>, batch: bool) -> String {
+fn filter_config(lease: Option<u64>, batch: bool, reads_body: bool) -> String {
     let mut route = json!({
         "name": "chat", "method": "POST", "path_prefix": "/v1/chat/",
         "charges": {"requests": {"fixed": 1}, "input_tokens": {"fixed": 0},
                     "output_tokens": {"body_field": "max_tokens", "default": 64, "cap": 1000}},
         "usage": {"source": "body"}, "model_field": "model"
     });
+    if !reads_body {
+        // The same route with fixed charges: no body read, the estimate charged.
+        route = json!({
+            "name": "chat", "method": "POST", "path_prefix": "/v1/chat/",
+            "charges": {"requests": {"fixed": 1}, "output_tokens": {"fixed": 32}}
+        });
+    }
     if let Some(n) = lease {
         route["lease"] = json!({"requests": n, "ttl_ms": 2000});
     }
@@ -78,6 +92,8 @@ fn filter_config(lease: Option<u64>, batch: bool) -> String {
         "deadline_ms": 1000,
         "key": {"header": "x-api-key"},
         "authorize_batch": if batch { 64 } else { 0 },
+        "commit_interval_ms": num_arg("--commit-interval-ms", 100),
+        "authorize_inflight": num_arg("--authorize-inflight", 1),
         "routes": [route]
     })
     .to_string()
@@ -207,13 +223,20 @@ async fn start_tollgate(
 
 /// Sync lag quantiles from the sidecar's Prometheus histogram (bucket upper bounds, ms).
 async fn sync_lag(port: u16) -> String {
+    let (p50, p99) = sidecar_quantiles(port, "tollgate_sync_lag_milliseconds").await;
+    format!("sync lag p50 {p50} / p99 {p99} ms")
+}
+
+/// The p50 and p99 of one of the sidecar's Prometheus histograms, as bucket upper bounds.
+async fn sidecar_quantiles(port: u16, name: &str) -> (String, String) {
     let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
-        return "?".into();
+        return ("?".into(), "?".into());
     };
     let text = r.text().await.unwrap_or_default();
+    let prefix = format!("{name}_bucket{{le=\"");
     let buckets: Vec<(String, f64)> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("tollgate_sync_lag_milliseconds_bucket{le=\""))
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .filter_map(|l| {
             let (le, n) = l.split_once("\"} ")?;
             Some((le.to_string(), n.trim().parse().ok()?))
@@ -226,7 +249,7 @@ async fn sync_lag(port: u16) -> String {
             .find(|(_, n)| *n >= total * p)
             .map_or("?".to_string(), |(le, _)| format!("≤{le}"))
     };
-    format!("sync lag p50 {} / p99 {} ms", q(0.5), q(0.99))
+    (q(0.5), q(0.99))
 }
 
 #[tokio::main]
@@ -304,7 +327,7 @@ async fn main() -> Result<()> {
         let envoy = Envoy::start_with(
             upstream,
             tg.port,
-            Some((&filter, &filter_config(None, true))),
+            Some((&filter, &filter_config(None, true, true))),
         )?;
         let keys = Arc::new(tg.keys.clone());
         let hot = Arc::new(vec![tg.keys[0].clone()]);
@@ -327,6 +350,28 @@ async fn main() -> Result<()> {
             "4. Tollgate (embedded store + SQLite), key per connection"
         };
         let lag = sync_lag(tg.port).await;
+        // Where a request's time goes: the filter's wait for its decision (Envoy's histogram,
+        // from asking to the answer, a wait for the line included) and the sidecar's own time
+        // per decision.
+        let (d50, d99) =
+            sidecar_quantiles(tg.port, "tollgate_decision_duration_microseconds").await;
+        let q = |p: &str| {
+            envoy
+                .quantile("wasmcustom.tollgate.callout_ms", p)
+                .map_or("?".into(), |v| format!("{v:.1}"))
+        };
+        let rq = |p: &str| {
+            envoy
+                .quantile("cluster.tollgate_sidecar.upstream_rq_time", p)
+                .map_or("?".into(), |v| format!("{v:.1}"))
+        };
+        let lag = format!(
+            "{lag}; decision wait p50 {} / p99 {} ms, Envoy's callouts to the sidecar p50 {} / p99 {} ms, sidecar's decision p50 {d50} / p99 {d99} µs",
+            q("P50"),
+            q("P99"),
+            rq("P50"),
+            rq("P99")
+        );
         rows.push(Row {
             name: name.into(),
             out,
@@ -365,7 +410,7 @@ async fn main() -> Result<()> {
             let envoy = Envoy::start_with(
                 upstream,
                 tg.port,
-                Some((&filter, &filter_config(None, false))),
+                Some((&filter, &filter_config(None, false, true))),
             )?;
             let out = drive(envoy.port, conns, secs, &keys).await;
             rows.push(Row {
@@ -381,7 +426,7 @@ async fn main() -> Result<()> {
             let envoy = Envoy::start_with(
                 upstream,
                 tg.port,
-                Some((&filter, &filter_config(Some(200), true))),
+                Some((&filter, &filter_config(Some(200), true, true))),
             )?;
             let out = drive(envoy.port, conns, secs, &keys).await;
             rows.push(Row {
@@ -397,6 +442,21 @@ async fn main() -> Result<()> {
                 ),
             });
             paced_lease = Some(paced(envoy.port, conns, secs, half, &keys).await);
+            // Leases on a route that reads no body (fixed charges).
+            drop(envoy);
+            let envoy = Envoy::start_with(
+                upstream,
+                tg.port,
+                Some((&filter, &filter_config(Some(200), true, false))),
+            )?;
+            let out = drive(envoy.port, conns, secs, &keys).await;
+            rows.push(Row {
+                name: "5b. Tollgate with leases, a route that reads no body".into(),
+                out,
+                envoy_kib: peak_rss_kib(envoy.pid()),
+                sidecar_kib: peak_rss_kib(tg.process.pid()),
+                extra: String::new(),
+            });
         } else {
             drop(envoy);
         }
@@ -432,12 +492,14 @@ async fn main() -> Result<()> {
     println!(
         "ratios: full/passthrough (3/1) {:.2}, full/no-op callout (3/2) {:.2}, \
          hot key/no-op callout (3b/2) {:.2}, unbatched/no-op callout (3c/2) {:.2}, \
-         leases/passthrough (5/1) {:.2}, embedded/full (4/3) {:.2}",
+         leases/passthrough (5/1) {:.2}, leases without a body/passthrough (5b/1) {:.2}, \
+         embedded/full (4/3) {:.2}",
         rps("3.") / rps("1.").max(1.0),
         rps("3.") / rps("2.").max(1.0),
         rps("3b.") / rps("2.").max(1.0),
         rps("3c.") / rps("2.").max(1.0),
         rps("5.") / rps("1.").max(1.0),
+        rps("5b.") / rps("1.").max(1.0),
         rps("4.") / rps("3.").max(1.0)
     );
     if let Some(full) = paced_full {
