@@ -353,7 +353,7 @@ fn default_batch() -> usize {
     100
 }
 fn default_commit_interval() -> u64 {
-    100
+    20
 }
 fn default_batch_bytes() -> usize {
     1 << 20

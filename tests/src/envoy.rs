@@ -68,6 +68,17 @@ impl Envoy {
         sidecar_port: u16,
         filter: Option<(&str, &str)>,
     ) -> Result<Envoy> {
+        Self::start_workers(upstream_port, sidecar_port, filter, 1)
+    }
+
+    /// [`Envoy::start_with`] with `workers` worker threads (`--concurrency`), each with its own
+    /// VM of the filter.
+    pub fn start_workers(
+        upstream_port: u16,
+        sidecar_port: u16,
+        filter: Option<(&str, &str)>,
+        workers: u32,
+    ) -> Result<Envoy> {
         let mut template = std::fs::read_to_string(format!(
             "{}/../envoy/envoy.tmpl.yaml",
             env!("CARGO_MANIFEST_DIR")
@@ -101,7 +112,7 @@ impl Envoy {
                 "-c",
                 &cfg.display().to_string(),
                 "--concurrency",
-                "1",
+                &workers.to_string(),
                 "--log-level",
                 "warn",
             ])

@@ -652,6 +652,117 @@ async fn a_leased_route_through_envoy_on_the_embedded_store() {
     leased_route_through_envoy(Backend::Embedded).await
 }
 
+/// Authorize batches in a real Envoy with two workers (a VM and a wake-up queue each): 150
+/// requests at once over many connections against a limit of 60 a day are admitted exactly 60
+/// times, each admitted one charged once, the rest refused 429 — most of them decided in
+/// batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_authorizes_on_two_envoy_workers_admit_exactly_the_limit() {
+    let run = tollgate_sidecar::apikey::new_id("tgt");
+    let mut cfg = sidecar_config(Backend::RedisPostgres, &run);
+    let limit = 60u64;
+    let text = format!(
+        "{SIDECAR}\n[plans.capped]\nlimits = [{{ meter = \"requests\", window = \"day\", max = {limit} }}]\n"
+    );
+    cfg.plans = Config::from_toml(&text).unwrap().plans;
+    let engine = tollgate_sidecar::build_engine(cfg.clone(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let _bg = tollgate_sidecar::spawn_background(&engine);
+    let sidecar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sidecar_port = sidecar.local_addr().unwrap().port();
+    tokio::spawn(tollgate_sidecar::serve(engine.clone(), sidecar));
+    engine
+        .create_account(serde_json::from_value(json!({"id": "acme", "plan": "capped"})).unwrap())
+        .await
+        .unwrap();
+    let key = engine
+        .create_key("acme", Default::default())
+        .await
+        .unwrap()
+        .1;
+    let up_port = wasm_host::mock::start().await.unwrap();
+    let filter = json!({
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 5000, "token": wasm_host::stores::DECISION_TOKEN},
+        "deadline_ms": 5000,
+        "key": {"header": "x-api-key"},
+        "commit_interval_ms": 20,
+        "routes": [{
+            "name": "chat", "method": "POST", "path_prefix": "/v1/chat/",
+            "charges": {"requests": {"fixed": 1}, "output_tokens": {"body_field": "max_tokens", "cap": 100}},
+            "usage": {"source": "body"}
+        }]
+    })
+    .to_string();
+    let envoy = Envoy::start_workers(
+        up_port,
+        sidecar_port,
+        Some((&wasm_host::wasm_path(), &filter)),
+        2,
+    )
+    .unwrap();
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port);
+    // A client per request: each its own connection, spread over both workers.
+    let statuses = futures::future::join_all((0..150).map(|i| {
+        let (url, key) = (url.clone(), key.clone());
+        async move {
+            let r = reqwest::Client::new()
+                .post(&url)
+                .header("x-api-key", &key)
+                .header("x-request-id", format!("two-workers-{i}"))
+                .json(&json!({"max_tokens": 30}))
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            let _ = r.bytes().await;
+            s
+        }
+    }))
+    .await;
+    let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
+    let denied = statuses.iter().filter(|s| **s == 429).count() as u64;
+    assert_eq!((ok, denied), (limit, 150 - limit), "{statuses:?}");
+    let batched = envoy
+        .stat("wasmcustom.tollgate.authorize_batched")
+        .unwrap_or(0);
+    let batches = envoy
+        .stat("wasmcustom.tollgate.authorize_batches")
+        .unwrap_or(0);
+    assert!(
+        batched > 0 && batches < batched,
+        "{batched} in {batches} batches"
+    );
+    // Every admitted request settled once: the ledger's requests are the limit.
+    let want = limit;
+    let t = std::time::Instant::now();
+    loop {
+        let commits = engine.metrics.committed.get();
+        if commits >= want || t.elapsed() > std::time::Duration::from_secs(20) {
+            while engine.sync.sync_all().await.unwrap() > 0 {}
+            let used: i64 = engine
+                .ledger
+                .usage_of("acme")
+                .await
+                .unwrap()
+                .iter()
+                .filter(|u| u.1 == "requests")
+                .map(|u| u.3)
+                .sum();
+            assert_eq!(
+                used as u64, want,
+                "the ledger counts every admitted request once"
+            );
+            assert_eq!(commits, want, "each admitted request committed once");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    println!("two workers: {ok} admitted of 150, {batched} authorized in {batches} batches");
+    drop(envoy);
+    engine.ledger.close().await;
+}
+
 /// Scale-out on a Redis Cluster: two sidecars on a local 3-master cluster and one PostgreSQL,
 /// each behind its own Envoy; one key's requests alternate between the two Envoys, and together
 /// they admit exactly the daily limit, charged once each in the ledger.

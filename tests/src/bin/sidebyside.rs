@@ -14,7 +14,7 @@
 //! 5. Tollgate with leases, on the body-reading route and on one that reads no body.
 //!
 //! Options: --seconds N (10) --connections N (32) --authorize-inflight N (1)
-//! --commit-interval-ms N (100) --filter PATH --noop PATH --sidecar PATH
+//! --commit-interval-ms N (20) --filter PATH --noop PATH --sidecar PATH
 //! (the release binaries `./tg bench` builds). Redis and PostgreSQL: TOLLGATE_REDIS_URL
 //! (redis://127.0.0.1:6379), TOLLGATE_BENCH_DATABASE_URL (postgres://postgres@127.0.0.1:5432);
 //! a fresh key prefix and database per run, removed afterwards.
@@ -92,7 +92,7 @@ fn filter_config(lease: Option<u64>, batch: bool, reads_body: bool) -> String {
         "deadline_ms": 1000,
         "key": {"header": "x-api-key"},
         "authorize_batch": if batch { 64 } else { 0 },
-        "commit_interval_ms": num_arg("--commit-interval-ms", 100),
+        "commit_interval_ms": num_arg("--commit-interval-ms", 20),
         "authorize_inflight": num_arg("--authorize-inflight", 1),
         "routes": [route]
     })
@@ -106,6 +106,22 @@ async fn trivial_server() -> Result<u16> {
     let app = axum::Router::new().route("/noop", axum::routing::post(|| async { "{}" }));
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(port)
+}
+
+/// The responses that were not 200, with their statuses ("0" when all were).
+fn errors_of(out: &Outcome) -> String {
+    let n = out.not(200);
+    if n == 0 {
+        return "0".into();
+    }
+    let by: Vec<String> = out
+        .statuses
+        .iter()
+        .filter(|(s, _)| **s != 200)
+        .map(|(s, c)| format!("{s}: {c}"))
+        .chain((out.errors > 0).then(|| format!("no status: {}", out.errors)))
+        .collect();
+    format!("{n} ({})", by.join(", "))
 }
 
 struct Row {
@@ -477,7 +493,7 @@ async fn main() -> Result<()> {
             r.out.pct_ms(0.5),
             r.out.pct_ms(0.99),
             r.out.pct_ms(0.999),
-            r.out.not(200),
+            errors_of(&r.out),
             mib(r.envoy_kib),
             mib(r.sidecar_kib),
             r.extra
