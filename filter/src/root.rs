@@ -59,13 +59,7 @@ impl Context for Root {
             return;
         }
         if let Some(items) = self.authz_calls.remove(&token) {
-            let status = crate::http::header(MapType::HttpCallResponseHeaders, ":status")
-                .and_then(|s| s.parse::<u16>().ok())
-                .unwrap_or(0);
-            let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+            let (status, body) = call_response(body_size);
             if let Some(shared) = self.shared.clone() {
                 {
                     let mut s = shared.borrow_mut();
@@ -79,17 +73,23 @@ impl Context for Root {
         let Some(batch) = self.inflight.remove(&token) else {
             return;
         };
-        let status = crate::http::header(MapType::HttpCallResponseHeaders, ":status")
-            .and_then(|s| s.parse::<u16>().ok())
-            .unwrap_or(0);
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let (status, body) = call_response(body_size);
         if let Some(shared) = self.shared.clone() {
             Self::answered(&shared, status, &body, batch);
         }
     }
+}
+
+/// The status (0 when there is none: no answer came) and body of the callout answering now.
+fn call_response(body_size: usize) -> (u16, Vec<u8>) {
+    let status = crate::http::header(MapType::HttpCallResponseHeaders, ":status")
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(0);
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// What becomes of one settlement after its callout answered.

@@ -44,6 +44,29 @@ fn failed(e: &Engine, err: &ApiError) -> ErrorDetail {
     }
 }
 
+/// Decides every item concurrently; each is answered with its outcome, or with the error it
+/// would have had alone.
+async fn each<'a, T, O, Fut>(
+    e: &Engine,
+    list: &[&'a RawValue],
+    decide: impl Fn(usize, &'a RawValue) -> Fut,
+    ok: impl Fn(T) -> O,
+    fail: impl Fn(u16, ErrorDetail) -> O,
+) -> Vec<O>
+where
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    let outcomes =
+        futures::future::join_all(list.iter().enumerate().map(|(i, raw)| decide(i, raw))).await;
+    outcomes
+        .into_iter()
+        .map(|o| match o {
+            Ok(v) => ok(v),
+            Err(err) => fail(err.status().as_u16(), failed(e, &err)),
+        })
+        .collect()
+}
+
 fn items<'a, T: Deserialize<'a>>(
     bytes: &'a [u8],
     max: usize,
@@ -68,23 +91,20 @@ pub(crate) async fn commit_batch(
         require_decision(&e, &headers, false)?;
         let bytes = bytes_of(body)?;
         let list = items(&bytes, MAX_BATCH, "commits", |b: RawCommits| b.commits)?;
-        let outcomes = futures::future::join_all(list.iter().enumerate().map(|(i, raw)| {
-            let item = serde_json::from_str::<CommitRequest>(raw.get())
-                .map_err(|err| ApiError::Invalid(format!("commits[{i}]: invalid commit: {err}")));
-            let e = &e;
-            async move { e.commit(item?).await }
-        }))
+        let results = each(
+            &e,
+            &list,
+            |i, raw| {
+                let item = serde_json::from_str::<CommitRequest>(raw.get()).map_err(|err| {
+                    ApiError::Invalid(format!("commits[{i}]: invalid commit: {err}"))
+                });
+                let e = &e;
+                async move { e.commit(item?).await }
+            },
+            |(s, _)| CommitOutcome::Settled(s),
+            |status, error| CommitOutcome::Failed { status, error },
+        )
         .await;
-        let results = outcomes
-            .into_iter()
-            .map(|o| match o {
-                Ok((s, _)) => CommitOutcome::Settled(s),
-                Err(err) => CommitOutcome::Failed {
-                    status: err.status().as_u16(),
-                    error: failed(&e, &err),
-                },
-            })
-            .collect();
         Ok(CommitBatchResult { results })
     }
     .await;
@@ -111,29 +131,25 @@ pub(crate) async fn authorize_batch(
         )?;
         e.metrics.authorize_batches.inc();
         e.metrics.authorize_batched.add(list.len() as u64);
-        let outcomes = futures::future::join_all(list.iter().enumerate().map(|(i, raw)| {
-            let (e, headers) = (&e, &headers);
-            async move {
-                let req = serde_json::from_str::<SpendRequest>(raw.get()).map_err(|err| {
-                    ApiError::Invalid(format!("requests[{i}]: invalid request: {err}"))
-                })?;
-                if req.account.is_some() {
-                    require_decision(e, headers, true)?;
+        let results = each(
+            &e,
+            &list,
+            |i, raw| {
+                let (e, headers) = (&e, &headers);
+                async move {
+                    let req = serde_json::from_str::<SpendRequest>(raw.get()).map_err(|err| {
+                        ApiError::Invalid(format!("requests[{i}]: invalid request: {err}"))
+                    })?;
+                    if req.account.is_some() {
+                        require_decision(e, headers, true)?;
+                    }
+                    e.authorize(req).await
                 }
-                e.authorize(req).await
-            }
-        }))
+            },
+            |(decision, replayed)| AuthorizeOutcome::Decided { decision, replayed },
+            |status, error| AuthorizeOutcome::Failed { status, error },
+        )
         .await;
-        let results = outcomes
-            .into_iter()
-            .map(|o| match o {
-                Ok((decision, replayed)) => AuthorizeOutcome::Decided { decision, replayed },
-                Err(err) => AuthorizeOutcome::Failed {
-                    status: err.status().as_u16(),
-                    error: failed(&e, &err),
-                },
-            })
-            .collect();
         Ok(AuthorizeBatchResult { results })
     }
     .await;

@@ -548,23 +548,32 @@ async fn sidecar_killed_during_traffic_then_back_on_the_embedded_store() {
 /// A leased route through Envoy: most requests are admitted from the worker's lease with no
 /// callout, the daily limit still holds (never more than its maximum admitted), and once the
 /// lease is committed the ledger charges exactly what the admitted requests used.
-async fn leased_route_through_envoy(backend: Backend) {
+/// A sidecar served from this process, its plan `capped` allowing `limit` requests a day, and
+/// account `acme` on that plan with one key.
+struct InProcess {
+    engine: Arc<tollgate_sidecar::engine::Engine>,
+    cfg: Config,
+    port: u16,
+    key: String,
+    _background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn in_process(backend: Backend, limit: u64) -> InProcess {
     let run = tollgate_sidecar::apikey::new_id("tgt");
     let mut cfg = sidecar_config(backend, &run);
-    let limit = 40u64;
     let text = format!(
-        "{SIDECAR}\n[plans.leasing]\nlimits = [{{ meter = \"requests\", window = \"day\", max = {limit} }}]\n"
+        "{SIDECAR}\n[plans.capped]\nlimits = [{{ meter = \"requests\", window = \"day\", max = {limit} }}]\n"
     );
     cfg.plans = Config::from_toml(&text).unwrap().plans;
     let engine = tollgate_sidecar::build_engine(cfg.clone(), Arc::new(SystemClock))
         .await
         .unwrap();
-    let _bg = tollgate_sidecar::spawn_background(&engine);
+    let background = tollgate_sidecar::spawn_background(&engine);
     let sidecar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sidecar_port = sidecar.local_addr().unwrap().port();
+    let port = sidecar.local_addr().unwrap().port();
     tokio::spawn(tollgate_sidecar::serve(engine.clone(), sidecar));
     engine
-        .create_account(serde_json::from_value(json!({"id": "acme", "plan": "leasing"})).unwrap())
+        .create_account(serde_json::from_value(json!({"id": "acme", "plan": "capped"})).unwrap())
         .await
         .unwrap();
     let key = engine
@@ -572,6 +581,19 @@ async fn leased_route_through_envoy(backend: Backend) {
         .await
         .unwrap()
         .1;
+    InProcess {
+        engine,
+        cfg,
+        port,
+        key,
+        _background: background,
+    }
+}
+
+async fn leased_route_through_envoy(backend: Backend) {
+    let limit = 40u64;
+    let side = in_process(backend, limit).await;
+    let (engine, key, sidecar_port) = (&side.engine, &side.key, side.port);
     engine
         .grant(
             "acme",
@@ -601,7 +623,7 @@ async fn leased_route_through_envoy(backend: Backend) {
     for i in 0..60 {
         let r = http
             .post(&url)
-            .header("x-api-key", &key)
+            .header("x-api-key", key)
             .header("x-request-id", format!("lease-e2e-{i}"))
             .json(&json!({}))
             .send()
@@ -621,7 +643,7 @@ async fn leased_route_through_envoy(backend: Backend) {
     // Once the leases are committed (500 ms, then the next tick), the ledger has it all: each
     // admitted request used 1 request, 10 input and 20 output tokens (the mock's usage).
     let per_request = 1 + wasm_host::mock::PROMPT_TOKENS + wasm_host::mock::COMPLETION_TOKENS;
-    wait_for_balance(&engine, "acme", 100000 - ok * per_request).await;
+    wait_for_balance(engine, "acme", 100000 - ok * per_request).await;
     while engine.sync.sync_all().await.unwrap() > 0 {}
     let used: i64 = engine
         .ledger
@@ -639,7 +661,7 @@ async fn leased_route_through_envoy(backend: Backend) {
     println!("leases: {ok} admitted, {leased} of them from a lease, limit {limit}");
     drop(envoy);
     engine.ledger.close().await;
-    remove_sqlite(&cfg);
+    remove_sqlite(&side.cfg);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -658,29 +680,16 @@ async fn a_leased_route_through_envoy_on_the_embedded_store() {
 /// batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_authorizes_on_two_envoy_workers_admit_exactly_the_limit() {
-    let run = tollgate_sidecar::apikey::new_id("tgt");
-    let mut cfg = sidecar_config(Backend::RedisPostgres, &run);
     let limit = 60u64;
-    let text = format!(
-        "{SIDECAR}\n[plans.capped]\nlimits = [{{ meter = \"requests\", window = \"day\", max = {limit} }}]\n"
-    );
-    cfg.plans = Config::from_toml(&text).unwrap().plans;
-    let engine = tollgate_sidecar::build_engine(cfg.clone(), Arc::new(SystemClock))
-        .await
-        .unwrap();
-    let _bg = tollgate_sidecar::spawn_background(&engine);
-    let sidecar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sidecar_port = sidecar.local_addr().unwrap().port();
-    tokio::spawn(tollgate_sidecar::serve(engine.clone(), sidecar));
+    let side = in_process(Backend::RedisPostgres, limit).await;
+    let (engine, key, sidecar_port) = (&side.engine, side.key.clone(), side.port);
     engine
-        .create_account(serde_json::from_value(json!({"id": "acme", "plan": "capped"})).unwrap())
+        .grant(
+            "acme",
+            serde_json::from_value(json!({"grant_id": "pack", "amount": 100000})).unwrap(),
+        )
         .await
         .unwrap();
-    let key = engine
-        .create_key("acme", Default::default())
-        .await
-        .unwrap()
-        .1;
     let up_port = wasm_host::mock::start().await.unwrap();
     let filter = json!({
         "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 5000, "token": wasm_host::stores::DECISION_TOKEN},
