@@ -9,22 +9,21 @@
 //! may be a request context, whose callouts the SDK answers to that context only: it wakes the
 //! root through a shared queue of this VM's own, whose `on_queue_ready` Envoy posts to the same
 //! worker's event loop.
+//!
+//! A sidecar that does not know the batch route (an older version, during a rolling upgrade)
+//! answers it 404: the worker then stops batching for a minute, and the requests of that batch
+//! are sent again one by one, from the root.
 
 use proxy_wasm::hostcalls;
 use tollgate_protocol::{Decision, LimitState};
 
-/// A request waiting for the line.
-pub struct Queued {
-    pub context_id: u32,
-    /// Its `SpendRequest`, serialized.
-    pub body: Vec<u8>,
-    pub item: Item,
-}
-
-/// What the root needs of a request in a batch to answer it, or to give back its hold.
+/// A request waiting for the line or in a batch: what the root needs to send it, answer it, or
+/// give back its hold.
 #[derive(Debug, Clone)]
 pub struct Item {
     pub context_id: u32,
+    /// Its `SpendRequest`, serialized.
+    pub body: Vec<u8>,
     pub api_key: String,
     pub idempotency_key: String,
     /// The decision key is the client's `Idempotency-Key` (a replay of it is refused, 409).
@@ -49,7 +48,10 @@ pub enum Admission {
 pub struct Authz {
     /// Authorize callouts out now (single or batch).
     pub inflight: u32,
-    pub queue: Vec<Queued>,
+    pub queue: Vec<Item>,
+    /// The sidecar answered the batch route 404: until then (unix ms), every request has a
+    /// callout of its own.
+    pub unsupported_until_ms: u64,
     /// This VM's wake-up queue (`None`: the host has none, so no batching).
     pub wake: Option<u32>,
     /// A wake-up is posted and not yet delivered.
@@ -59,8 +61,11 @@ pub struct Authz {
 
 impl Authz {
     /// Whether a request should wait for the line instead of calling out now.
-    pub fn must_wait(&self, inflight_max: u32, batch: usize) -> bool {
-        batch > 0 && self.wake.is_some() && self.inflight >= inflight_max
+    pub fn must_wait(&self, inflight_max: u32, batch: usize, now_ms: u64) -> bool {
+        batch > 0
+            && self.wake.is_some()
+            && now_ms >= self.unsupported_until_ms
+            && self.inflight >= inflight_max
     }
 
     /// A callout answered (or was dropped with its stream): the line has room. Returns whether
@@ -87,17 +92,15 @@ impl Authz {
             return None;
         }
         let n = self.queue.len().min(max.max(1));
-        let taken: Vec<Queued> = self.queue.drain(..n).collect();
+        let items: Vec<Item> = self.queue.drain(..n).collect();
         let mut body =
-            Vec::with_capacity(taken.iter().map(|q| q.body.len() + 1).sum::<usize>() + 16);
+            Vec::with_capacity(items.iter().map(|q| q.body.len() + 1).sum::<usize>() + 16);
         body.extend_from_slice(b"{\"requests\":[");
-        let mut items = Vec::with_capacity(taken.len());
-        for (i, q) in taken.into_iter().enumerate() {
+        for (i, q) in items.iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }
             body.extend_from_slice(&q.body);
-            items.push(q.item);
         }
         body.extend_from_slice(b"]}");
         Some((items, body))

@@ -8,7 +8,7 @@
 //! charged at its cap, the response is asked for uncompressed, and a stream is asked to report
 //! its usage. See docs/FILTER.md, "What a client cannot do".
 
-use crate::authz::{Admission, Item, Queued};
+use crate::authz::{Admission, Item};
 use crate::body::{Field, RequestBody};
 use crate::config::{
     BadEstimate, FailureMode, FilterConfig, KeySource, OnUpstreamError, Route, Unmatched,
@@ -411,22 +411,19 @@ impl Request {
             deadline_ms: now + self.cfg.deadline_ms,
             mode: self.mode(),
         };
-        let must_wait = self
-            .shared
-            .borrow()
-            .authz
-            .must_wait(self.cfg.authorize_inflight, self.cfg.authorize_batch);
+        let must_wait = self.shared.borrow().authz.must_wait(
+            self.cfg.authorize_inflight,
+            self.cfg.authorize_batch,
+            now,
+        );
         if must_wait {
-            let queued = Queued {
+            let queued = Item {
                 context_id: self.id,
                 body: serde_json::to_vec(&req).unwrap_or_default(),
-                item: Item {
-                    context_id: self.id,
-                    api_key: req.api_key.unwrap_or_default(),
-                    idempotency_key: req.idempotency_key,
-                    client_key: self.client_key,
-                    asked_ms: now,
-                },
+                api_key: req.api_key.unwrap_or_default(),
+                idempotency_key: req.idempotency_key,
+                client_key: self.client_key,
+                asked_ms: now,
             };
             let mut s = self.shared.borrow_mut();
             s.authz.queue.push(queued);

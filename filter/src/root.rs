@@ -37,8 +37,9 @@ pub struct Root {
     inflight: VecMap<u32, Vec<Pending>>,
     /// Lease requests in flight: token -> what was asked.
     lease_calls: VecMap<u32, LeaseAsk>,
-    /// Authorize batches in flight: token -> the requests in it, in order.
-    authz_calls: VecMap<u32, Vec<Item>>,
+    /// Authorize callouts of the root in flight: token -> the requests in it, in order, and
+    /// whether it is a single `/v1/authorize` (sent again alone after a 404 on the batch route).
+    authz_calls: VecMap<u32, (Vec<Item>, bool)>,
     last_flush_ms: u64,
 }
 
@@ -58,14 +59,32 @@ impl Context for Root {
             self.lease_answered(ask, body_size);
             return;
         }
-        if let Some(items) = self.authz_calls.remove(&token) {
+        if let Some((items, single)) = self.authz_calls.remove(&token) {
             let (status, body) = call_response(body_size);
             if let Some(shared) = self.shared.clone() {
                 {
                     let mut s = shared.borrow_mut();
                     s.authz.inflight = s.authz.inflight.saturating_sub(1);
                 }
-                batch_answered(&shared, status, &body, items);
+                if single {
+                    let replayed = crate::http::header(
+                        MapType::HttpCallResponseHeaders,
+                        "x-tollgate-replayed",
+                    )
+                    .is_some_and(|v| v == "true");
+                    batch_answered(&shared, single_outcome(status, &body, replayed), items);
+                } else if status == 404 {
+                    // A sidecar without the batch route: no more batches from this worker.
+                    shared.borrow_mut().authz.unsupported_until_ms = now_ms() + 60_000;
+                    log(
+                        LogLevel::Warn,
+                        "tollgate: the sidecar has no /v1/authorize/batch (an older version?); \
+                         authorizing each request on its own for a minute",
+                    );
+                    self.send_singly(&shared, items);
+                } else {
+                    batch_answered(&shared, batch_outcomes_of(status, &body), items);
+                }
             }
             self.send_authorizes();
             return;
@@ -219,10 +238,36 @@ impl Root {
                         items.len() as i64,
                     );
                     drop(s);
-                    self.authz_calls.insert(token, items);
+                    self.authz_calls.insert(token, (items, false));
                 }
                 // Cannot be asked: each request gets its failure mode now.
-                Err(_) => batch_answered(&shared, 0, &[], items),
+                Err(_) => batch_answered(&shared, Vec::new(), items),
+            }
+        }
+    }
+
+    /// Sends each request of a batch the sidecar could not take as a `/v1/authorize` of its own
+    /// (from the root, which answers it); those no longer waiting are not sent.
+    fn send_singly(&mut self, shared: &SharedRef, items: Vec<Item>) {
+        let cfg = Rc::clone(&shared.borrow().config);
+        let auth = cfg.sidecar_auth();
+        for item in items {
+            if !shared.borrow().waiting.contains_key(&item.context_id) {
+                continue;
+            }
+            let sent = hostcalls::dispatch_http_call(
+                &cfg.sidecar.cluster,
+                cfg.sidecar.headers("/v1/authorize", &auth),
+                Some(&item.body),
+                vec![],
+                Duration::from_millis(cfg.sidecar.timeout_ms),
+            );
+            match sent {
+                Ok(token) => {
+                    shared.borrow_mut().authz.inflight += 1;
+                    self.authz_calls.insert(token, (vec![item], true));
+                }
+                Err(_) => batch_answered(shared, Vec::new(), vec![item]),
             }
         }
     }
@@ -555,17 +600,40 @@ impl Root {
     }
 }
 
-/// Answers each request of an authorize batch (`status` 0: it could not be asked, or no answer
-/// came), in the request's context; a request that is no longer waiting (gone, or answered by
-/// its deadline) has what was held for it given back.
-fn batch_answered(shared: &SharedRef, status: u16, body: &[u8], items: Vec<Item>) {
-    let results: Vec<AuthorizeOutcome> = if status == 200 {
-        serde_json::from_slice::<AuthorizeBatchResult>(body)
-            .map(|r| r.results)
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+/// The outcomes of a batch callout's answer, in order (none when it failed or is unreadable).
+fn batch_outcomes_of(status: u16, body: &[u8]) -> Vec<AuthorizeOutcome> {
+    if status != 200 {
+        return Vec::new();
+    }
+    serde_json::from_slice::<AuthorizeBatchResult>(body)
+        .map(|r| r.results)
+        .unwrap_or_default()
+}
+
+/// A single `/v1/authorize`'s answer as a batch item's outcome: its decision, or its error
+/// status (none when no status came: then nothing is known of what it did).
+fn single_outcome(status: u16, body: &[u8], replayed: bool) -> Vec<AuthorizeOutcome> {
+    match status {
+        200 => serde_json::from_slice::<Decision>(body)
+            .map(|decision| AuthorizeOutcome::Decided { decision, replayed })
+            .into_iter()
+            .collect(),
+        0 => Vec::new(),
+        status => vec![AuthorizeOutcome::Failed {
+            status,
+            error: tollgate_protocol::ErrorDetail {
+                code: "callout".into(),
+                message: String::new(),
+            },
+        }],
+    }
+}
+
+/// Answers each request of an authorize batch (`results` in order; a request without one gets
+/// its failure mode: the batch could not be asked, or no answer came), in the request's
+/// context; a request that is no longer waiting (gone, or answered by its deadline) has what was
+/// held for it given back.
+fn batch_answered(shared: &SharedRef, results: Vec<AuthorizeOutcome>, items: Vec<Item>) {
     let now = now_ms();
     for (i, item) in items.into_iter().enumerate() {
         let outcome = results.get(i);

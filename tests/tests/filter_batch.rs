@@ -386,3 +386,69 @@ fn authorize_batching_can_be_turned_off() {
         );
     }
 }
+
+#[test]
+fn a_sidecar_without_the_batch_route_gets_each_request_on_its_own() {
+    let mut f = load();
+    let (first, _) = start(&mut f, "/open/1", "k1");
+    let single = f.take_calls().remove(0);
+    let (r2, _) = start(&mut f, "/open/2", "k2");
+    let (r3, _) = start(&mut f, "/closed/3", "k3");
+    f.answer(
+        single.token,
+        200,
+        allowed("acme/1", 9).to_string().as_bytes(),
+    )
+    .unwrap();
+    let batch = f.take_calls().remove(0);
+    // An older sidecar (a rolling upgrade): the route is unknown.
+    let unknown = json!({"error": {"code": "not_found", "message": "no such route"}});
+    f.answer(batch.token, 404, unknown.to_string().as_bytes())
+        .unwrap();
+    let again = f.take_calls();
+    assert_eq!(again.len(), 2, "each sent again on its own: {again:?}");
+    for (call, key) in again.iter().zip(["k2", "k3"]) {
+        assert_eq!(call.header(":path"), Some("/v1/authorize"));
+        assert_eq!(call.context_id, 1, "from the root, which answers it");
+        assert_eq!(call.json()["api_key"], key);
+    }
+    f.answer(
+        again[0].token,
+        200,
+        allowed("acme/2", 8).to_string().as_bytes(),
+    )
+    .unwrap();
+    f.answer(again[1].token, 200, denied().to_string().as_bytes())
+        .unwrap();
+    assert_eq!((f.resumed(r2), f.local_response(r2).is_none()), (1, true));
+    assert_eq!(f.local_response(r3).map(|r| r.status), Some(429));
+    // From now on no request waits for the line: two at once, a callout each.
+    let (_a, _) = start(&mut f, "/open/4", "k4");
+    let (_b, _) = start(&mut f, "/open/5", "k5");
+    let calls = f.take_calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls
+        .iter()
+        .all(|c| c.header(":path") == Some("/v1/authorize")));
+    // A minute later it tries batches again.
+    f.advance_ms(60_001);
+    let (_c, _) = start(&mut f, "/open/6", "k6");
+    assert!(f.take_calls().is_empty(), "waits for the line again");
+    // The request the root answered settles as any other.
+    for ctx in [first, r2] {
+        f.response_headers(ctx, &[(":status", "200")], true)
+            .unwrap();
+        f.finish(ctx).unwrap();
+    }
+    let commits = flush(&mut f);
+    let holds: Vec<Value> = commits
+        .iter()
+        .flat_map(|c| c.json()["commits"].as_array().cloned().unwrap_or_default())
+        .map(|c| c["hold_id"].clone())
+        .collect();
+    assert_eq!(holds, [json!("acme/1"), json!("acme/2")]);
+    assert!(f
+        .logs()
+        .iter()
+        .any(|(_, m)| m.contains("no /v1/authorize/batch")));
+}
