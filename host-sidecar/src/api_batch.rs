@@ -15,6 +15,9 @@ use tollgate_protocol::{
     ErrorDetail, SpendRequest, MAX_AUTHORIZE_BATCH, MAX_BATCH,
 };
 
+/// Commits of one batch in flight at once (see [`each`]).
+const COMMIT_CONCURRENCY: usize = 8;
+
 /// A commit batch as it arrives: the items are split off unparsed.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,9 +49,15 @@ fn failed(e: &Engine, err: &ApiError) -> ErrorDetail {
 
 /// Decides every item concurrently; each is answered with its outcome, or with the error it
 /// would have had alone.
+///
+/// At most `concurrency` are in flight at once: a commit batch of a hundred items sent to Redis
+/// at once would hold every authorize that arrives meanwhile behind a hundred scripts (Redis
+/// runs one client's pipelined commands before the next client's). Authorize batches, whose
+/// answers requests wait for, go all at once.
 async fn each<'a, T, O, Fut>(
     e: &Engine,
     list: &[&'a RawValue],
+    concurrency: usize,
     decide: impl Fn(usize, &'a RawValue) -> Fut,
     ok: impl Fn(T) -> O,
     fail: impl Fn(u16, ErrorDetail) -> O,
@@ -56,8 +65,16 @@ async fn each<'a, T, O, Fut>(
 where
     Fut: std::future::Future<Output = Result<T, ApiError>>,
 {
-    let outcomes =
-        futures::future::join_all(list.iter().enumerate().map(|(i, raw)| decide(i, raw))).await;
+    use futures::StreamExt;
+    let decisions: Vec<Fut> = list
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| decide(i, raw))
+        .collect();
+    let outcomes: Vec<Result<T, ApiError>> = futures::stream::iter(decisions)
+        .buffered(concurrency.max(1))
+        .collect()
+        .await;
     outcomes
         .into_iter()
         .map(|o| match o {
@@ -94,6 +111,7 @@ pub(crate) async fn commit_batch(
         let results = each(
             &e,
             &list,
+            COMMIT_CONCURRENCY,
             |i, raw| {
                 let item = serde_json::from_str::<CommitRequest>(raw.get()).map_err(|err| {
                     ApiError::Invalid(format!("commits[{i}]: invalid commit: {err}"))
@@ -134,6 +152,7 @@ pub(crate) async fn authorize_batch(
         let results = each(
             &e,
             &list,
+            MAX_AUTHORIZE_BATCH,
             |i, raw| {
                 let (e, headers) = (&e, &headers);
                 async move {
