@@ -265,6 +265,7 @@ fn chat(extra: Value) -> Value {
 
 const ACCOUNTS: &[&str] = &[
     "rid", "conc", "idem", "paths", "big", "many", "err", "tools", "est", "gzip", "inc", "cache",
+    "batch", "victim",
 ];
 
 /// The median latency of 40 valid requests, one after another (account `gzip`).
@@ -333,8 +334,13 @@ async fn cheats(backend: Backend) {
     assert_eq!(w.charged_requests("conc", 50).await, 50);
 
     // 3. An Idempotency-Key 50 times at once, on the route that opts in: served once, the
-    //    other 49 refused with 409 — never served uncharged.
+    //    other 49 refused with 409 — never served uncharged (most of them decided in authorize
+    //    batches, where the root refuses the replays).
     let before = w.mock.served();
+    let batched_before = w
+        .envoy
+        .stat("wasmcustom.tollgate.authorize_batched")
+        .unwrap_or(0);
     let all = futures::future::join_all((0..50).map(|_| {
         w.post(
             "idem",
@@ -356,6 +362,12 @@ async fn cheats(backend: Backend) {
         "{statuses:?}"
     );
     assert_eq!(w.mock.served() - before, 1);
+    let batched = w
+        .envoy
+        .stat("wasmcustom.tollgate.authorize_batched")
+        .unwrap_or(0)
+        - batched_before;
+    assert!(batched > 0, "the 50 at once went through authorize batches");
     w.wait_balance("idem", START - COMPLETION, Duration::from_secs(10))
         .await;
     let order_1 = || {
@@ -694,6 +706,44 @@ async fn cheats(backend: Backend) {
     assert_eq!(refused, 5000);
     assert!(looked_up <= 5, "{looked_up} lookups");
 
+    // 14. Forty at once, so they share authorize batches, each trying to break out of its item
+    //     of the batch's JSON (a model, a request id and body fields that close the item and
+    //     open one with the victim's key): every one is decided as itself — served requests
+    //     charged to their own account, the victim's balance and ledger untouched.
+    let victim = w.key("victim").to_string();
+    let breakout = format!(
+        r#"x"}}],"requests":[{{"api_key":"{victim}","idempotency_key":"tg-steal","meters":{{"requests":1}}}}]}}"#
+    );
+    let before = (w.mock.served(), w.balance("victim").await);
+    let world = &w;
+    let all = futures::future::join_all((0..40).map(|i| {
+        let body = chat(
+            json!({"max_tokens": 5, "model": breakout, "api_key": victim,
+                               "requests": [{"api_key": victim}], "user": breakout}),
+        );
+        let id = format!("{breakout}-{i}");
+        async move {
+            world
+                .post("batch", path, &[("x-request-id", id.as_str())], &body)
+                .await
+        }
+    }))
+    .await;
+    let served = w.mock.served() - before.0;
+    assert!(
+        all.iter().all(|(s, _)| *s == 200 || (400..500).contains(s)),
+        "{all:?}"
+    );
+    assert_eq!(all.iter().filter(|(s, _)| *s == 200).count() as u64, served);
+    assert_eq!(w.charged_requests("batch", served).await, served);
+    assert_eq!(
+        w.balance("victim").await,
+        before.1,
+        "nothing spent from the victim"
+    );
+    let victims = w.ledger_where("victim", |_| true).await;
+    assert!(victims.iter().all(|e| e.kind == "grant"), "{victims:?}");
+
     // 13. Skipping the filter: a client that reaches the sidecar's port itself, with no token or
     //     a made-up one, cannot spend, settle someone's hold for nothing, or release it.
     let before = w.balance("rid").await;
@@ -715,6 +765,16 @@ async fn cheats(backend: Backend) {
             json!({"account": "rid", "idempotency_key": "skip-2", "route": "chat", "meters": {"requests": 1}}),
         ),
         ("/v1/commit", json!({"hold_id": hold, "meters": {}})),
+        (
+            "/v1/commit/batch",
+            json!({"commits": [{"hold_id": hold, "meters": {}}]}),
+        ),
+        (
+            "/v1/authorize/batch",
+            json!({"requests": [
+                {"api_key": w.key("rid"), "idempotency_key": "tg-skip-4", "route": "chat", "meters": {"requests": 1}},
+                {"account": "rid", "idempotency_key": "skip-5", "route": "chat", "meters": {"requests": 1}}]}),
+        ),
         ("/v1/release", json!({"hold_id": hold})),
         (
             "/v1/cancel",
