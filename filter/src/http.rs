@@ -127,6 +127,23 @@ pub fn header(map: MapType, name: &str) -> Option<String> {
         .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
+/// The status (0 when there is none: no answer came) and body of the callout answering now.
+pub(crate) fn call_answer(body_size: usize) -> (u16, Vec<u8>) {
+    let status = header(MapType::HttpCallResponseHeaders, ":status")
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(0);
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Whether the callout answering now replays an earlier request with the same key.
+pub(crate) fn replayed() -> bool {
+    header(MapType::HttpCallResponseHeaders, "x-tollgate-replayed").is_some_and(|v| v == "true")
+}
+
 fn req_header(name: &str) -> Option<String> {
     header(MapType::HttpRequestHeaders, name)
 }
@@ -654,19 +671,11 @@ impl Context for Request {
             self.shared.borrow().metrics.callout_ms,
             now.saturating_sub(self.asked_ms),
         );
-        let status = header(MapType::HttpCallResponseHeaders, ":status")
-            .and_then(|s| s.parse::<u16>().ok())
-            .unwrap_or(0);
-        let replayed = header(MapType::HttpCallResponseHeaders, "x-tollgate-replayed")
-            .is_some_and(|v| v == "true");
-        let decision: Option<Decision> = if status == 200 {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-        } else {
-            None
-        };
+        let (status, body) = call_answer(body_size);
+        let replayed = replayed();
+        let decision: Option<Decision> = (status == 200)
+            .then(|| serde_json::from_slice(&body).ok())
+            .flatten();
         if !still_waiting || self.phase != Phase::Deciding {
             // Too late: the deadline already decided. Give back what the sidecar held (unless
             // it is the hold of an earlier request with the same client key).

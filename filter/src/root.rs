@@ -4,7 +4,7 @@
 
 use crate::authz::{holds, Admission, Authz, Item};
 use crate::config::{FailureMode, FilterConfig};
-use crate::http::Request;
+use crate::http::{call_answer, replayed, Request};
 use crate::lease::LeaseAsk;
 use crate::payload::{batch_outcomes, ItemStatus};
 use crate::reply;
@@ -12,7 +12,7 @@ use crate::shared::{bump, now_ms, Metrics, Pending, Settle, Shared, SharedRef};
 use crate::vecmap::VecMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -60,55 +60,17 @@ impl Context for Root {
             return;
         }
         if let Some((items, single)) = self.authz_calls.remove(&token) {
-            let (status, body) = call_response(body_size);
-            if let Some(shared) = self.shared.clone() {
-                {
-                    let mut s = shared.borrow_mut();
-                    s.authz.inflight = s.authz.inflight.saturating_sub(1);
-                }
-                if single {
-                    let replayed = crate::http::header(
-                        MapType::HttpCallResponseHeaders,
-                        "x-tollgate-replayed",
-                    )
-                    .is_some_and(|v| v == "true");
-                    batch_answered(&shared, single_outcome(status, &body, replayed), items);
-                } else if status == 404 {
-                    // A sidecar without the batch route: no more batches from this worker.
-                    shared.borrow_mut().authz.unsupported_until_ms = now_ms() + 60_000;
-                    log(
-                        LogLevel::Warn,
-                        "tollgate: the sidecar has no /v1/authorize/batch (an older version?); \
-                         authorizing each request on its own for a minute",
-                    );
-                    self.send_singly(&shared, items);
-                } else {
-                    batch_answered(&shared, batch_outcomes_of(status, &body), items);
-                }
-            }
-            self.send_authorizes();
+            self.authz_answered(body_size, items, single);
             return;
         }
         let Some(batch) = self.inflight.remove(&token) else {
             return;
         };
-        let (status, body) = call_response(body_size);
+        let (status, body) = call_answer(body_size);
         if let Some(shared) = self.shared.clone() {
             Self::answered(&shared, status, &body, batch);
         }
     }
-}
-
-/// The status (0 when there is none: no answer came) and body of the callout answering now.
-fn call_response(body_size: usize) -> (u16, Vec<u8>) {
-    let status = crate::http::header(MapType::HttpCallResponseHeaders, ":status")
-        .and_then(|s| s.parse::<u16>().ok())
-        .unwrap_or(0);
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// What becomes of one settlement after its callout answered.
@@ -203,6 +165,33 @@ impl RootContext for Root {
 }
 
 impl Root {
+    /// One of the root's authorize callouts answered: a batch, or a request sent alone after the
+    /// sidecar refused the batch route.
+    fn authz_answered(&mut self, body_size: usize, items: Vec<Item>, single: bool) {
+        let (status, body) = call_answer(body_size);
+        if let Some(shared) = self.shared.clone() {
+            {
+                let mut s = shared.borrow_mut();
+                s.authz.inflight = s.authz.inflight.saturating_sub(1);
+            }
+            if single {
+                batch_answered(&shared, single_outcome(status, &body, replayed()), items);
+            } else if status == 404 {
+                // A sidecar without the batch route: no batches from this worker for a minute.
+                shared.borrow_mut().authz.unsupported_until_ms = now_ms() + 60_000;
+                log(
+                    LogLevel::Warn,
+                    "tollgate: the sidecar has no /v1/authorize/batch (an older version?); \
+                     authorizing each request on its own for a minute",
+                );
+                self.send_singly(&shared, items);
+            } else {
+                batch_answered(&shared, batch_outcomes_of(status, &body), items);
+            }
+        }
+        self.send_authorizes();
+    }
+
     /// Sends what waits for the line, in batches, while it has room.
     fn send_authorizes(&mut self) {
         let Some(shared) = self.shared.clone() else {
@@ -332,14 +321,10 @@ impl Root {
             return;
         };
         let now = now_ms();
-        let status = crate::http::header(MapType::HttpCallResponseHeaders, ":status")
-            .and_then(|s| s.parse::<u16>().ok())
-            .unwrap_or(0);
+        let (status, body) = call_answer(body_size);
         let decision: Option<Decision> = (status == 200)
-            .then(|| hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok())
-            .flatten()
-            .flatten()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+            .then(|| serde_json::from_slice(&body).ok())
+            .flatten();
         let mut s = shared.borrow_mut();
         match decision {
             Some(Decision {

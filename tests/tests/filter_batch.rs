@@ -57,6 +57,19 @@ fn denied() -> Value {
                      "reset_ms": 1_795_348_860_000u64}})
 }
 
+/// A first request whose own callout fills the line: (its context, its callout).
+fn fill_the_line(f: &mut Filter) -> (u32, HttpCall) {
+    let (ctx, a) = start(f, "/open/1", "k1");
+    assert_eq!(a, PAUSE);
+    (ctx, f.take_calls().remove(0))
+}
+
+/// The first request's callout answers (allowed, hold `acme/1`): the line has room.
+fn free_the_line(f: &mut Filter, single: &HttpCall) {
+    let body = allowed("acme/1", 9).to_string();
+    f.answer(single.token, 200, body.as_bytes()).unwrap();
+}
+
 fn decided(d: Value) -> Value {
     json!({"decision": d})
 }
@@ -163,19 +176,13 @@ fn requests_that_come_while_an_authorize_is_out_go_as_one_batch_when_it_answers(
 #[test]
 fn a_request_that_goes_away_while_it_waits_is_never_sent_and_one_in_a_batch_is_given_back() {
     let mut f = load();
-    let (first, _) = start(&mut f, "/open/1", "k1");
-    let single = f.take_calls().remove(0);
+    let (first, single) = fill_the_line(&mut f);
     let (gone_early, _) = start(&mut f, "/open/2", "k2");
     let (gone_late, _) = start(&mut f, "/open/3", "k3");
     let (stays, _) = start(&mut f, "/open/4", "k4");
     // The client of the second leaves before the line frees: it is dropped from the queue.
     f.reset(gone_early).unwrap();
-    f.answer(
-        single.token,
-        200,
-        allowed("acme/1", 9).to_string().as_bytes(),
-    )
-    .unwrap();
+    free_the_line(&mut f, &single);
     let batch = f.take_calls();
     assert_eq!(batch.len(), 1);
     let sent: Vec<Value> = batch[0].json()["requests"]
@@ -235,17 +242,11 @@ fn a_request_that_goes_away_while_it_waits_is_never_sent_and_one_in_a_batch_is_g
 #[test]
 fn a_batch_that_gets_no_answer_fails_each_request_by_its_mode_and_cancels_the_gone() {
     let mut f = load();
-    let (_first, _) = start(&mut f, "/open/1", "k1");
-    let single = f.take_calls().remove(0);
+    let (_first, single) = fill_the_line(&mut f);
     let (open, _) = start(&mut f, "/open/2", "k2");
     let (closed, _) = start(&mut f, "/closed/3", "k3");
     let (gone, _) = start(&mut f, "/open/4", "k4");
-    f.answer(
-        single.token,
-        200,
-        allowed("acme/1", 9).to_string().as_bytes(),
-    )
-    .unwrap();
+    free_the_line(&mut f, &single);
     let batch = f.take_calls().remove(0);
     f.reset(gone).unwrap();
     // The sidecar's cluster timed out (Envoy answers without a status).
@@ -276,8 +277,7 @@ fn a_batch_that_gets_no_answer_fails_each_request_by_its_mode_and_cancels_the_go
 #[test]
 fn a_waiting_request_past_its_deadline_gets_its_mode_and_is_never_sent() {
     let mut f = load();
-    let (_first, _) = start(&mut f, "/open/1", "k1");
-    let single = f.take_calls().remove(0);
+    let (_first, single) = fill_the_line(&mut f);
     let (open, _) = start(&mut f, "/open/2", "k2");
     let (closed, _) = start(&mut f, "/closed/3", "k3");
     f.advance_ms(110);
@@ -286,12 +286,7 @@ fn a_waiting_request_past_its_deadline_gets_its_mode_and_is_never_sent() {
     assert_eq!(f.local_response(closed).map(|r| r.status), Some(503));
     assert!(f.take_calls().is_empty(), "the line is still full");
     // The single answers late: nothing is left to send.
-    f.answer(
-        single.token,
-        200,
-        allowed("acme/1", 9).to_string().as_bytes(),
-    )
-    .unwrap();
+    free_the_line(&mut f, &single);
     assert!(
         f.take_calls()
             .iter()
@@ -314,8 +309,7 @@ fn a_waiting_request_past_its_deadline_gets_its_mode_and_is_never_sent() {
 #[test]
 fn a_replayed_client_key_in_a_batch_is_refused_409_and_a_body_route_waits_with_its_body() {
     let mut f = load();
-    let (_first, _) = start(&mut f, "/open/1", "k1");
-    let single = f.take_calls().remove(0);
+    let (_first, single) = fill_the_line(&mut f);
     let ctx = f.new_request().unwrap();
     let headers = [
         (":method", "POST"),
@@ -329,12 +323,7 @@ fn a_replayed_client_key_in_a_batch_is_refused_409_and_a_body_route_waits_with_i
         PAUSE
     );
     assert!(f.take_calls().is_empty());
-    f.answer(
-        single.token,
-        200,
-        allowed("acme/1", 9).to_string().as_bytes(),
-    )
-    .unwrap();
+    free_the_line(&mut f, &single);
     let batch = f.take_calls().remove(0);
     let item = &batch.json()["requests"][0];
     assert_eq!(item["idempotency_key"], "ik:order-7");
@@ -390,16 +379,10 @@ fn authorize_batching_can_be_turned_off() {
 #[test]
 fn a_sidecar_without_the_batch_route_gets_each_request_on_its_own() {
     let mut f = load();
-    let (first, _) = start(&mut f, "/open/1", "k1");
-    let single = f.take_calls().remove(0);
+    let (first, single) = fill_the_line(&mut f);
     let (r2, _) = start(&mut f, "/open/2", "k2");
     let (r3, _) = start(&mut f, "/closed/3", "k3");
-    f.answer(
-        single.token,
-        200,
-        allowed("acme/1", 9).to_string().as_bytes(),
-    )
-    .unwrap();
+    free_the_line(&mut f, &single);
     let batch = f.take_calls().remove(0);
     // An older sidecar (a rolling upgrade): the route is unknown.
     let unknown = json!({"error": {"code": "not_found", "message": "no such route"}});
