@@ -1,7 +1,9 @@
 -- Tollgate shared Lua helpers.
 --
--- The sidecar prepends this file to every script before loading it (host-sidecar/src/store/scripts.rs),
--- so each operation stays one atomic EVALSHA. Conventions every script follows:
+-- The sidecar loads this file and every operation's file as one Redis Functions library
+-- (host-sidecar/src/store/scripts.rs): these helpers are defined once, at FUNCTION LOAD, and
+-- each operation stays one atomic FCALL. `KEYS` and `ARGV` are locals of the library that each
+-- function sets from its parameters before its operation runs. Conventions every operation follows:
 --   * ARGV[1] is a JSON object built by the sidecar; `now` in it is unix ms from the sidecar's
 --     clock (tests inject it), never Redis TIME, so windows and expiry are deterministic.
 --   * Every key shares one hash tag `{shard}`: a script touches one Redis Cluster slot. Keys a

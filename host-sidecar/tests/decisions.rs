@@ -858,3 +858,57 @@ conformance! {
         }
     }
 }
+
+/// The scripts are one Redis Functions library, loaded at connect. A Redis that lost it (an
+/// operator's `FUNCTION FLUSH`, a restart without persistence) answers "Function not found";
+/// the sidecar loads it again and the decision goes through, still exact.
+#[tokio::test]
+async fn a_redis_that_lost_the_library_gets_it_again_and_decides_exactly() {
+    let redis = PrivateRedis::start().await;
+    let url = redis.url.clone();
+    let env = Env::build(Backend::RedisPostgres, 1, "", &url, Some(redis)).await;
+    let key = env.account("acme", "basic", "UTC").await;
+    let mut c = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let libraries = |c: &mut redis::aio::MultiplexedConnection| {
+        let mut c = c.clone();
+        async move {
+            let list: redis::Value = redis::cmd("FUNCTION")
+                .arg("LIST")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            match list {
+                redis::Value::Array(libs) => libs.len(),
+                _ => 0,
+            }
+        }
+    };
+    assert_eq!(libraries(&mut c).await, 1, "loaded at connect");
+    for (n, idem) in ["lib-1", "lib-2", "lib-3"].iter().enumerate() {
+        if n > 0 {
+            let _: () = redis::cmd("FUNCTION")
+                .arg("FLUSH")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            assert_eq!(libraries(&mut c).await, 0);
+        }
+        // Five at once: each finds the library missing or loaded; all are decided once.
+        let body = authorize_body(&key, idem, json!({"requests": 1}));
+        let answers = join_all((0..5).map(|_| env.post("/v1/authorize", &body))).await;
+        assert!(
+            answers
+                .iter()
+                .all(|(s, v)| *s == 200 && v["allowed"] == true),
+            "{answers:?}"
+        );
+        assert_eq!(env.used("acme", "account:requests:day").await, n as u64 + 1);
+        assert_eq!(libraries(&mut c).await, 1, "loaded again");
+    }
+    env.sync().await;
+    assert_eq!(env.ledger_rows("acme").await, 3);
+}

@@ -1,8 +1,8 @@
 //! An in-process, Redis-compatible key space that runs Redis Lua scripts: Tollgate's
 //! "embedded store", for a sidecar that has no Redis server.
 //!
-//! Why: the sidecar's quota logic lives in Lua scripts run with EVALSHA, plus a few plain
-//! commands (hashes, sorted sets, a stream outbox). Rather than maintain a second
+//! Why: the sidecar's quota logic lives in Lua (a Redis Functions library called with FCALL),
+//! plus a few plain commands (hashes, sorted sets, a stream outbox). Rather than maintain a second
 //! implementation of that logic, the embedded store runs the *same* scripts in a real Lua 5.1
 //! interpreter (the version Redis embeds) against a key space with Redis 7.0's semantics, and
 //! [`MemConn`] is a `redis::aio::ConnectionLike`, so the sidecar's redis-rs code
@@ -23,7 +23,9 @@
 //! HINCRBY, HGETALL, HLEN, HEXISTS; ZADD (NX, XX, GT, LT, CH, INCR), ZREM, ZRANGE (by rank or
 //! BYSCORE, REV, LIMIT, WITHSCORES), ZRANGEBYSCORE, ZCARD, ZSCORE; XADD (NOMKSTREAM, MAXLEN,
 //! MINID), XRANGE, XREVRANGE, XTRIM, XLEN, XDEL; PING, FLUSHALL, FLUSHDB, DBSIZE, KEYS, TYPE,
-//! CONFIG GET, INFO, TIME; EVAL, EVALSHA, EVAL_RO, EVALSHA_RO, SCRIPT LOAD / EXISTS / FLUSH.
+//! CONFIG GET, INFO, TIME; EVAL, EVALSHA, EVAL_RO, EVALSHA_RO, SCRIPT LOAD / EXISTS / FLUSH;
+//! FUNCTION LOAD [REPLACE] / DELETE / FLUSH, FCALL, FCALL_RO (Redis Functions: the sidecar's
+//! scripts are one library).
 //! Pipelines run in order; atomic pipelines (MULTI/EXEC) run under one lock.
 //!
 //! Where it differs from Redis 7.0 (everything else is checked reply for reply against a real

@@ -553,8 +553,8 @@ async fn evalsha_script_load_and_invoke() {
     assert_eq!(m.ok(), Some(11));
 }
 
-/// The repository's own scripts (lua/*.lua with lua/lib.lua prepended, as the sidecar loads
-/// them) compile to the same SHA on both.
+/// The repository's own scripts (lua/*.lua with lua/lib.lua prepended, as the sidecar loaded
+/// them before they became one Functions library) compile to the same SHA on both.
 #[tokio::test]
 async fn repository_scripts_compile_alike() {
     let mut p = Pair::new().await;
@@ -587,7 +587,7 @@ async fn repository_scripts_compile_alike() {
 }
 
 /// Two of the repository's own scripts (lua/load.lua and lua/grant.lua, with lua/lib.lua
-/// prepended as the sidecar does) run through a small scenario on both stores: same replies,
+/// prepended; the sidecar's library runs the same text) run through a small scenario on both stores: same replies,
 /// same resulting state (outbox entries compared without their clock-made ids).
 #[tokio::test]
 async fn repository_scripts_run_alike() {

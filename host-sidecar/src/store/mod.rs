@@ -16,7 +16,7 @@ pub mod scripts;
 
 use keys::Keyspace;
 use redis::aio::ConnectionManager;
-use scripts::Scripts;
+use scripts::{Op, Scripts};
 use serde::Serialize;
 use std::sync::Arc;
 use tollgate_protocol::{Meters, Resource};
@@ -313,6 +313,13 @@ pub async fn commands_processed(url: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// "Function not found": the server does not have this release's library (yet, or any more).
+fn function_missing(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::ResponseError
+        && e.detail()
+            .is_some_and(|d| d.starts_with("Function not found"))
+}
+
 fn json<T: Serialize>(v: &T) -> String {
     // Serializing plain structs of strings and integers cannot fail.
     serde_json::to_string(v).unwrap_or_default()
@@ -325,7 +332,7 @@ impl Store {
         Self {
             conn: Conn::Embedded(tollgate_memkv::MemKv::new().conn()),
             breaker: Arc::default(),
-            scripts: Arc::new(Scripts::new()),
+            scripts: Scripts::shared(),
             keys,
         }
     }
@@ -358,9 +365,11 @@ impl Store {
             return Ok(Self {
                 conn: Conn::Cluster(conn),
                 breaker: Arc::default(),
-                scripts: Arc::new(Scripts::new()),
+                scripts: Scripts::shared(),
                 keys,
-            });
+            }
+            .with_library()
+            .await);
         }
         let client = redis::Client::open(url)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
@@ -371,32 +380,65 @@ impl Store {
         Ok(Self {
             conn: Conn::Redis(conn),
             breaker: Arc::default(),
-            scripts: Arc::new(Scripts::new()),
+            scripts: Scripts::shared(),
             keys,
-        })
+        }
+        .with_library()
+        .await)
+    }
+
+    /// Loads the library now, so the first decisions do not all find it missing at once; if
+    /// that fails (Redis not up yet), the first call loads it.
+    async fn with_library(self) -> Self {
+        if let Err(e) = self.load_library().await {
+            tracing::warn!(error = %e, "could not load the Lua library yet; the first call will");
+        }
+        self
     }
 
     pub fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
-    async fn run(
-        &self,
-        script: &redis::Script,
-        keys: &[String],
-        args: &[String],
-    ) -> Result<Reply, StoreError> {
-        let mut inv = script.prepare_invoke();
+    /// Loads the library into the key space (every master of a cluster): at connect, and again
+    /// whenever a call finds its function missing.
+    pub async fn load_library(&self) -> Result<(), StoreError> {
+        Ok(self.send_library(&mut self.conn.clone()).await?)
+    }
+
+    async fn send_library(&self, conn: &mut Conn) -> redis::RedisResult<()> {
+        let _: String = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.scripts.library)
+            .query_async(conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn run(&self, op: Op, keys: &[String], args: &[String]) -> Result<Reply, StoreError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(self.scripts.function(op)).arg(keys.len());
         for k in keys {
-            inv.key(k);
+            cmd.arg(k.as_str());
         }
         for a in args {
-            inv.arg(a.as_str());
+            cmd.arg(a.as_str());
         }
         // The engine asks the breaker (Engine::redis_down) before it comes here; a call that
         // arrives anyway (the sweeper, a cold load) simply tries.
         let mut conn = self.conn.clone();
-        let (kind, body): (String, String) = match inv.invoke_async(&mut conn).await {
+        let mut answer = cmd.query_async::<(String, String)>(&mut conn).await;
+        if matches!(&answer, Err(e) if function_missing(e)) {
+            // A Redis that restarted, was flushed of functions, or a new cluster master: load
+            // the library (REPLACE: other sidecars may be doing the same) and call once more.
+            tracing::info!(library = %self.scripts.library_name, "loading the Lua library");
+            answer = match self.send_library(&mut conn).await {
+                Ok(()) => cmd.query_async::<(String, String)>(&mut conn).await,
+                Err(e) => Err(e),
+            };
+        }
+        let (kind, body) = match answer {
             Ok(r) => {
                 self.breaker.success();
                 r
@@ -450,8 +492,7 @@ impl Store {
             prev,
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        self.run(&self.scripts.authorize, &keys, &a.argv(&field, ttl))
-            .await
+        self.run(Op::Authorize, &keys, &a.argv(&field, ttl)).await
     }
 
     pub async fn consume(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
@@ -466,8 +507,7 @@ impl Store {
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        self.run(&self.scripts.consume, &keys, &a.argv(&field, ttl))
-            .await
+        self.run(Op::Consume, &keys, &a.argv(&field, ttl)).await
     }
 
     pub async fn check(&self, a: &SpendArgs<'_>) -> Result<Reply, StoreError> {
@@ -477,7 +517,7 @@ impl Store {
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
-        self.run(&self.scripts.check, &keys, &a.argv("", 0)).await
+        self.run(Op::Check, &keys, &a.argv("", 0)).await
     }
 
     /// The keys of commit and release, and their arguments (without what each script adds).
@@ -507,7 +547,7 @@ impl Store {
             }
             crate::engine::Pricing::ReplayOnly => argv.push("replay".into()),
         }
-        self.run(&self.scripts.commit, &keys, &argv).await
+        self.run(Op::Commit, &keys, &argv).await
     }
 
     /// `status` is `released` (a caller cancelled) or `expired` (the sweeper).
@@ -519,7 +559,7 @@ impl Store {
     ) -> Result<Reply, StoreError> {
         let (keys, mut argv) = self.settle_call(acct, a);
         argv.push(status.to_string());
-        self.run(&self.scripts.release, &keys, &argv).await
+        self.run(Op::Release, &keys, &argv).await
     }
 
     /// The keys of a script that changes an account's grants: its state, its shard's outbox,
@@ -536,12 +576,12 @@ impl Store {
     pub async fn grant(&self, a: &GrantArgs<'_>) -> Result<Reply, StoreError> {
         let mut keys = self.grant_keys(a.acct);
         keys.push(self.keys.idempotency(a.acct, "grant", a.gid));
-        self.run(&self.scripts.grant, &keys, &[json(a)]).await
+        self.run(Op::Grant, &keys, &[json(a)]).await
     }
 
     /// Records credit that can no longer be spent: expired grants, and `revoke`d ones.
     pub async fn lapse(&self, a: &LapseArgs<'_>) -> Result<Reply, StoreError> {
-        self.run(&self.scripts.lapse, &self.grant_keys(a.acct), &[json(a)])
+        self.run(Op::Lapse, &self.grant_keys(a.acct), &[json(a)])
             .await
     }
 
@@ -549,7 +589,7 @@ impl Store {
     /// until they re-read it. A no-op when the account's state is not loaded (a load sets it).
     pub async fn set_version(&self, acct: &str, version: i64) -> Result<(), StoreError> {
         let keys = [self.keys.account(acct)];
-        self.run(&self.scripts.set_version, &keys, &[version.to_string()])
+        self.run(Op::SetVersion, &keys, &[version.to_string()])
             .await
             .map(drop)
     }
@@ -561,6 +601,6 @@ impl Store {
             self.keys.grant_remaining(acct),
             self.keys.holds(self.keys.shard_of(acct)),
         ];
-        self.run(&self.scripts.load, &keys, &[json(a)]).await
+        self.run(Op::Load, &keys, &[json(a)]).await
     }
 }

@@ -28,10 +28,20 @@ pub const NOSCRIPT: u8 = 2;
 /// The scripting commands, which need the script engine rather than just the key space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScriptCmd {
-    Eval { sha: bool, read_only: bool },
+    Eval {
+        sha: bool,
+        read_only: bool,
+    },
     Load,
     Exists,
     Flush,
+    /// `FCALL` / `FCALL_RO`: a function of a loaded library.
+    Fcall {
+        read_only: bool,
+    },
+    FunctionLoad,
+    FunctionDelete,
+    FunctionFlush,
 }
 
 pub enum Kind {
@@ -95,7 +105,13 @@ static SCRIPT_SUBS: [Spec; 3] = [
     script("script|flush", -2, ScriptCmd::Flush),
 ];
 
-static COMMANDS: [Spec; 48] = [
+static FUNCTION_SUBS: [Spec; 3] = [
+    script("function|load", -3, ScriptCmd::FunctionLoad),
+    script("function|delete", 3, ScriptCmd::FunctionDelete),
+    script("function|flush", -2, ScriptCmd::FunctionFlush),
+];
+
+static COMMANDS: [Spec; 51] = [
     // Strings and keys.
     data("get", 2, 0, strings::get),
     data("mget", -2, 0, strings::mget),
@@ -184,6 +200,14 @@ static COMMANDS: [Spec; 48] = [
         arity: -2,
         flags: NOSCRIPT,
         kind: Kind::Container(&SCRIPT_SUBS),
+    },
+    script("fcall", -3, ScriptCmd::Fcall { read_only: false }),
+    script("fcall_ro", -3, ScriptCmd::Fcall { read_only: true }),
+    Spec {
+        name: "function",
+        arity: -2,
+        flags: NOSCRIPT,
+        kind: Kind::Container(&FUNCTION_SUBS),
     },
     // Aliases some clients send; handled like their modern forms.
     data("incr", 2, WRITE, strings::incr),

@@ -1,4 +1,10 @@
-//! Scripting: EVAL, EVALSHA (and their `_RO` forms), SCRIPT LOAD / EXISTS / FLUSH.
+//! Scripting: EVAL, EVALSHA (and their `_RO` forms), SCRIPT LOAD / EXISTS / FLUSH, and Redis
+//! Functions: FUNCTION LOAD [REPLACE] / DELETE / FLUSH, FCALL, FCALL_RO.
+//!
+//! A function library (`#!lua name=<lib>`) runs once when loaded; the functions it registers
+//! with `redis.register_function` are kept by name and called with their keys and arguments as
+//! parameters. That is why the sidecar uses them: its helpers are defined once, not again on
+//! every call as a script's prepended helpers are.
 //!
 //! Scripts are the same source text Redis would run, executed by a real Lua 5.1 interpreter
 //! (the version Redis embeds) in an environment shaped like Redis 7.0's (see [`sandbox`]).
@@ -45,10 +51,21 @@ struct Compiled {
     no_writes: bool,
 }
 
+/// A function registered by a loaded library.
+struct Registered {
+    callback: Function,
+    /// Registered with `flags = {'no-writes'}`.
+    no_writes: bool,
+    library: String,
+}
+
 pub struct ScriptEngine {
     lua: Lua,
     sandbox: sandbox::Sandbox,
     cache: HashMap<String, Compiled>,
+    functions: HashMap<String, Registered>,
+    /// Library name -> the names of its functions.
+    libraries: HashMap<String, Vec<String>>,
 }
 
 /// Gives the key space back to its owner when a script ends, however it ends.
@@ -124,6 +141,8 @@ impl ScriptEngine {
             lua,
             sandbox,
             cache: HashMap::new(),
+            functions: HashMap::new(),
+            libraries: HashMap::new(),
         })
     }
 
@@ -141,18 +160,178 @@ impl ScriptEngine {
                     .collect(),
             ),
             ScriptCmd::Flush => {
-                let ok = argv.len() == 2
-                    || (argv.len() == 3
-                        && (super::commands::is(argv[2], "sync")
-                            || super::commands::is(argv[2], "async")));
-                if !ok {
+                if !flush_mode_ok(argv) {
                     return Reply::err("ERR SCRIPT FLUSH only support SYNC|ASYNC option");
                 }
                 self.cache.clear();
                 self.lua.gc_collect().ok();
                 Reply::ok()
             }
+            ScriptCmd::Fcall { read_only } => self.fcall(ks, argv, read_only),
+            ScriptCmd::FunctionLoad => self.function_load(argv),
+            ScriptCmd::FunctionDelete => {
+                let name = String::from_utf8_lossy(argv[2]).into_owned();
+                match self.libraries.remove(&name) {
+                    Some(fns) => {
+                        for f in fns {
+                            self.functions.remove(&f);
+                        }
+                        Reply::ok()
+                    }
+                    None => Reply::err("ERR Library not found"),
+                }
+            }
+            ScriptCmd::FunctionFlush => {
+                if !flush_mode_ok(argv) {
+                    return Reply::err("ERR FUNCTION FLUSH only supports SYNC|ASYNC option");
+                }
+                self.functions.clear();
+                self.libraries.clear();
+                self.lua.gc_collect().ok();
+                Reply::ok()
+            }
         }
+    }
+
+    /// `FUNCTION LOAD [REPLACE] <code>`: runs the library's code and keeps what it registered.
+    /// Nothing changes unless the whole library loads.
+    fn function_load(&mut self, argv: &[&[u8]]) -> Reply {
+        let (replace, code) = match argv.len() {
+            3 => (false, argv[2]),
+            4 if super::commands::is(argv[2], "replace") => (true, argv[3]),
+            4 => {
+                return Reply::Error(format!(
+                    "ERR Unknown option given: {}",
+                    String::from_utf8_lossy(argv[2])
+                ))
+            }
+            _ => return Reply::err("ERR wrong number of arguments for 'function|load' command"),
+        };
+        let (name, skip) = match parse_library_shebang(code) {
+            Ok(v) => v,
+            Err(e) => return Reply::Error(format!("ERR {e}")),
+        };
+        if !replace && self.libraries.contains_key(&name) {
+            return Reply::Error(format!("ERR Library '{name}' already exists"));
+        }
+        let func = match sandbox::compile(
+            &self.lua,
+            &self.sandbox.lib_env,
+            &code[skip..],
+            "@user_function",
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                let msg = match e {
+                    mlua::Error::SyntaxError { message, .. } => message,
+                    other => other.to_string(),
+                };
+                return Reply::Error(format!("ERR Error compiling function: {msg}"));
+            }
+        };
+        let (ok, out): (bool, Value) = match self.sandbox.load_library.call(func) {
+            Ok(r) => r,
+            Err(e) => return Reply::Error(format!("ERR Error registering functions: {e}")),
+        };
+        if !ok {
+            let msg = match error_reply("", &out) {
+                Reply::Error(m) => m,
+                _ => "ERR unknown error".into(),
+            };
+            return Reply::Error(format!(
+                "ERR Error registering functions: {}",
+                msg.trim_start_matches("ERR ")
+            ));
+        }
+        let Value::Table(registered) = out else {
+            return Reply::err("ERR No functions registered");
+        };
+        let mut new = Vec::new();
+        for pair in registered.pairs::<String, mlua::Table>() {
+            let Ok((fname, entry)) = pair else {
+                return Reply::err("ERR Error registering functions");
+            };
+            let (Ok(callback), Ok(no_writes)) =
+                (entry.raw_get::<Function>(1), entry.raw_get::<bool>(2))
+            else {
+                return Reply::err("ERR Error registering functions");
+            };
+            if let Some(other) = self.functions.get(&fname) {
+                if other.library != name {
+                    return Reply::Error(format!("ERR Function {fname} already exists"));
+                }
+            }
+            new.push((fname, callback, no_writes));
+        }
+        if new.is_empty() {
+            return Reply::err("ERR No functions registered");
+        }
+        if let Some(old) = self.libraries.remove(&name) {
+            for f in old {
+                self.functions.remove(&f);
+            }
+        }
+        let mut names = Vec::with_capacity(new.len());
+        for (fname, callback, no_writes) in new {
+            names.push(fname.clone());
+            self.functions.insert(
+                fname,
+                Registered {
+                    callback,
+                    no_writes,
+                    library: name.clone(),
+                },
+            );
+        }
+        self.libraries.insert(name.clone(), names);
+        Reply::bulk(name)
+    }
+
+    /// `FCALL <function> <numkeys> <key>... <arg>...` (and `FCALL_RO`).
+    fn fcall(&mut self, ks: &mut Keyspace, argv: &[&[u8]], read_only_cmd: bool) -> Reply {
+        let name = String::from_utf8_lossy(argv[1]).into_owned();
+        let Some(numkeys) = parse_i64(argv[2]) else {
+            return Reply::err("ERR Bad number of keys provided");
+        };
+        if numkeys > argv.len() as i64 - 3 {
+            return Reply::err("ERR Number of keys can't be greater than number of args");
+        }
+        if numkeys < 0 {
+            return Reply::err("ERR Number of keys can't be negative");
+        }
+        let Some(f) = self.functions.get(&name) else {
+            return Reply::err("ERR Function not found");
+        };
+        if read_only_cmd && !f.no_writes {
+            return Reply::err("ERR Can not execute a script with write flag using *_ro command.");
+        }
+        let split = 3 + numkeys as usize;
+        let callback = f.callback.clone();
+        let read_only = f.no_writes;
+        match self.call_function(ks, callback, &argv[3..split], &argv[split..], read_only) {
+            Ok((true, v)) => convert::lua_to_reply(&v),
+            Ok((false, info)) => error_reply(&name, &info),
+            Err(e) => Reply::Error(format!("ERR Error running script {name}, {e}")),
+        }
+    }
+
+    fn call_function(
+        &self,
+        ks: &mut Keyspace,
+        callback: Function,
+        keys: &[&[u8]],
+        args: &[&[u8]],
+        read_only: bool,
+    ) -> mlua::Result<(bool, Value)> {
+        let lua = &self.lua;
+        let (keys, args) = (strings(lua, keys)?, strings(lua, args)?);
+        lua.set_app_data(ScriptCtx {
+            ks: std::mem::take(ks),
+            read_only,
+            started: Instant::now(),
+        });
+        let _lend = Lend { lua, ks };
+        self.sandbox.call_function.call((callback, keys, args))
     }
 
     /// Compiles and caches a script body; returns its SHA-1.
@@ -224,15 +403,8 @@ impl ScriptEngine {
         read_only: bool,
     ) -> mlua::Result<(bool, Value)> {
         let lua = &self.lua;
-        let strings = |items: &[&[u8]]| -> mlua::Result<mlua::Table> {
-            let t = lua.create_table_with_capacity(items.len(), 0)?;
-            for (i, item) in items.iter().enumerate() {
-                t.raw_set(i + 1, lua.create_string(item)?)?;
-            }
-            Ok(t)
-        };
-        self.sandbox.globals.raw_set("KEYS", strings(keys)?)?;
-        self.sandbox.globals.raw_set("ARGV", strings(args)?)?;
+        self.sandbox.globals.raw_set("KEYS", strings(lua, keys)?)?;
+        self.sandbox.globals.raw_set("ARGV", strings(lua, args)?)?;
         lua.set_app_data(ScriptCtx {
             ks: std::mem::take(ks),
             read_only,
@@ -241,6 +413,60 @@ impl ScriptEngine {
         let _lend = Lend { lua, ks };
         self.sandbox.runner.call(func.clone())
     }
+}
+
+/// A Lua array of the given strings (KEYS, ARGV, a function's keys and arguments).
+fn strings(lua: &Lua, items: &[&[u8]]) -> mlua::Result<mlua::Table> {
+    let t = lua.create_table_with_capacity(items.len(), 0)?;
+    for (i, item) in items.iter().enumerate() {
+        t.raw_set(i + 1, lua.create_string(item)?)?;
+    }
+    Ok(t)
+}
+
+/// `SCRIPT FLUSH` / `FUNCTION FLUSH` take nothing, `SYNC` or `ASYNC`.
+fn flush_mode_ok(argv: &[&[u8]]) -> bool {
+    argv.len() == 2
+        || (argv.len() == 3
+            && (super::commands::is(argv[2], "sync") || super::commands::is(argv[2], "async")))
+}
+
+/// A function library's first line, `#!lua name=<library>`: returns the name and the line's
+/// length (the line feed stays, so line numbers in errors match the source).
+fn parse_library_shebang(code: &[u8]) -> Result<(String, usize), String> {
+    if !code.starts_with(b"#!") {
+        return Err("Missing library metadata".into());
+    }
+    let end = code.iter().position(|&b| b == b'\n').unwrap_or(code.len());
+    let line = String::from_utf8_lossy(&code[..end]);
+    let mut parts = line.split_ascii_whitespace();
+    match parts.next() {
+        Some("#!lua") => {}
+        Some(other) => {
+            return Err(format!(
+                "Engine '{}' not found",
+                other.trim_start_matches("#!")
+            ))
+        }
+        None => return Err("Invalid metadata value, engine not found".into()),
+    }
+    let mut name = None;
+    for part in parts {
+        match part.strip_prefix("name=") {
+            Some(n) => name = Some(n.to_string()),
+            None => return Err(format!("Invalid metadata value given: {part}")),
+        }
+    }
+    let Some(name) = name else {
+        return Err("Library name was not given".into());
+    };
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(
+            "Library names can only contain letters, numbers, or underscores(_) and must be at least one character long"
+                .into(),
+        );
+    }
+    Ok((name, end))
 }
 
 /// Whether the running script has passed its time limit.

@@ -108,7 +108,62 @@ local function run(f)
   return ok, r
 end
 
-return G, env, run
+-- Redis Functions (FUNCTION LOAD, FCALL). A library's code runs once, in an environment whose
+-- `redis` also has `register_function`, which collects the library's functions while it loads
+-- (and raises at any other time, as in Redis). Functions get their keys and arguments as
+-- parameters; there are no KEYS and ARGV globals.
+local registry = nil
+local lredis = {}
+for k, v in base.pairs(redis) do lredis[k] = v end
+lredis.register_function = function(a, b)
+  if registry == nil then
+    error('redis.register_function can only be called on FUNCTION LOAD command', 2)
+  end
+  local name, cb, flags = a, b, nil
+  if type(a) == 'table' then name, cb, flags = a.function_name, a.callback, a.flags end
+  if type(name) ~= 'string' or not base.string.match(name, '^[%w_]+$') then
+    error('Function names can only contain letters, numbers, or underscores(_) and must be at least one character long', 2)
+  end
+  if type(cb) ~= 'function' then
+    error('callback argument given to redis.register_function must be a function', 2)
+  end
+  local no_writes = false
+  if flags ~= nil then
+    if type(flags) ~= 'table' then
+      error('flags argument to redis.register_function must be a table representing function flags', 2)
+    end
+    for _, f in base.ipairs(flags) do
+      if f == 'no-writes' then
+        no_writes = true
+      elseif f ~= 'allow-oom' and f ~= 'allow-stale' and f ~= 'no-cluster'
+          and f ~= 'allow-cross-slot-keys' then
+        error('unknown flag given', 2)
+      end
+    end
+  end
+  if registry[name] ~= nil then error('Function already exists in the library', 2) end
+  registry[name] = {cb, no_writes}
+end
+local LG = setmetatable({redis = protect(lredis)}, {__index = G, __metatable = false})
+local lenv = setmetatable({}, {__index = LG, __newindex = deny, __metatable = false})
+readonly[lenv] = true
+
+-- Runs a library's code; returns true and {name = {callback, no_writes}}, or false and the error.
+local function load_library(f)
+  registry = {}
+  local ok, r = xpcall(f, handler)
+  local fns = registry
+  registry = nil
+  if not ok then return false, r end
+  return true, fns
+end
+
+local function call_function(cb, keys, args)
+  local ok, r = xpcall(function() return cb(keys, args) end, handler)
+  return ok, r
+end
+
+return G, env, run, lenv, load_library, call_function
 "#;
 
 /// Handles to the environment.
@@ -119,6 +174,12 @@ pub struct Sandbox {
     pub env: Table,
     /// `run(f)`: `xpcall(f, handler)`, returning `ok, result_or_error_info`.
     pub runner: Function,
+    /// The environment a function library's code is compiled in (`redis.register_function`).
+    pub lib_env: Table,
+    /// Runs a compiled library: `(ok, {name = {callback, no_writes}} | error)`.
+    pub load_library: Function,
+    /// Calls a function with its keys and arguments: `(ok, result | error)`.
+    pub call_function: Function,
 }
 
 pub fn build(lua: &Lua) -> mlua::Result<Sandbox> {
@@ -150,7 +211,14 @@ pub fn build(lua: &Lua) -> mlua::Result<Sandbox> {
     helpers.raw_set("rawset", rawset)?;
     helpers.raw_set("setmetatable", setmt)?;
     helpers.raw_set("overdue", overdue)?;
-    let (globals, env, runner): (Table, Table, Function) = lua
+    let (globals, env, runner, lib_env, load_library, call_function): (
+        Table,
+        Table,
+        Function,
+        Table,
+        Function,
+        Function,
+    ) = lua
         .load(BOOTSTRAP)
         .set_name(INTERNAL)
         .call((lua.globals(), helpers))?;
@@ -158,6 +226,9 @@ pub fn build(lua: &Lua) -> mlua::Result<Sandbox> {
         globals,
         env,
         runner,
+        lib_env,
+        load_library,
+        call_function,
     })
 }
 
