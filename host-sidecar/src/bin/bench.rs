@@ -134,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("running {seconds}s with {concurrency} concurrent callers ...");
     let commands_before = tollgate_sidecar::store::commands_processed(&redis_url).await;
+    let cpu_before = tollgate_sidecar::store::cpu_seconds(&redis_url).await;
     let round_trips_before = engine.metrics.ledger_round_trips.get();
     let started = Instant::now();
     let (auth, commit, errors) = load.run(seconds, rate, 0).await?;
@@ -141,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
     let commands = tollgate_sidecar::store::commands_processed(&redis_url)
         .await
         .saturating_sub(commands_before);
+    let redis_cpu = tollgate_sidecar::store::cpu_seconds(&redis_url).await - cpu_before;
     let round_trips = engine
         .metrics
         .ledger_round_trips
@@ -221,6 +223,10 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "| Redis commands executed per operation (incl. inside scripts) | {:.2} |",
         commands as f64 / ops.max(1.0)
+    );
+    println!(
+        "| Redis CPU time per authorize+commit pair (µs; the sync worker's reads included) | {:.1} |",
+        redis_cpu * 1e6 / pairs.max(1.0)
     );
     println!(
         "| sync lag p50 / p99 (ms, histogram bucket bound) | ≤{} / ≤{} |",

@@ -296,21 +296,34 @@ pub struct Store {
 /// Commands a Redis server has executed since it started (`INFO stats`), including those run
 /// inside scripts; 0 when it cannot be asked. For benchmarks.
 pub async fn commands_processed(url: &str) -> u64 {
+    info_fields(url, "stats", &["total_commands_processed"]).await as u64
+}
+
+/// The CPU time a Redis server has used since it started (`INFO cpu`: user + system), in
+/// seconds; 0 when it cannot be asked. For benchmarks: unlike throughput on a shared, noisy
+/// machine, Redis's own CPU time per request is what its scripts cost.
+pub async fn cpu_seconds(url: &str) -> f64 {
+    info_fields(url, "cpu", &["used_cpu_user", "used_cpu_sys"]).await
+}
+
+/// The sum of numeric `INFO <section>` fields.
+async fn info_fields(url: &str, section: &str, fields: &[&str]) -> f64 {
     let Ok(client) = redis::Client::open(url) else {
-        return 0;
+        return 0.0;
     };
     let Ok(mut c) = client.get_multiplexed_async_connection().await else {
-        return 0;
+        return 0.0;
     };
     let info: String = redis::cmd("INFO")
-        .arg("stats")
+        .arg(section)
         .query_async(&mut c)
         .await
         .unwrap_or_default();
     info.lines()
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| fields.contains(k))
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .sum()
 }
 
 /// "Function not found": the server does not have this release's library (yet, or any more).

@@ -20,6 +20,25 @@ use std::sync::{Arc, OnceLock};
 
 const LIB: &str = include_str!("../../../lua/lib.lua");
 
+/// The globals the Lua uses, as library locals: a function's global reads go through a
+/// metatable to Redis's globals (two lookups each), and made FCALL slower than EVALSHA
+/// (measured: 53–57 µs against 45–48 µs per decision) until they were locals. They are taken
+/// at the first call, not at load: while a library loads, Redis gives it only `redis` (another
+/// one, with `register_function` and without `call`), none of the others.
+const GLOBALS: &str = "local register_function = redis.register_function\n\
+    local function run_globals()\n\
+    return redis, cjson, tonumber, tostring, type, ipairs, pairs, unpack, string, table, math, \
+    setmetatable, getmetatable\n\
+    end\n\
+    local redis, cjson, tonumber, tostring, type, ipairs, pairs, unpack, string, table, math, \
+    setmetatable, getmetatable\n";
+
+/// What each function does first (see [`GLOBALS`]).
+const BIND: &str = "if cjson == nil then\n    \
+    redis, cjson, tonumber, tostring, type, ipairs, pairs, unpack, string, table, math, \
+    setmetatable, getmetatable = run_globals()\n  \
+    end";
+
 /// The operations, each one function of the library.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -113,6 +132,11 @@ impl Scripts {
         // The operations as local functions after the helpers; the version is a hash of that.
         let mut code = String::with_capacity(LIB.len() + 16 * 1024);
         code.push_str("local KEYS, ARGV\n");
+        // The globals the Lua uses, as library locals: a library's globals table is empty and
+        // reaches Redis's through a metatable, so every global read in a function took two
+        // lookups (measured: FCALL 53–57 µs against EVALSHA's 45–48 µs per decision until
+        // these were locals).
+        code.push_str(GLOBALS);
         code.push_str(LIB);
         for op in Op::ALL {
             let (_, body) = split_shebang(op.body());
@@ -132,8 +156,9 @@ impl Scripts {
                 ""
             };
             library.push_str(&format!(
-                "redis.register_function{{function_name = '{name}', callback = function(keys, args)\n  \
-                 KEYS, ARGV = keys, args\n  return op_{}()\nend{flags}}}\n",
+                "register_function{{function_name = '{name}', callback = function(keys, args)\n  \
+                 KEYS, ARGV = keys, args\n  \
+                 {BIND}\n  return op_{}()\nend{flags}}}\n",
                 op.name()
             ));
         }

@@ -348,14 +348,18 @@ async fn main() -> Result<()> {
         let keys = Arc::new(tg.keys.clone());
         let hot = Arc::new(vec![tg.keys[0].clone()]);
         let cmds_before = tollgate_sidecar::store::commands_processed(&redis_url).await;
+        let cpu_before = tollgate_sidecar::store::cpu_seconds(&redis_url).await;
         let out = drive(envoy.port, conns, secs, &keys).await;
         let cmds = tollgate_sidecar::store::commands_processed(&redis_url)
             .await
             .saturating_sub(cmds_before);
+        let cpu = tollgate_sidecar::store::cpu_seconds(&redis_url).await - cpu_before;
         let per_req = if label == "redis" {
+            let n = out.requests().max(1) as f64;
             format!(
-                "; Redis commands/request {:.1}",
-                cmds as f64 / out.requests().max(1) as f64
+                "; Redis commands/request {:.1}, Redis CPU/request {:.1} µs",
+                cmds as f64 / n,
+                cpu * 1e6 / n
             )
         } else {
             String::new()
