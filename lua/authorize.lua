@@ -13,7 +13,9 @@
 --   the account version and the correlation id as JSON or ""; the id goes on the hold record
 --   and the event, not into the fingerprint)
 -- Returns {kind, json}:
---   ok       {hold, exp, credits, balance, limit, used}   the hold was created (used: per limit)
+--   ok       {hold, exp, credits, balance, limit, used, over, shadow}   the hold was created
+--            (used: per limit; over: soft limits past their max; shadow: limits that would
+--            have refused it — see eval_limits and charge_counters in lib.lua)
 --   replay   the first ok, unchanged                this request id already holds
 --            (once the hold is settled: {hold, exp, credits} from its tombstone)
 --   deny     {reason: limit|credits, limit, credits, balance}
@@ -38,7 +40,7 @@ if t then
 end
 if recheck_until > req.now and not req.checked then return reply('recheck') end
 
-local denied, a, b = eval_limits(req.lims, 9)
+local denied, a, b, shadow = eval_limits(req.lims, 9)
 if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
 local tight, tight_rem = a, b
 
@@ -49,7 +51,7 @@ if req.credit > 0 then
 end
 
 -- Admitted: charge counters, draw credit, record the hold.
-local uj, cj, usedj = charge_counters(req.lims, 9, req.now)
+local uj, cj, usedj, overj = charge_counters(req.lims, 9, req.now)
 local g, x, draws = {}, {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[5], KEYS[6], expired, x)
@@ -58,7 +60,8 @@ if req.credit > 0 then
 end
 
 local res = '{"hold":"' .. req.hold .. '","exp":' .. req.exp_s .. ',"credits":' .. req.credit_s ..
-  fr('balance', balance) .. fr('limit', limit_state(tight, tight_rem)) .. fr('used', usedj) .. '}'
+  fr('balance', balance) .. fr('limit', limit_state(tight, tight_rem)) .. fr('used', usedj) ..
+  fr('over', overj) .. fr('shadow', shadow) .. '}'
 local rec = '{"acct":"' .. req.acct .. '"' .. fs('key', req.key) .. ',"exp":' .. req.exp_s ..
   ',"credit":' .. req.credit_s .. fr('draws', rows_json(draws)) .. fr('ctr', cj) .. ',"meters":' ..
   req.meters .. ',"route":"' .. req.route .. '"' .. fs('model', req.model) .. ',"at":' .. req.now_s ..

@@ -8,7 +8,7 @@
 -- KEYS[7..] one usage counter per limit
 -- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits,
 --   the account version and the correlation id as JSON or ""; the id goes on the event only)
--- Returns {kind, json}: ok {credits, balance, limit} | replay ({credits}) | deny | conflict | cold | recheck | stale
+-- Returns {kind, json}: ok {credits, balance, limit, used, over, shadow} | replay ({credits}) | deny | conflict | cold | recheck | stale
 local req = spend_req()
 local recheck_until, ver = account_state(KEYS[1])
 if recheck_until == nil then return reply('cold') end
@@ -21,7 +21,7 @@ if t then
 end
 if recheck_until > req.now and not req.checked then return reply('recheck') end
 
-local denied, a, b = eval_limits(req.lims, 7)
+local denied, a, b, shadow = eval_limits(req.lims, 7)
 if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
 local balance, live, expired = nil, nil, nil
 if req.credit > 0 then
@@ -29,14 +29,15 @@ if req.credit > 0 then
   if balance < req.credit then return deny('credits', a, b, req.credit_s, balance) end
 end
 
-local uj, _, usedj = charge_counters(req.lims, 7, req.now)
+local uj, _, usedj, overj = charge_counters(req.lims, 7, req.now)
 local g, x = {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[5], KEYS[6], expired, x)
   draw(KEYS[5], KEYS[6], live, req.credit, g)
   balance = balance - req.credit
 end
-local res = '{"credits":' .. req.credit_s .. fr('balance', balance) .. fr('limit', limit_state(a, b)) .. fr('used', usedj) .. '}'
+local res = '{"credits":' .. req.credit_s .. fr('balance', balance) .. fr('limit', limit_state(a, b)) .. fr('used', usedj) ..
+  fr('over', overj) .. fr('shadow', shadow) .. '}'
 tomb_put(3, req.tomb, req.tomb_ttl_ms, 'consumed', req.fp, '', req.credit_s, '', '')
 emit(KEYS[2], '{"t":"consume","acct":"' .. req.acct .. '"' .. fs('key', req.key) .. ',"idem":"' .. req.idem ..
   '","fp":"' .. req.fp .. '","at":' .. req.now_s .. ',"credit":' .. req.credit_s .. ',"meters":' .. req.meters ..

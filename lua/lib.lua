@@ -79,12 +79,14 @@ end
 --   [6] "1" if the ledger was already asked about the idempotency key (after a cold load)
 --   [7] credit  [8] route  [9] model or ""  [10] hold id or ""  [11] hold expiry (ms)
 --   [12] idempotency record ttl (ms)  [13] meters as JSON  [14] resource as JSON or ""
---   [15] number of limits, then 7 per limit: scope, meter, period, amount, max, period end, name,
+--   [15] number of limits, then 8 per limit: scope, meter, period, amount, max, period end, name,
+--   mode (e enforce, s soft, h shadow: see eval_limits),
 --   then the account version the sidecar's limits come from (see `stale`),
---   then the caller's correlation id as a JSON string (quotes included) or "" (ARGV[16 + n*7]
---   and ARGV[17 + n*7] for n limits), then the request's tombstone field and the ttl of its
---   tombstone bucket in ms (ARGV[18 + n*7], ARGV[19 + n*7]; see tomb_get). The correlation id is recorded on the hold record and the
---   event as is; it is no part of the fingerprint, so a replay keeps the first one's.
+--   then the caller's correlation id as a JSON string (quotes included) or "" (ARGV[16 + n*8]
+--   and ARGV[17 + n*8] for n limits), then the request's tombstone field and the ttl of its
+--   tombstone bucket in ms (ARGV[18 + n*8], ARGV[19 + n*8]; see tomb_get). The correlation id
+--   is recorded on the hold record and the event as is; it is no part of the fingerprint, so a
+--   replay keeps the first one's.
 -- The counter of limit i is KEYS[first + i - 1] (first is given by each script).
 local function spend_req()
   local function opt(s) if s == '' then return nil end return s end
@@ -98,19 +100,20 @@ local function spend_req()
   }
   local n = tonumber(ARGV[15])
   for i = 1, n do
-    local b = 15 + (i - 1) * 7
+    local b = 15 + (i - 1) * 8
     req.lims[i] = {scope = ARGV[b + 1], meter = ARGV[b + 2], period = ARGV[b + 3],
       amt = tonumber(ARGV[b + 4]), amt_s = ARGV[b + 4], max = tonumber(ARGV[b + 5]),
-      max_s = ARGV[b + 5], ['end'] = tonumber(ARGV[b + 6]), end_s = ARGV[b + 6], name = ARGV[b + 7]}
+      max_s = ARGV[b + 5], ['end'] = tonumber(ARGV[b + 6]), end_s = ARGV[b + 6], name = ARGV[b + 7],
+      mode = ARGV[b + 8]}
   end
   -- After the limits: the version of the account the sidecar priced this with (0 = unknown),
   -- then the correlation id, ready-made JSON (the sidecar encoded it: it may hold any printable
   -- ASCII, quotes and backslashes too, unlike the ids this file splices in bare).
-  req.ver = tonumber(ARGV[16 + n * 7] or '0') or 0
-  req.cid = opt(ARGV[17 + n * 7] or '')
+  req.ver = tonumber(ARGV[16 + n * 8] or '0') or 0
+  req.cid = opt(ARGV[17 + n * 8] or '')
   -- Then the request's tombstone field and the tombstone bucket's ttl (see tomb_get).
-  req.tomb = ARGV[18 + n * 7] or ''
-  req.tomb_ttl_ms = ARGV[19 + n * 7] or '1000'
+  req.tomb = ARGV[18 + n * 8] or ''
+  req.tomb_ttl_ms = ARGV[19 + n * 8] or '1000'
   return req
 end
 
@@ -258,24 +261,37 @@ local function give_back(zkey, hkey, draws, amount, now, gout, xout)
   return kept
 end
 
--- Evaluates limits. `lims` are {scope, meter, period, amt, max, end, name} with counter keys at
--- KEYS[first + i - 1]. Returns (nil, tightest) when every limit admits the request, or
--- (denying, used) for the first one that does not. A limit already at its max denies even a
--- zero estimate: the meter is exhausted.
+-- Evaluates limits. `lims` are {scope, meter, period, amt, max, end, name, mode} with counter
+-- keys at KEYS[first + i - 1]. Returns (nil, tightest, its remaining, shadow) when every
+-- enforced limit admits the request, or (denying, used) for the first one that does not. A
+-- limit already at its max refuses even a zero estimate: the meter is exhausted.
+-- Modes: an enforced limit (e) refuses; a soft one (s) never refuses (charge_counters reports
+-- what it is over by); a shadow one (h) that would refuse is marked `skip` — not charged, as
+-- enforcement would not have charged it — and named in `shadow` (a JSON array of limit names,
+-- nil when none would refuse). Only enforced limits are the "tightest" reported.
 local function eval_limits(lims, first)
-  local tight, tight_rem = nil, nil
-  if #lims == 0 then return nil, nil, nil end
+  local tight, tight_rem, shadow = nil, nil, nil
+  if #lims == 0 then return nil, nil, nil, nil end
   -- Every counter in one command (they share the hash tag: one slot).
   local used_all = redis.call('MGET', unpack(KEYS, first, first + #lims - 1))
   for i, l in ipairs(lims) do
     local used = num(used_all[i])
-    if used + l.amt > l.max or (used >= l.max) then
-      return l, used
+    l.used = used
+    local over = used + l.amt > l.max or used >= l.max
+    if l.mode == 'h' then
+      if over then
+        l.skip = true
+        shadow = shadow or {}
+        shadow[#shadow + 1] = '"' .. l.name .. '"'
+      end
+    elseif l.mode ~= 's' then
+      if over then return l, used end
+      local rem = l.max - used - l.amt
+      if tight_rem == nil or rem < tight_rem then tight, tight_rem = l, rem end
     end
-    local rem = l.max - used - l.amt
-    if tight_rem == nil or rem < tight_rem then tight, tight_rem = l, rem end
   end
-  return nil, tight, tight_rem
+  if shadow then shadow = '[' .. table.concat(shadow, ',') .. ']' end
+  return nil, tight, tight_rem, shadow
 end
 
 -- Milliseconds until an hour after a window ends, measured on the sidecar's clock (`now`), so a
@@ -285,33 +301,41 @@ local function counter_ttl(pend, now)
 end
 
 -- Adds each limit's amount to its counter; new counters expire an hour after their window.
+-- A limit eval_limits marked `skip` (a shadow limit that would have refused) is not charged.
 -- Returns the usage deltas [[scope, meter, period, delta, end], ...], the counters
--- [[key, scope, meter, period, amount, end, max, name], ...] and each limit's used amount after the charge
--- [n1, n2, ...] (what alerts are computed from) as JSON (nil when empty).
+-- [[key, scope, meter, period, amount, end, max, name], ...] (the hold's: what its settlement
+-- moves), each limit's used amount after the charge [n1, n2, ...] (what alerts are computed
+-- from) and the soft limits now past their max [[name, over by], ...], as JSON (nil when empty).
 local function charge_counters(lims, first, now)
-  local u, ctr, used = {}, {}, {}
+  local u, ctr, used, over = {}, {}, {}, {}
   for i, l in ipairs(lims) do
     local k = KEYS[first + i - 1]
-    if l.amt > 0 then
-      local v = redis.call('INCRBY', k, l.amt)
-      used[i] = v
-      if v == l.amt and l['end'] > 0 then redis.call('PEXPIRE', k, math.max(1, counter_ttl(l['end'], now))) end
-      u[#u + 1] = '["' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s .. ']'
+    if l.skip then
+      used[i] = l.used or 0
     else
-      used[i] = num(redis.call('GET', k))
+      if l.amt > 0 then
+        local v = redis.call('INCRBY', k, l.amt)
+        used[i] = v
+        if v == l.amt and l['end'] > 0 then redis.call('PEXPIRE', k, math.max(1, counter_ttl(l['end'], now))) end
+        u[#u + 1] = '["' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s .. ']'
+      else
+        used[i] = num(redis.call('GET', k))
+      end
+      if l.mode == 's' and used[i] > l.max then
+        over[#over + 1] = '["' .. l.name .. '",' .. (used[i] - l.max) .. ']'
+      end
+      -- The limit's max and name (max as a string: a decoded number past 2^53 or printed by Lua
+      -- as 1e+14 would not survive) let a commit that grows the counter raise its alerts.
+      ctr[#ctr + 1] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s ..
+        ',"' .. l.max_s .. '","' .. l.name .. '"]'
     end
-    -- The limit's max and name (max as a string: a decoded number past 2^53 or printed by Lua
-    -- as 1e+14 would not survive) let a commit that grows the counter raise its alerts.
-    ctr[i] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s ..
-      ',"' .. l.max_s .. '","' .. l.name .. '"]'
   end
-  local uj, cj, usedj = nil, nil, nil
+  local uj, cj, usedj, overj = nil, nil, nil, nil
   if #u > 0 then uj = '[' .. table.concat(u, ',') .. ']' end
-  if #ctr > 0 then
-    cj = '[' .. table.concat(ctr, ',') .. ']'
-    usedj = '[' .. table.concat(used, ',') .. ']'
-  end
-  return uj, cj, usedj
+  if #ctr > 0 then cj = '[' .. table.concat(ctr, ',') .. ']' end
+  if #used > 0 then usedj = '[' .. table.concat(used, ',') .. ']' end
+  if #over > 0 then overj = '[' .. table.concat(over, ',') .. ']' end
+  return uj, cj, usedj, overj
 end
 
 -- Applies a delta to a stored counter (commit/release), never below zero. Returns the delta
@@ -426,7 +450,10 @@ local function settle_hold(req, status)
 
   local u, grew = {}, {}
   for _, c in ipairs(h.ctr or {}) do
-    local d = adjust_counter(c[1], num(meters[c[3]]) - c[5], c[6], req.now)
+    -- A concurrency counter (period `c`) gives back the whole hold: it is no longer in flight.
+    local actual = num(meters[c[3]])
+    if c[4] == 'c' then actual = 0 end
+    local d = adjust_counter(c[1], actual - c[5], c[6], req.now)
     if d ~= 0 then
       u[#u + 1] = '["' .. c[2] .. '","' .. c[3] .. '","' .. c[4] .. '",' .. d .. ',' .. c[6] .. ']'
     end

@@ -377,13 +377,55 @@ fn ten() -> u32 {
     10
 }
 
-/// One limit: at most `max` of `meter` per `window`.
+/// One limit: at most `max` of `meter` per `window` (`concurrent`: at most `max` held at once,
+/// by requests in flight).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitSpec {
     pub meter: String,
     pub window: Window,
     pub max: u64,
+    /// `enforce` (refuse past it), `soft` (pass, record the overage, alert) or `shadow` (pass,
+    /// report what would have been refused; for rolling a limit out on live traffic).
+    #[serde(default, skip_serializing_if = "LimitMode::is_enforce")]
+    pub mode: LimitMode,
+}
+
+/// How a limit acts when a request would take it past its `max`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitMode {
+    /// The request is refused (429).
+    #[default]
+    Enforce,
+    /// The request passes and is counted; the overage is reported and alerted once a window.
+    Soft,
+    /// The request passes; it is counted only where the limit admits it, as enforcement would
+    /// have; the decision names the limit as one that would have refused it.
+    Shadow,
+}
+
+impl LimitMode {
+    pub fn is_enforce(&self) -> bool {
+        *self == LimitMode::Enforce
+    }
+
+    /// How the scripts see it (`mode` in `spend_req`, lua/lib.lua).
+    pub fn code(self) -> &'static str {
+        match self {
+            LimitMode::Enforce => "e",
+            LimitMode::Soft => "s",
+            LimitMode::Shadow => "h",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitMode::Enforce => "enforce",
+            LimitMode::Soft => "soft",
+            LimitMode::Shadow => "shadow",
+        }
+    }
 }
 
 /// A price: credits per unit (`requests = 2`) or per `per` units (`{ credits = 150, per = 1000 }`).

@@ -93,6 +93,10 @@ pub struct Metrics {
     pub consumed: Counter,
     pub granted: Counter,
     pub idempotent_replays: Counter,
+    /// Shadow limits that would have refused an admitted request (one per limit and request).
+    pub shadow_denials: Counter,
+    /// Soft limits an admitted request was past (one per limit and request).
+    pub soft_overages: Counter,
     pub authorize_batches: Counter,
     pub authorize_batched: Counter,
     pub cold_loads: Counter,
@@ -144,6 +148,8 @@ impl Default for Metrics {
             consumed: Counter::default(),
             granted: Counter::default(),
             idempotent_replays: Counter::default(),
+            shadow_denials: Counter::default(),
+            soft_overages: Counter::default(),
             authorize_batches: Counter::default(),
             authorize_batched: Counter::default(),
             cold_loads: Counter::default(),
@@ -240,6 +246,16 @@ impl Metrics {
             "tollgate_idempotent_replays_total",
             "Requests answered from an earlier identical request.",
             &[("", &self.idempotent_replays)],
+        );
+        counter(
+            "tollgate_shadow_denials_total",
+            "Admitted requests a shadow limit would have refused (one per limit).",
+            &[("", &self.shadow_denials)],
+        );
+        counter(
+            "tollgate_soft_limit_overages_total",
+            "Admitted requests past a soft limit (one per limit).",
+            &[("", &self.soft_overages)],
         );
         counter(
             "tollgate_authorize_batches_total",

@@ -24,6 +24,9 @@ pub enum Window {
     Week,
     Month,
     Lifetime,
+    /// Not a period of time: what is held at once (requests in flight), taken at authorize and
+    /// given back when the hold settles or expires.
+    Concurrent,
 }
 
 impl Window {
@@ -35,6 +38,7 @@ impl Window {
             Window::Week => "week",
             Window::Month => "month",
             Window::Lifetime => "lifetime",
+            Window::Concurrent => "concurrent",
         }
     }
 }
@@ -116,6 +120,11 @@ pub fn current_period(
     match window {
         Window::Lifetime => Period {
             id: "l".into(),
+            end_ms: 0,
+        },
+        // The scripts give a `c` counter back in full when its hold settles (lua/lib.lua).
+        Window::Concurrent => Period {
+            id: "c".into(),
             end_ms: 0,
         },
         Window::Minute | Window::Hour => {

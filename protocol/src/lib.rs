@@ -290,6 +290,20 @@ pub struct Decision {
     /// Spendable credit after this decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance: Option<u64>,
+    /// Shadow limits that would have refused this request had they been enforced (their
+    /// names); it passed anyway. The filter reports them in `x-tollgate-shadow`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow: Vec<String>,
+    /// Soft limits this request took (or found) past their max, and by how much.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub over: Vec<Overage>,
+}
+
+/// A soft limit past its max: the request passed, the overage is reported and alerted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overage {
+    pub limit: String,
+    pub by: u64,
 }
 
 /// The answer to commit / release (and to the sweeper's expiry).

@@ -60,6 +60,11 @@ pub struct UsageLine {
     pub max: u64,
     pub remaining: u64,
     pub reset_ms: u64,
+    /// `enforce`, `soft` or `shadow` (see `LimitMode`).
+    pub mode: String,
+    /// How far past its max the limit is (a soft or shadow limit may be; an enforced one never).
+    #[serde(default)]
+    pub over: u64,
 }
 
 impl Engine {
@@ -384,6 +389,8 @@ impl Engine {
                 max: l.max,
                 remaining: l.max.saturating_sub(used),
                 reset_ms: p.end_ms,
+                mode: l.mode.as_str().into(),
+                over: used.saturating_sub(l.max),
             });
         }
         Ok(out)

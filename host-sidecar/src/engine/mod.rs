@@ -125,6 +125,8 @@ pub(crate) fn denial(reason: DenyReason, account: Option<String>) -> Decision {
         retry_after_s: None,
         credits: 0,
         balance: None,
+        shadow: Vec::new(),
+        over: Vec::new(),
     }
 }
 
@@ -377,13 +379,16 @@ impl Engine {
         Ok(limits)
     }
 
-    /// Every limit the request touches, with its counter's current period.
+    /// Every limit the request touches, with its counter's current period. `held`: the request
+    /// becomes a hold (authorize, check); a consume is never in flight, so `concurrent` limits
+    /// do not apply to it.
     pub(crate) fn limits_for(
         &self,
         caller: &Caller,
         meters: &Meters,
         credit: u64,
         now: u64,
+        held: bool,
     ) -> Result<Vec<LuaLimit>, ApiError> {
         let acct = &caller.account;
         let amount = |meter: &str| -> Option<u64> {
@@ -395,6 +400,9 @@ impl Engine {
         };
         let mut out = Vec::new();
         let mut push = |scope: String, scope_name: &str, l: &LimitSpec| {
+            if l.window == crate::windows::Window::Concurrent && !held {
+                return;
+            }
             if let Some(amt) = amount(&l.meter) {
                 let p = current_period(
                     l.window,
@@ -411,6 +419,7 @@ impl Engine {
                     max: l.max,
                     end: p.end_ms,
                     name: format!("{scope_name}:{}:{}", l.meter, l.window.as_str()),
+                    mode: l.mode,
                 });
             }
         };

@@ -94,6 +94,7 @@ impl Engine {
             max: p.stock.max(0) as u64,
             end: 0,
             name: format!("pool:{}", p.id),
+            mode: crate::config::LimitMode::Enforce,
         }]
     }
 

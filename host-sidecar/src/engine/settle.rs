@@ -441,6 +441,7 @@ impl Engine {
                 max: *max,
                 end: 0,
                 name: name.clone(),
+                mode: crate::config::LimitMode::Enforce,
             })
             .collect();
         let used: Vec<u64> = grew.iter().map(|g| g.5).collect();

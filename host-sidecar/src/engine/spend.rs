@@ -44,6 +44,12 @@ struct LuaDecision {
     /// Each limit's used amount after an admitted request (what alerts are computed from).
     #[serde(default)]
     used: Vec<u64>,
+    /// Shadow limits that would have refused the request.
+    #[serde(default)]
+    shadow: Vec<String>,
+    /// Soft limits past their max: (name, by how much).
+    #[serde(default)]
+    over: Vec<(String, u64)>,
 }
 
 /// What the caller is charged for: the fingerprint of a spend request.
@@ -196,7 +202,7 @@ impl Engine {
             let caller = fresh.as_ref().unwrap_or(caller);
             // Periods are computed per attempt: a cold load may have taken a while.
             let now = self.clock.now_ms();
-            let lims = self.limits_for(caller, &req.meters, credit, now)?;
+            let lims = self.limits_for(caller, &req.meters, credit, now, op != Op::Consume)?;
             let args = SpendArgs {
                 now,
                 acct,
@@ -226,6 +232,8 @@ impl Engine {
                 Reply::Ok(body) => {
                     let lua = parse_decision(&body)?;
                     if op != Op::Check {
+                        self.metrics.shadow_denials.add(lua.shadow.len() as u64);
+                        self.metrics.soft_overages.add(lua.over.len() as u64);
                         self.raise_alerts(acct, &lims, &lua.used, None);
                         if let Some(balance) = lua.balance {
                             self.check_low_balance(&caller.account, lua.credits, balance);
@@ -293,6 +301,8 @@ impl Engine {
             (Some(DenyReason::Limit), Some(l)) if l.reset_ms > 0 => {
                 Some(l.reset_ms.saturating_sub(now).div_ceil(1000).max(1))
             }
+            // A concurrency limit has no reset: a request in flight may end any moment.
+            (Some(DenyReason::Limit), Some(l)) if l.name.ends_with(":concurrent") => Some(1),
             _ => None,
         };
         Decision {
@@ -306,6 +316,12 @@ impl Engine {
             retry_after_s,
             credits: d.credits,
             balance: d.balance,
+            shadow: d.shadow,
+            over: d
+                .over
+                .into_iter()
+                .map(|(limit, by)| tollgate_protocol::Overage { limit, by })
+                .collect(),
         }
     }
 }

@@ -62,6 +62,7 @@ pub struct LuaLimit {
     pub max: u64,
     pub end: u64,
     pub name: String,
+    pub mode: crate::config::LimitMode,
 }
 
 /// The arguments of authorize / consume / check (see `spend_req` in `lua/lib.lua`).
@@ -128,7 +129,7 @@ impl<'a> SpendArgs<'a> {
     }
 
     fn argv(&self, tomb: &str, tomb_ttl_ms: u64) -> Vec<String> {
-        let mut v = Vec::with_capacity(19 + self.lims.len() * 7);
+        let mut v = Vec::with_capacity(19 + self.lims.len() * 8);
         v.extend([
             self.now.to_string(),
             self.acct.to_string(),
@@ -155,6 +156,7 @@ impl<'a> SpendArgs<'a> {
                 l.max.to_string(),
                 l.end.to_string(),
                 l.name.clone(),
+                l.mode.code().to_string(),
             ]);
         }
         v.push(self.version.to_string());
