@@ -39,6 +39,8 @@ pub enum Admission {
     Allowed {
         hold_id: String,
         limit: Option<LimitState>,
+        /// `x-tollgate-shadow` for the response: shadow limits that would have refused it.
+        shadow: Option<String>,
     },
     /// Answered (denied, refused, or passed by the failure mode): nothing to settle.
     Answered,

@@ -266,6 +266,11 @@ pub struct Route {
     /// Opt-in: serve requests from a local allowance instead of a callout each (see `lease.rs`).
     #[serde(default)]
     pub lease: Option<LeaseConfig>,
+    /// Shadow mode: each request is decided (a `/v1/check` at the sidecar, which changes
+    /// nothing) and passes whatever the answer; a refusal is reported in `x-tollgate-shadow`
+    /// and counted (`tollgate.shadow_would_deny`). Nothing is refused, held or charged.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 /// A lease: the sidecar holds `requests` times a request's estimate against the account at once

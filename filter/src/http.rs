@@ -116,6 +116,10 @@ pub struct Request {
     single_inflight: bool,
     /// Its authorize waited for the line and went (or goes) in the root's batch.
     batched: bool,
+    /// `x-tollgate-shadow` for the response (see `reply::shadow_header`).
+    shadow: Option<String>,
+    /// The route is in shadow mode: its callout is a check, and nothing is refused or settled.
+    shadow_route: bool,
 }
 
 /// A header's value. Read as bytes: the SDK's string getter panics on a value that is not
@@ -171,6 +175,22 @@ pub(crate) fn dispatch_authorize(
     hostcalls::dispatch_http_call(
         &cfg.sidecar.cluster,
         cfg.sidecar.headers("/v1/authorize", &auth),
+        Some(&body),
+        vec![],
+        Duration::from_millis(cfg.sidecar.timeout_ms),
+    )
+}
+
+/// A shadow route's decision: `/v1/check`, which changes nothing at the sidecar.
+fn dispatch_check(
+    cfg: &FilterConfig,
+    req: &SpendRequest,
+) -> Result<u32, proxy_wasm::types::Status> {
+    let body = serde_json::to_vec(req).unwrap_or_default();
+    let auth = cfg.sidecar_auth();
+    hostcalls::dispatch_http_call(
+        &cfg.sidecar.cluster,
+        cfg.sidecar.headers("/v1/check", &auth),
         Some(&body),
         vec![],
         Duration::from_millis(cfg.sidecar.timeout_ms),
@@ -233,6 +253,8 @@ impl Request {
             lease: None,
             single_inflight: false,
             batched: false,
+            shadow: None,
+            shadow_route: false,
         }
     }
 
@@ -244,9 +266,14 @@ impl Request {
         }
         let admitted = self.shared.borrow_mut().authz.admitted.remove(&self.id);
         match admitted {
-            Some(Admission::Allowed { hold_id, limit }) => {
+            Some(Admission::Allowed {
+                hold_id,
+                limit,
+                shadow,
+            }) => {
                 self.hold_id = Some(hold_id);
                 self.limit = limit;
+                self.shadow = shadow;
                 self.phase = Phase::Allowed;
             }
             Some(Admission::Answered) => self.phase = Phase::Idle,
@@ -428,6 +455,25 @@ impl Request {
             deadline_ms: now + self.cfg.deadline_ms,
             mode: self.mode(),
         };
+        if route.shadow {
+            // Decided, never refused, never held: one check, outside the authorize line.
+            return match dispatch_check(&self.cfg, &req) {
+                Ok(_) => {
+                    self.shadow_route = true;
+                    self.phase = Phase::Deciding;
+                    self.asked_ms = now;
+                    self.shared.borrow_mut().waiting.insert(
+                        self.id,
+                        Waiting {
+                            deadline_ms: waiting.deadline_ms,
+                            mode: FailureMode::Open,
+                        },
+                    );
+                    Action::Pause
+                }
+                Err(_) => Action::Continue,
+            };
+        }
         let must_wait = self.shared.borrow().authz.must_wait(
             self.cfg.authorize_inflight,
             self.cfg.authorize_batch,
@@ -687,6 +733,22 @@ impl Context for Request {
             }
             return;
         }
+        if self.shadow_route {
+            // A shadow route passes whatever the check said; a refusal is only reported.
+            self.phase = Phase::Idle;
+            if let Some(d) = decision.as_ref() {
+                self.shadow = if d.allowed {
+                    crate::reply::shadow_header(d)
+                } else {
+                    Some(crate::reply::shadow_refusal(d))
+                };
+            }
+            if self.shadow.is_some() {
+                bump(self.shared.borrow().metrics.shadow_would_deny);
+            }
+            let _ = hostcalls::resume_http_request();
+            return;
+        }
         match decision {
             // A client idempotency key already admitted: the first request owns the hold and
             // was (or is being) served. The repeat is not served again, and not charged again.
@@ -701,6 +763,10 @@ impl Context for Request {
             }
             Some(d) if d.allowed && d.hold_id.is_some() => {
                 bump(self.shared.borrow().metrics.allowed);
+                self.shadow = crate::reply::shadow_header(&d);
+                if self.shadow.is_some() {
+                    bump(self.shared.borrow().metrics.shadow_would_deny);
+                }
                 self.hold_id = d.hold_id;
                 self.limit = d.limit;
                 self.phase = Phase::Allowed;
@@ -830,6 +896,13 @@ impl HttpContext for Request {
 
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
         self.adopt();
+        if let Some(v) = self.shadow.take() {
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                "x-tollgate-shadow",
+                Some(&v),
+            );
+        }
         if self.phase != Phase::Allowed {
             return Action::Continue;
         }

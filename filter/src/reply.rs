@@ -60,6 +60,24 @@ pub fn unavailable() {
     );
 }
 
+/// `x-tollgate-shadow` for an admitted request that shadow limits would have refused:
+/// `would-deny limit=<name>[,<name>...]`; none when no shadow limit would have.
+pub fn shadow_header(d: &Decision) -> Option<String> {
+    (!d.shadow.is_empty()).then(|| format!("would-deny limit={}", d.shadow.join(",")))
+}
+
+/// `x-tollgate-shadow` for a request of a shadow route the sidecar's check refused: what the
+/// refusal would have been (`would-deny limit=<name>`, `would-deny reason=credits`, ...).
+pub fn shadow_refusal(d: &Decision) -> String {
+    match (&d.limit, d.reason) {
+        (Some(l), Some(DenyReason::Limit)) => format!("would-deny limit={}", l.name),
+        (_, Some(DenyReason::Credits)) => "would-deny reason=credits".into(),
+        (_, Some(DenyReason::Unauthenticated)) => "would-deny reason=invalid_api_key".into(),
+        (_, Some(DenyReason::Disabled)) => "would-deny reason=forbidden".into(),
+        _ => "would-deny".into(),
+    }
+}
+
 /// A request refused before asking the sidecar (no key, no route).
 pub fn reject(status: u32, code: &str, message: &str) {
     send(status, &[], &body(code, message, None));

@@ -663,9 +663,14 @@ fn batch_answered(shared: &SharedRef, results: Vec<AuthorizeOutcome>, items: Vec
             }
             Some(AuthorizeOutcome::Decided { decision: d, .. }) if holds(d) => {
                 bump(s.metrics.allowed);
+                let shadow = crate::reply::shadow_header(d);
+                if shadow.is_some() {
+                    bump(s.metrics.shadow_would_deny);
+                }
                 let admission = Admission::Allowed {
                     hold_id: d.hold_id.clone().unwrap_or_default(),
                     limit: d.limit.clone(),
+                    shadow,
                 };
                 s.authz.admitted.insert(ctx, admission);
                 drop(s);

@@ -121,6 +121,8 @@ pub struct Metrics {
     /// Authorize batches sent, and the requests they carried.
     pub authorize_batches: u32,
     pub authorize_batched: u32,
+    /// Requests that passed although a shadow limit or a shadow route would have refused them.
+    pub shadow_would_deny: u32,
 }
 
 impl Metrics {
@@ -154,6 +156,7 @@ impl Metrics {
             leases_committed: c("tollgate.leases_committed"),
             authorize_batches: c("tollgate.authorize_batches"),
             authorize_batched: c("tollgate.authorize_batched"),
+            shadow_would_deny: c("tollgate.shadow_would_deny"),
             callout_ms: hostcalls::define_metric(MetricType::Histogram, "tollgate.callout_ms")
                 .unwrap_or(0),
         }

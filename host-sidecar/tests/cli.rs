@@ -147,9 +147,15 @@ conformance! {
         assert!(json_of(&out)["plans"].as_array().unwrap().iter().any(|p| p["name"] == "basic"));
         // A plan written through the CLI; delta (on basic) is moved onto it.
         let (code, out, err) = cli(&env, &["plans", "set", "team", "--limit", "requests:day:2",
-            "--limit", "tokens:month:5000", "--included-credits", "10", "--credits-period", "week"]).await;
+            "--limit", "tokens:month:5000:soft", "--limit", "requests:concurrent:4",
+            "--included-credits", "10", "--credits-period", "week"]).await;
         assert_eq!(code, 0, "{out}{err}");
-        assert_eq!(json_of(&out)["limits"].as_array().unwrap().len(), 2);
+        let limits = json_of(&out)["limits"].clone();
+        assert_eq!(limits.as_array().unwrap().len(), 3);
+        assert_eq!(limits[1]["mode"], "soft", "{limits}");
+        assert_eq!(limits[2]["window"], "concurrent", "{limits}");
+        let (code, _, err) = cli(&env, &["plans", "set", "bad", "--limit", "requests:day:1:loud"]).await;
+        assert_eq!(code, 1, "{err}");
         let (code, _, _) = cli(&env, &["accounts", "set-plan", "delta", "team"]).await;
         assert_eq!(code, 0);
         let (_, out, _) = cli(&env, &["plans", "show", "team"]).await;

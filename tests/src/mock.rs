@@ -11,7 +11,11 @@
 //!   tool-call deltas only), `x-mock-text-bytes: N` (a stream carrying N bytes of text).
 //! - `POST /v1/chat/stalled` sends one event and then stalls (for clients that give up).
 //!
-//! [`Mock::served`] counts the completions it generated: what a platform pays its provider for.
+//! - `x-mock-delay-ms: N` (at most 10,000) holds a chat completion N ms before it answers, so
+//!   requests overlap at the upstream.
+//!
+//! [`Mock::served`] counts the completions it generated: what a platform pays its provider for;
+//! [`Mock::peak_in_flight`] the most chat completions it was working on at once.
 
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -48,16 +52,46 @@ struct Ask {
     stream_options: Option<StreamOptions>,
 }
 
-/// A running mock: its port and how many completions it served.
+/// A running mock: its port, how many completions it served and how many it worked on at once.
 #[derive(Clone)]
 pub struct Mock {
     pub port: u16,
     served: Arc<AtomicU64>,
+    load: Arc<Load>,
 }
 
 impl Mock {
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::SeqCst)
+    }
+
+    /// The most chat completions in flight at once since the mock started.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.load.peak.load(Ordering::SeqCst)
+    }
+}
+
+/// Chat completions in flight now, and the most there were.
+#[derive(Default)]
+struct Load {
+    now: AtomicU64,
+    peak: AtomicU64,
+}
+
+/// Counts one completion in flight for as long as it lives.
+struct InFlight(Arc<Load>);
+
+impl InFlight {
+    fn start(load: &Arc<Load>) -> Self {
+        let n = load.now.fetch_add(1, Ordering::SeqCst) + 1;
+        load.peak.fetch_max(n, Ordering::SeqCst);
+        InFlight(load.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -95,7 +129,22 @@ fn sse(events: &[serde_json::Value]) -> String {
     out + "data: [DONE]\n\n"
 }
 
-async fn completions(served: Arc<AtomicU64>, headers: HeaderMap, body: String) -> Response {
+async fn completions(
+    served: Arc<AtomicU64>,
+    load: Arc<Load>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let _in_flight = InFlight::start(&load);
+    let delay = headers
+        .get("x-mock-delay-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(10_000);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let ask: Ask = serde_json::from_str(&body).unwrap_or_default();
     if ask.model == "gpt-unknown" {
         let err = json!({"error": {"message": "The model `gpt-unknown` does not exist",
@@ -214,11 +263,12 @@ pub async fn start_mock() -> std::io::Result<Mock> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let served = Arc::new(AtomicU64::new(0));
-    let (c, m) = (served.clone(), served.clone());
+    let load = Arc::new(Load::default());
+    let (c, m, l) = (served.clone(), served.clone(), load.clone());
     let app = axum::Router::new()
         .route(
             "/v1/chat/completions",
-            post(move |h: HeaderMap, b: String| completions(c.clone(), h, b)),
+            post(move |h: HeaderMap, b: String| completions(c.clone(), l.clone(), h, b)),
         )
         .route(
             "/v1/messages",
@@ -226,7 +276,7 @@ pub async fn start_mock() -> std::io::Result<Mock> {
         )
         .route("/v1/chat/stalled", post(stalled));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(Mock { port, served })
+    Ok(Mock { port, served, load })
 }
 
 /// Starts the mock; returns its port.

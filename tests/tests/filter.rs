@@ -706,3 +706,96 @@ fn a_refused_lease_leaves_every_request_to_the_exact_decision() {
         .as_str()
         .is_some_and(|k| k.starts_with("lease."))));
 }
+
+/// Shadow limits: an admitted request that a shadow limit would have refused carries
+/// `x-tollgate-shadow` and is settled as usual. A shadow route asks `/v1/check`, passes whatever
+/// it answers (a refusal only reported, a failure passed), and settles nothing.
+#[test]
+fn shadow_limits_and_shadow_routes_report_and_never_refuse() {
+    let cfg = json!({
+        "sidecar": {"cluster": "sidecar", "timeout_ms": 200},
+        "deadline_ms": 100,
+        "key": {"header": "x-api-key"},
+        "commit_interval_ms": 50,
+        "routes": [
+            {"name": "rollout", "path_prefix": "/new/", "shadow": true, "failure_mode": "closed",
+             "charges": {"requests": {"fixed": 1}}},
+            {"name": "open", "path_prefix": "/open/", "charges": {"requests": {"fixed": 1}}}
+        ]
+    })
+    .to_string();
+    let mut f = Filter::load(&cfg).unwrap();
+    assert!(f.configured, "{:?}", f.logs());
+
+    // An enforced route whose decision names a shadow limit.
+    let (ctx, call) = get(&mut f, "/open/a", "s-1");
+    assert_eq!(call.header(":path"), Some("/v1/authorize"));
+    let mut d: Value = serde_json::from_slice(&allowed("acme/s-1")).unwrap();
+    d["shadow"] = json!(["account:requests:minute", "key:requests:day"]);
+    f.answer(call.token, 200, d.to_string().as_bytes()).unwrap();
+    assert_eq!(f.resumed(ctx), 1);
+    f.response_headers(ctx, &[(":status", "200")], true)
+        .unwrap();
+    assert_eq!(
+        f.response_header(ctx, "x-tollgate-shadow").as_deref(),
+        Some("would-deny limit=account:requests:minute,key:requests:day")
+    );
+    f.finish(ctx).unwrap();
+    let commits = flush(&mut f);
+    assert_eq!(commits.len(), 1, "settled as usual");
+    assert_eq!(commits[0].json()["commits"][0]["hold_id"], "acme/s-1");
+
+    // The shadow route: a check, a refusal reported and passed, nothing settled.
+    let (ctx, call) = get(&mut f, "/new/b", "s-2");
+    assert_eq!(call.header(":path"), Some("/v1/check"));
+    let denied = json!({"allowed": false, "status": 429, "reason": "limit", "retry_after_s": 30, "credits": 0,
+        "limit": {"name": "account:requests:day", "max": 2, "remaining": 0, "reset_ms": f.now_ms() + 30_000}});
+    f.answer(call.token, 200, denied.to_string().as_bytes())
+        .unwrap();
+    assert!(f.local_response(ctx).is_none(), "never refused");
+    assert_eq!(f.resumed(ctx), 1);
+    f.response_headers(ctx, &[(":status", "200")], true)
+        .unwrap();
+    assert_eq!(
+        f.response_header(ctx, "x-tollgate-shadow").as_deref(),
+        Some("would-deny limit=account:requests:day")
+    );
+    f.finish(ctx).unwrap();
+    // Admitted by the check: no header. Out of credit: the reason.
+    let (ctx, call) = get(&mut f, "/new/c", "s-3");
+    f.answer(
+        call.token,
+        200,
+        json!({"allowed": true, "status": 200, "credits": 0})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    f.response_headers(ctx, &[(":status", "200")], true)
+        .unwrap();
+    assert_eq!(f.response_header(ctx, "x-tollgate-shadow"), None);
+    f.finish(ctx).unwrap();
+    let (ctx, call) = get(&mut f, "/new/d", "s-4");
+    let broke =
+        json!({"allowed": false, "status": 402, "reason": "credits", "credits": 10, "balance": 3});
+    f.answer(call.token, 200, broke.to_string().as_bytes())
+        .unwrap();
+    f.response_headers(ctx, &[(":status", "200")], true)
+        .unwrap();
+    assert_eq!(
+        f.response_header(ctx, "x-tollgate-shadow").as_deref(),
+        Some("would-deny reason=credits")
+    );
+    f.finish(ctx).unwrap();
+    // The sidecar fails: a shadow route passes anyway (its own failure mode says closed).
+    let (ctx, call) = get(&mut f, "/new/e", "s-5");
+    f.answer(call.token, 503, b"").unwrap();
+    assert!(f.local_response(ctx).is_none());
+    assert_eq!(f.resumed(ctx), 1);
+    f.finish(ctx).unwrap();
+    assert!(
+        flush(&mut f).is_empty(),
+        "a shadow route holds and settles nothing"
+    );
+    assert_eq!(f.metric("tollgate.shadow_would_deny"), 3);
+}

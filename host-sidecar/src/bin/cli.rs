@@ -104,7 +104,8 @@ enum PlanCmd {
     /// Create or replace a plan; accounts on it get its limits on their next request.
     Set {
         name: String,
-        /// A limit as meter:window:max, e.g. requests:day:1000 (repeat for more).
+        /// A limit as meter:window:max[:mode], e.g. requests:day:1000,
+        /// requests:concurrent:10 or tokens:day:50000:soft (repeat for more).
         #[arg(long = "limit")]
         limits: Vec<String>,
         #[arg(long, default_value_t = 0)]
@@ -309,16 +310,21 @@ async fn run(api: &Api, cmd: Cmd) -> Result<ExitCode, Failure> {
                 let mut parsed = Vec::new();
                 for l in &limits {
                     let parts: Vec<&str> = l.split(':').collect();
-                    let [meter, window, max] = parts[..] else {
-                        return Err(Failure::Refused(
-                            400,
-                            format!("--limit {l:?}: expected meter:window:max"),
-                        ));
+                    let (meter, window, max, mode) = match parts[..] {
+                        [meter, window, max] => (meter, window, max, "enforce"),
+                        [meter, window, max, mode] => (meter, window, max, mode),
+                        _ => {
+                            return Err(Failure::Refused(
+                                400,
+                                format!("--limit {l:?}: expected meter:window:max[:mode]"),
+                            ))
+                        }
                     };
                     let max: u64 = max.parse().map_err(|_| {
                         Failure::Refused(400, format!("--limit {l:?}: max is not a number"))
                     })?;
-                    parsed.push(json!({"meter": meter, "window": window, "max": max}));
+                    parsed
+                        .push(json!({"meter": meter, "window": window, "max": max, "mode": mode}));
                 }
                 let body = json!({"limits": parsed, "included_credits": included_credits,
                     "credits_period": credits_period, "credits_expire": !credits_keep,

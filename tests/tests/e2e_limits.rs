@@ -1,0 +1,254 @@
+//! Issue 16's limits through a real Envoy (1.40, V8) with the compiled filter and the sidecar:
+//! a concurrency limit counted where it matters — at the upstream — and shadow limits and a
+//! shadow route, which never refuse and say in `x-tollgate-shadow` what they would have done.
+
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate_sidecar::clock::SystemClock;
+use wasm_host::envoy::Envoy;
+use wasm_host::stores::Backend;
+
+const SIDECAR: &str = r#"
+meters = ["requests", "input_tokens", "output_tokens"]
+[server]
+listen = "127.0.0.1:0"
+shards = 2
+[plans.conc]
+limits = [{ meter = "requests", window = "concurrent", max = 10 }]
+[plans.shadowed]
+limits = [{ meter = "requests", window = "day", max = 3, mode = "shadow" }]
+[plans.tight]
+limits = [{ meter = "requests", window = "day", max = 2 }]
+[prices.chat]
+requests = 1
+"#;
+
+/// Two routes on the mock's chat path: host `shadow.test` is in shadow mode, any other host is
+/// enforced.
+fn filter_config() -> String {
+    let route = |name: &str| {
+        json!({
+            "name": name, "method": "POST", "path_prefix": "/v1/chat/",
+            "charges": {"requests": {"fixed": 1}},
+            "usage": {"source": "estimate"}
+        })
+    };
+    let mut shadow = route("chat");
+    shadow["host"] = json!("shadow.test");
+    shadow["shadow"] = json!(true);
+    json!({
+        "sidecar": {"cluster": "tollgate_sidecar", "timeout_ms": 5000, "token": wasm_host::stores::DECISION_TOKEN},
+        "deadline_ms": 5000,
+        "key": {"header": "x-api-key"},
+        "commit_interval_ms": 20,
+        "routes": [shadow, route("chat")]
+    })
+    .to_string()
+}
+
+struct Side {
+    engine: Arc<tollgate_sidecar::engine::Engine>,
+    port: u16,
+    _background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Side {
+    async fn start(backend: Backend) -> Side {
+        let run = tollgate_sidecar::apikey::new_id("tgt");
+        let cfg = wasm_host::stores::sidecar_config(SIDECAR, backend, &run);
+        let engine = tollgate_sidecar::build_engine(cfg, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        let background = tollgate_sidecar::spawn_background(&engine);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(tollgate_sidecar::serve(engine.clone(), listener));
+        Side {
+            engine,
+            port,
+            _background: background,
+        }
+    }
+
+    /// An account on `plan` with credit; returns its key.
+    async fn account(&self, id: &str, plan: &str) -> String {
+        let e = &self.engine;
+        e.create_account(serde_json::from_value(json!({"id": id, "plan": plan})).unwrap())
+            .await
+            .unwrap();
+        e.grant(
+            id,
+            serde_json::from_value(json!({"grant_id": "pack", "amount": 100000})).unwrap(),
+        )
+        .await
+        .unwrap();
+        e.create_key(id, Default::default()).await.unwrap().1
+    }
+}
+
+/// POSTs one chat completion; returns the status and the response's headers.
+async fn chat(
+    url: &str,
+    key: &str,
+    host: Option<&str>,
+    delay_ms: u64,
+) -> (u16, reqwest::header::HeaderMap) {
+    let mut r = reqwest::Client::new()
+        .post(url)
+        .header("x-api-key", key)
+        .header("x-mock-delay-ms", delay_ms.to_string());
+    if let Some(h) = host {
+        r = r.header("host", h);
+    }
+    let r = r.json(&json!({"model": "gpt-test"})).send().await.unwrap();
+    let (s, h) = (r.status().as_u16(), r.headers().clone());
+    let _ = r.bytes().await;
+    (s, h)
+}
+
+async fn concurrency_counted_at_the_upstream(backend: Backend) {
+    let side = Side::start(backend).await;
+    let key = side.account("acme", "conc").await;
+    let mock = wasm_host::mock::start_mock().await.unwrap();
+    let envoy = Envoy::start_with(
+        mock.port,
+        side.port,
+        Some((&wasm_host::wasm_path(), &filter_config())),
+    )
+    .unwrap();
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port);
+
+    // A hundred at once, each held 300 ms at the upstream, against at most ten in flight.
+    let answers = futures::future::join_all((0..100).map(|_| chat(&url, &key, None, 300))).await;
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count() as u64;
+    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        refused
+            .iter()
+            .all(|(s, h)| *s == 429 && h.get("retry-after").is_some_and(|v| v == "1")),
+        "refusals are 429 with retry-after: 1: {:?}",
+        refused
+            .iter()
+            .map(|(s, h)| (*s, h.get("retry-after").cloned()))
+            .collect::<Vec<_>>()
+    );
+    let peak = mock.peak_in_flight();
+    println!("concurrency 10: {ok} of 100 served, at most {peak} at once at the upstream");
+    assert!(peak <= 10, "{peak} in flight at the upstream");
+    assert!(
+        ok >= 10 && mock.served() == ok,
+        "{ok} served, the mock saw {}",
+        mock.served()
+    );
+
+    // Every admitted request settles and gives its place back: ten more fit at once.
+    let t = Instant::now();
+    while side.engine.metrics.committed.get() < ok && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(side.engine.metrics.committed.get(), ok);
+    let again = futures::future::join_all((0..10).map(|_| chat(&url, &key, None, 100))).await;
+    assert!(
+        again.iter().all(|(s, _)| *s == 200),
+        "{:?}",
+        again.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    assert!(mock.peak_in_flight() <= 10);
+    drop(envoy);
+    side.engine.ledger.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_limit_of_10_never_has_more_than_10_at_the_upstream_on_redis_and_postgres() {
+    concurrency_counted_at_the_upstream(Backend::RedisPostgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_limit_of_10_never_has_more_than_10_at_the_upstream_on_the_embedded_store() {
+    concurrency_counted_at_the_upstream(Backend::Embedded).await
+}
+
+/// A shadow limit admits every request over it and says so; a shadow route is decided (a check)
+/// but never refused, held or charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_limits_and_a_shadow_route_pass_everything_and_report_would_be_denials() {
+    let side = Side::start(Backend::RedisPostgres).await;
+    let shadowed = side.account("shadowed", "shadowed").await;
+    let tight = side.account("tight", "tight").await;
+    let mock = wasm_host::mock::start_mock().await.unwrap();
+    let envoy = Envoy::start_with(
+        mock.port,
+        side.port,
+        Some((&wasm_host::wasm_path(), &filter_config())),
+    )
+    .unwrap();
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port);
+
+    // A shadow limit of 3 a day: six requests served; the last three carry the would-be denial.
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let (s, h) = chat(&url, &shadowed, None, 0).await;
+        assert_eq!(s, 200);
+        seen.push(
+            h.get("x-tollgate-shadow")
+                .map(|v| v.to_str().unwrap().to_string()),
+        );
+    }
+    let would = Some("would-deny limit=account:requests:day".to_string());
+    assert_eq!(
+        seen,
+        vec![
+            None,
+            None,
+            None,
+            would.clone(),
+            would.clone(),
+            would.clone()
+        ]
+    );
+    assert_eq!(envoy.stat("wasmcustom.tollgate.shadow_would_deny"), Some(3));
+    assert_eq!(side.engine.metrics.shadow_denials.get(), 3);
+
+    // An enforced limit of 2 a day, used up on the enforced route: the third is refused there...
+    for _ in 0..2 {
+        assert_eq!(chat(&url, &tight, None, 0).await.0, 200);
+    }
+    assert_eq!(chat(&url, &tight, None, 0).await.0, 429);
+    // ... and served on the shadow route, which reports what enforcement would have done and
+    // charges nothing.
+    let allowed_before = side.engine.metrics.allowed.get();
+    for _ in 0..3 {
+        let (s, h) = chat(&url, &tight, Some("shadow.test"), 0).await;
+        assert_eq!(s, 200);
+        assert_eq!(
+            h.get("x-tollgate-shadow").and_then(|v| v.to_str().ok()),
+            Some("would-deny limit=account:requests:day")
+        );
+    }
+    assert_eq!(envoy.stat("wasmcustom.tollgate.shadow_would_deny"), Some(6));
+    assert_eq!(
+        side.engine.metrics.allowed.get(),
+        allowed_before,
+        "no hold for a shadow route"
+    );
+    assert_eq!(mock.served(), 6 + 2 + 3);
+    let t = Instant::now();
+    while side.engine.metrics.committed.get() < 8 && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while side.engine.sync.sync_all().await.unwrap() > 0 {}
+    let used: i64 = side
+        .engine
+        .ledger
+        .usage_of("tight")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|u| u.1 == "requests")
+        .map(|u| u.3)
+        .sum();
+    assert_eq!(used, 2, "the shadow route charged nothing");
+    drop(envoy);
+    side.engine.ledger.close().await;
+}
