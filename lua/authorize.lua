@@ -40,7 +40,7 @@ if t then
 end
 if recheck_until > req.now and not req.checked then return reply('recheck') end
 
-local denied, a, b, shadow = eval_limits(req.lims, 9)
+local denied, a, b, shadow = eval_limits(req.lims, 9, req.now)
 if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
 local tight, tight_rem = a, b
 
@@ -51,7 +51,7 @@ if req.credit > 0 then
 end
 
 -- Admitted: charge counters, draw credit, record the hold.
-local uj, cj, usedj, overj = charge_counters(req.lims, 9, req.now)
+local uj, cj, usedj, overj = charge_counters(req.lims, 9, req.now, req.hold)
 local g, x, draws = {}, {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[5], KEYS[6], expired, x)

@@ -21,7 +21,7 @@ if t then
 end
 if recheck_until > req.now and not req.checked then return reply('recheck') end
 
-local denied, a, b, shadow = eval_limits(req.lims, 7)
+local denied, a, b, shadow = eval_limits(req.lims, 7, req.now)
 if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
 local balance, live, expired = nil, nil, nil
 if req.credit > 0 then
@@ -29,7 +29,7 @@ if req.credit > 0 then
   if balance < req.credit then return deny('credits', a, b, req.credit_s, balance) end
 end
 
-local uj, _, usedj, overj = charge_counters(req.lims, 7, req.now)
+local uj, _, usedj, overj = charge_counters(req.lims, 7, req.now, req.idem)
 local g, x = {}, {}
 if req.credit > 0 then
   expire_grants(KEYS[5], KEYS[6], expired, x)

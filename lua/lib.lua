@@ -261,6 +261,34 @@ local function give_back(zkey, hkey, draws, amount, now, gout, xout)
   return kept
 end
 
+-- Sliding windows (period `s:<ms>`): the counter at KEYS[i] is the sum of what the window
+-- holds, and `<counter>:log` (same hash tag, same slot) a sorted set of one member per charge,
+-- `<ms>|<request>|<amount>`, scored by when it was charged. A charge leaves the sum once it is
+-- older than the window: exact at every instant, not per calendar period. Both keys expire a
+-- window after the last charge. They are Redis's only: the ledger records the requests, not
+-- these sums (a Redis that lost them starts the window empty).
+local function sliding_ms(period)
+  if string.sub(period, 1, 2) ~= 's:' then return nil end
+  return tonumber(string.sub(period, 3))
+end
+
+local function slide_amount(member)
+  return tonumber(string.match(member, '|(%d+)$')) or 0
+end
+
+-- Drops what has left the window of the sliding counter `key` at `now`.
+local function slide(key, w, now)
+  local log = key .. ':log'
+  local gone = redis.call('ZRANGEBYSCORE', log, '-inf', now - w)
+  if #gone == 0 then return end
+  local total = 0
+  for _, m in ipairs(gone) do total = total + slide_amount(m) end
+  redis.call('ZREMRANGEBYSCORE', log, '-inf', now - w)
+  if total > 0 then
+    if redis.call('DECRBY', key, total) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+  end
+end
+
 -- Evaluates limits. `lims` are {scope, meter, period, amt, max, end, name, mode} with counter
 -- keys at KEYS[first + i - 1]. Returns (nil, tightest, its remaining, shadow) when every
 -- enforced limit admits the request, or (denying, used) for the first one that does not. A
@@ -269,9 +297,13 @@ end
 -- what it is over by); a shadow one (h) that would refuse is marked `skip` — not charged, as
 -- enforcement would not have charged it — and named in `shadow` (a JSON array of limit names,
 -- nil when none would refuse). Only enforced limits are the "tightest" reported.
-local function eval_limits(lims, first)
+local function eval_limits(lims, first, now)
   local tight, tight_rem, shadow = nil, nil, nil
   if #lims == 0 then return nil, nil, nil, nil end
+  for i, l in ipairs(lims) do
+    l.slide = sliding_ms(l.period)
+    if l.slide then slide(KEYS[first + i - 1], l.slide, now) end
+  end
   -- Every counter in one command (they share the hash tag: one slot).
   local used_all = redis.call('MGET', unpack(KEYS, first, first + #lims - 1))
   for i, l in ipairs(lims) do
@@ -285,7 +317,14 @@ local function eval_limits(lims, first)
         shadow[#shadow + 1] = '"' .. l.name .. '"'
       end
     elseif l.mode ~= 's' then
-      if over then return l, used end
+      if over then
+        if l.slide then
+          -- Retry when the oldest charge in the window leaves it.
+          local oldest = redis.call('ZRANGE', KEYS[first + i - 1] .. ':log', 0, 0, 'WITHSCORES')
+          if oldest[2] then l.end_s = tostring(tonumber(oldest[2]) + l.slide) end
+        end
+        return l, used
+      end
       local rem = l.max - used - l.amt
       if tight_rem == nil or rem < tight_rem then tight, tight_rem = l, rem end
     end
@@ -306,12 +345,28 @@ end
 -- [[key, scope, meter, period, amount, end, max, name], ...] (the hold's: what its settlement
 -- moves), each limit's used amount after the charge [n1, n2, ...] (what alerts are computed
 -- from) and the soft limits now past their max [[name, over by], ...], as JSON (nil when empty).
-local function charge_counters(lims, first, now)
+local function charge_counters(lims, first, now, tag)
   local u, ctr, used, over = {}, {}, {}, {}
   for i, l in ipairs(lims) do
     local k = KEYS[first + i - 1]
     if l.skip then
       used[i] = l.used or 0
+    elseif l.slide then
+      -- A sliding window: the sum and one log member; no usage row in the ledger (see slide).
+      local member = now .. '|' .. tag .. '|' .. l.amt_s
+      if l.amt > 0 then
+        used[i] = redis.call('INCRBY', k, l.amt)
+        redis.call('ZADD', k .. ':log', now, member)
+        redis.call('PEXPIRE', k, l.slide + 1000)
+        redis.call('PEXPIRE', k .. ':log', l.slide + 1000)
+      else
+        used[i] = num(redis.call('GET', k))
+      end
+      if l.mode == 's' and used[i] > l.max then
+        over[#over + 1] = '["' .. l.name .. '",' .. (used[i] - l.max) .. ']'
+      end
+      ctr[#ctr + 1] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',0,"' ..
+        l.max_s .. '","' .. l.name .. '","' .. member .. '"]'
     else
       if l.amt > 0 then
         local v = redis.call('INCRBY', k, l.amt)
@@ -453,8 +508,30 @@ local function settle_hold(req, status)
     -- A concurrency counter (period `c`) gives back the whole hold: it is no longer in flight.
     local actual = num(meters[c[3]])
     if c[4] == 'c' then actual = 0 end
-    local d = adjust_counter(c[1], actual - c[5], c[6], req.now)
-    if d ~= 0 then
+    local d = 0
+    if c[9] then
+      -- A sliding window: the charge's log member takes the actual amount, and the sum moves by
+      -- the difference, while the charge is still in the window (after, it counts no more).
+      local log = c[1] .. ':log'
+      local score = redis.call('ZSCORE', log, c[9])
+      if score then
+        redis.call('ZREM', log, c[9])
+        if actual > 0 then
+          redis.call('ZADD', log, score, (string.gsub(c[9], '|%d+$', '|' .. actual)))
+        end
+        d = actual - c[5]
+        if d ~= 0 then
+          local v = redis.call('INCRBY', c[1], d)
+          if v < 0 then
+            redis.call('SET', c[1], 0, 'KEEPTTL')
+            d = d - v
+          end
+        end
+      end
+    else
+      d = adjust_counter(c[1], actual - c[5], c[6], req.now)
+    end
+    if d ~= 0 and not c[9] then
       u[#u + 1] = '["' .. c[2] .. '","' .. c[3] .. '","' .. c[4] .. '",' .. d .. ',' .. c[6] .. ']'
     end
     -- A limit this commit took further than its estimate: [name, scope, meter, period, max,

@@ -27,6 +27,11 @@ pub enum Window {
     /// Not a period of time: what is held at once (requests in flight), taken at authorize and
     /// given back when the hold settles or expires.
     Concurrent,
+    /// The last 60 s / 3,600 s at every instant, not a calendar period (lua/lib.lua `slide`).
+    #[serde(rename = "sliding_minute")]
+    SlidingMinute,
+    #[serde(rename = "sliding_hour")]
+    SlidingHour,
 }
 
 impl Window {
@@ -39,6 +44,17 @@ impl Window {
             Window::Month => "month",
             Window::Lifetime => "lifetime",
             Window::Concurrent => "concurrent",
+            Window::SlidingMinute => "sliding_minute",
+            Window::SlidingHour => "sliding_hour",
+        }
+    }
+
+    /// A sliding window's length in ms.
+    pub fn sliding_ms(self) -> Option<u64> {
+        match self {
+            Window::SlidingMinute => Some(60_000),
+            Window::SlidingHour => Some(3_600_000),
+            _ => None,
         }
     }
 }
@@ -125,6 +141,11 @@ pub fn current_period(
         // The scripts give a `c` counter back in full when its hold settles (lua/lib.lua).
         Window::Concurrent => Period {
             id: "c".into(),
+            end_ms: 0,
+        },
+        // One counter for good (`s:<ms>`): the scripts drop what leaves the window.
+        Window::SlidingMinute | Window::SlidingHour => Period {
+            id: format!("s:{}", window.sliding_ms().unwrap_or(60_000)),
             end_ms: 0,
         },
         Window::Minute | Window::Hour => {

@@ -1,6 +1,6 @@
-//! Limits that do more than refuse: concurrency limits (requests in flight), soft limits (pass,
-//! report and alert the overage) and shadow limits (pass, name the limit that would have
-//! refused). Every test runs on every store (Redis + PostgreSQL, Redis Cluster, embedded).
+//! Limits that do more than refuse: concurrency limits (requests in flight), sliding windows,
+//! soft limits (pass, report and alert the overage) and shadow limits (pass, name the limit that
+//! would have refused). Every test runs on every store (Redis + PostgreSQL, Redis Cluster, embedded).
 
 #[macro_use]
 mod common;
@@ -22,6 +22,15 @@ limits = [
   { meter = "requests", window = "minute", max = 3, mode = "shadow" },
   { meter = "requests", window = "day", max = 100 },
 ]
+"#;
+
+const SLIDING: &str = r#"
+[plans.sliding]
+limits = [{ meter = "requests", window = "sliding_minute", max = 5 }]
+[plans.sixty]
+limits = [{ meter = "requests", window = "sliding_minute", max = 60 }]
+[plans.slidetok]
+limits = [{ meter = "tokens", window = "sliding_hour", max = 20 }]
 "#;
 
 async fn env(backend: Backend, instances: usize) -> Env {
@@ -160,5 +169,105 @@ conformance! {
         assert_eq!(minute.map(|m| m["mode"].clone()), Some(json!("shadow")), "{usage}");
         env.sync().await;
         assert_eq!(env.ledger_rows("acme").await, 6);
+    }
+
+    async fn a_sliding_minute_holds_across_the_calendar_minute_and_frees_a_minute_after(backend: Backend) {
+        let env = Env::build(backend, 1, SLIDING, &redis_url(), None).await;
+        let key = env.account("acme", "sliding", "UTC").await;
+        let auth = |i: &str| authorize_body(&key, i, json!({"requests": 1}));
+        // Five at 12:00:59: the sixth is refused, to retry when the first five leave (60 s).
+        env.clock.set(NOON + 59_000);
+        for i in 0..5 {
+            let (s, v, _) = env.post_to(0, "/v1/authorize", &auth(&format!("a{i}"))).await;
+            assert_eq!((s, v["allowed"].clone()), (200, json!(true)), "{v}");
+        }
+        let (_, v, _) = env.post_to(0, "/v1/authorize", &auth("a5")).await;
+        assert_eq!(v["allowed"], false, "{v}");
+        assert_eq!(v["limit"]["name"], "account:requests:sliding_minute");
+        assert_eq!(v["retry_after_s"], 60, "{v}");
+        // 12:01:00.5: a calendar minute would start again; the sliding one does not.
+        env.clock.set(NOON + 60_500);
+        let (_, v, _) = env.post_to(0, "/v1/authorize", &auth("b0")).await;
+        assert_eq!(v["allowed"], false, "{v}");
+        assert_eq!(v["retry_after_s"], 59, "{v}");
+        assert_eq!(env.used("acme", "account:requests:sliding_minute").await, 5);
+        // 12:01:59: the first five are a minute old and out; five more fit, not six.
+        env.clock.set(NOON + 119_000);
+        assert_eq!(env.used("acme", "account:requests:sliding_minute").await, 0);
+        for i in 0..5 {
+            let (_, v, _) = env.post_to(0, "/v1/authorize", &auth(&format!("c{i}"))).await;
+            assert_eq!(v["allowed"], true, "{v}");
+        }
+        let (_, v, _) = env.post_to(0, "/v1/authorize", &auth("c5")).await;
+        assert_eq!(v["allowed"], false, "{v}");
+        // A consume counts too (it is charged now).
+        env.clock.set(NOON + 179_000);
+        let c = json!({"account": "acme", "idempotency_key": "job-1", "meters": {"requests": 5}});
+        let (_, v, _) = env.post_to(0, "/v1/consume", &c).await;
+        assert_eq!(v["allowed"], true, "{v}");
+        let (_, v, _) = env.post_to(0, "/v1/authorize", &auth("d0")).await;
+        assert_eq!(v["allowed"], false, "{v}");
+        env.sync().await;
+        assert_eq!(env.ledger_rows("acme").await, 11);
+    }
+
+    async fn a_sliding_window_settles_to_the_actual_amount_while_the_charge_is_in_it(backend: Backend) {
+        let env = Env::build(backend, 1, SLIDING, &redis_url(), None).await;
+        let key = env.account("acme", "slidetok", "UTC").await;
+        let auth = |i: &str, t: u64| authorize_body(&key, i, json!({"tokens": t}));
+        let (_, a, _) = env.post_to(0, "/v1/authorize", &auth("t1", 10)).await;
+        let (_, b, _) = env.post_to(0, "/v1/authorize", &auth("t2", 10)).await;
+        assert_eq!((a["allowed"].clone(), b["allowed"].clone()), (json!(true), json!(true)));
+        let (_, v, _) = env.post_to(0, "/v1/authorize", &auth("t3", 1)).await;
+        assert_eq!(v["allowed"], false, "{v}");
+        // The first used 3 of its 10; the second is released: 3 in the window.
+        let (s, v) = env.post("/v1/commit", &json!({"hold_id": a["hold_id"], "meters": {"tokens": 3}})).await;
+        assert_eq!(s, 200, "{v}");
+        let (s, v) = env.post("/v1/release", &json!({"hold_id": b["hold_id"]})).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(env.used("acme", "account:tokens:sliding_hour").await, 3);
+        let (_, v, _) = env.post_to(0, "/v1/authorize", &auth("t4", 17)).await;
+        assert_eq!(v["allowed"], true, "{v}");
+        let (_, v, _) = env.post_to(0, "/v1/authorize", &auth("t5", 1)).await;
+        assert_eq!(v["allowed"], false, "{v}");
+        // An hour later everything has left.
+        env.clock.advance_ms(3_600_000);
+        assert_eq!(env.used("acme", "account:tokens:sliding_hour").await, 0);
+        let (_, v, _) = env.post_to(0, "/v1/authorize", &auth("t6", 20)).await;
+        assert_eq!(v["allowed"], true, "{v}");
+    }
+
+    /// 60 a minute, sliding: requests arrive twenty at a time at 40 instants over three minutes
+    /// (on two sidecars); in every 60 s span at most 60 are admitted.
+    async fn sixty_a_sliding_minute_admit_at_most_sixty_in_any_sixty_seconds(backend: Backend) {
+        let env = Env::build(backend, 2, SLIDING, &redis_url(), None).await;
+        let key = env.account("acme", "sixty", "UTC").await;
+        let mut at = NOON + 30_000;
+        let mut admitted: Vec<u64> = Vec::new();
+        let mut seed = 7u64;
+        for step in 0..40 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            at += 1_000 + (seed >> 33) % 8_000;
+            env.clock.set(at);
+            let answers = join_all((0..20).map(|i| {
+                let body = authorize_body(&key, &format!("s{step}-{i}"), json!({"requests": 1}));
+                let env = &env;
+                async move { env.post_to(i % 2, "/v1/authorize", &body).await }
+            }))
+            .await;
+            for r in &answers {
+                assert_eq!(r.0, 200, "{r:?}");
+                if r.1["allowed"] == true {
+                    admitted.push(at);
+                }
+            }
+        }
+        let mut worst = 0;
+        for &t in &admitted {
+            let span = admitted.iter().filter(|&&a| a > t.saturating_sub(60_000) && a <= t).count();
+            worst = worst.max(span);
+        }
+        assert!(worst <= 60, "{worst} admitted within 60 s");
+        assert!(admitted.len() >= 120, "only {} admitted over {} s", admitted.len(), (at - NOON) / 1000);
     }
 }

@@ -288,6 +288,12 @@ async fn sorted_sets() {
         &["ZRANGEBYSCORE", z, "(", "5"],
         &["ZRANGEBYSCORE", z, "0", "5", "REV"],
         &["ZRANGEBYSCORE", m, "0", "5"],
+        &["ZREMRANGEBYSCORE", z, "x", "1"],
+        &["ZREMRANGEBYSCORE", z, "5", "1"],
+        &["ZREMRANGEBYSCORE", z, "(100", "+inf"],
+        &["ZREMRANGEBYSCORE", m, "0", "5"],
+        &["ZREMRANGEBYSCORE", s, "0", "5"],
+        &["ZREMRANGEBYSCORE", z, "0"],
         &["ZREM", z, "a", "nobody", "b"],
         &["ZRANGE", z, "0", "-1", "WITHSCORES"],
         &["ZREM", m, "a"],
@@ -316,6 +322,17 @@ async fn sorted_sets() {
     p.s(&["ZSCORE", &q, "neg-zero"]).await;
     p.s(&["ZRANGEBYSCORE", &q, "0", "0", "LIMIT", "2", "3"])
         .await;
+    // ZREMRANGEBYSCORE takes what is in range, bounds exclusive or not, and the key with its
+    // last member.
+    let r = p.k("rem");
+    for (score, member) in [("1", "a"), ("2", "b"), ("3", "c"), ("4", "d"), ("5", "e")] {
+        p.s(&["ZADD", &r, score, member]).await;
+    }
+    p.s(&["ZREMRANGEBYSCORE", &r, "-inf", "(2"]).await;
+    p.s(&["ZREMRANGEBYSCORE", &r, "(3", "4"]).await;
+    p.s(&["ZRANGE", &r, "0", "-1", "WITHSCORES"]).await;
+    p.s(&["ZREMRANGEBYSCORE", &r, "-inf", "+inf"]).await;
+    p.s(&["EXISTS", &r]).await;
 }
 
 #[tokio::test]

@@ -376,10 +376,32 @@ impl Engine {
                 acct.row.billing_anchor_day as u32,
             );
             let key = self.store.keys.counter(account, &scope, &l.meter, &p.id);
-            let used: Option<u64> = redis::AsyncCommands::get(&mut conn, key)
-                .await
-                .map_err(crate::store::StoreError::from)?;
-            let used = used.unwrap_or(0);
+            let (used, reset_ms) = match l.window.sliding_ms() {
+                // What the window holds now, from its log (the sum drops the rest only at the
+                // next request), and when its oldest charge leaves it.
+                Some(w) => {
+                    let from = format!("({}", now.saturating_sub(w));
+                    let log: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")
+                        .arg(format!("{key}:log"))
+                        .arg(from)
+                        .arg("+inf")
+                        .arg("WITHSCORES")
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(crate::store::StoreError::from)?;
+                    let sum = log
+                        .iter()
+                        .filter_map(|(m, _)| m.rsplit('|').next()?.parse::<u64>().ok())
+                        .sum::<u64>();
+                    (sum, log.first().map_or(0, |(_, at)| at + w))
+                }
+                None => {
+                    let used: Option<u64> = redis::AsyncCommands::get(&mut conn, key)
+                        .await
+                        .map_err(crate::store::StoreError::from)?;
+                    (used.unwrap_or(0), p.end_ms)
+                }
+            };
             out.push(UsageLine {
                 name: format!("{scope_name}:{}:{}", l.meter, l.window.as_str()),
                 meter: l.meter.clone(),
@@ -388,7 +410,7 @@ impl Engine {
                 used,
                 max: l.max,
                 remaining: l.max.saturating_sub(used),
-                reset_ms: p.end_ms,
+                reset_ms,
                 mode: l.mode.as_str().into(),
                 over: used.saturating_sub(l.max),
             });

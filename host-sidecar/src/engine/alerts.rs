@@ -80,9 +80,14 @@ impl Engine {
         let now = self.clock.now_ms() as i64;
         let mut new = Vec::new();
         for (i, l) in lims.iter().enumerate() {
-            // Concurrency is not consumption (what is held now, given back at settle), and a
-            // shadow limit is not in effect: neither raises threshold alerts.
-            if l.max == 0 || l.period == "c" || l.mode == crate::config::LimitMode::Shadow {
+            // Concurrency is not consumption (what is held now, given back at settle), a sliding
+            // window has no period to raise an alert once in, and a shadow limit is not in
+            // effect: none of them raises threshold alerts.
+            if l.max == 0
+                || l.period == "c"
+                || l.period.starts_with("s:")
+                || l.mode == crate::config::LimitMode::Shadow
+            {
                 continue;
             }
             // A refusal by this limit counts as the limit reached. Every level at or below the

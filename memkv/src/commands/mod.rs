@@ -111,7 +111,7 @@ static FUNCTION_SUBS: [Spec; 3] = [
     script("function|flush", -2, ScriptCmd::FunctionFlush),
 ];
 
-static COMMANDS: [Spec; 51] = [
+static COMMANDS: [Spec; 52] = [
     // Strings and keys.
     data("get", 2, 0, strings::get),
     data("mget", -2, 0, strings::mget),
@@ -138,6 +138,7 @@ static COMMANDS: [Spec; 51] = [
     data("zrem", -3, WRITE, zsets::zrem),
     data("zrange", -4, 0, zsets::zrange),
     data("zrangebyscore", -4, 0, zsets::zrangebyscore),
+    data("zremrangebyscore", 4, WRITE, zsets::zremrangebyscore),
     data("zcard", 2, 0, zsets::zcard),
     data("zscore", 3, 0, zsets::zscore),
     // Streams.

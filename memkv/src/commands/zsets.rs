@@ -278,6 +278,30 @@ fn score_bound(arg: &[u8]) -> Option<ScoreBound> {
     })
 }
 
+/// `ZREMRANGEBYSCORE key min max`: removes the members whose score is in the range; answers
+/// how many.
+pub fn zremrangebyscore(ks: &mut Keyspace, argv: &[&[u8]]) -> Reply {
+    let (Some(min), Some(max)) = (score_bound(argv[2]), score_bound(argv[3])) else {
+        return Reply::err("ERR min or max is not a float");
+    };
+    let removed = match ks.zset_mut(argv[1]) {
+        Ok(Some(z)) => {
+            let gone: Vec<Vec<u8>> = z
+                .range_by_score(min, max)
+                .map(|r| r.member.clone())
+                .collect();
+            for m in &gone {
+                z.remove(m);
+            }
+            gone.len()
+        }
+        Ok(None) => return Reply::Int(0),
+        Err(e) => return e,
+    };
+    ks.remove_if_empty(argv[1]);
+    Reply::Int(removed as i64)
+}
+
 pub fn zrange(ks: &mut Keyspace, argv: &[&[u8]]) -> Reply {
     zrange_generic(ks, argv, false)
 }
