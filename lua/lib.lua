@@ -351,28 +351,24 @@ local function charge_counters(lims, first, now, tag)
     local k = KEYS[first + i - 1]
     if l.skip then
       used[i] = l.used or 0
-    elseif l.slide then
-      -- A sliding window: the sum and one log member; no usage row in the ledger (see slide).
-      local member = now .. '|' .. tag .. '|' .. l.amt_s
+    else
+      -- A sliding window's charge is a log member too (kept on the hold's counter row, for its
+      -- settlement), and gives no usage row to the ledger (see slide); a calendar counter
+      -- expires an hour after its window.
+      local member, end_s = nil, l.end_s
+      if l.slide then member, end_s = now .. '|' .. tag .. '|' .. l.amt_s, '0' end
       if l.amt > 0 then
         used[i] = redis.call('INCRBY', k, l.amt)
-        redis.call('ZADD', k .. ':log', now, member)
-        redis.call('PEXPIRE', k, l.slide + 1000)
-        redis.call('PEXPIRE', k .. ':log', l.slide + 1000)
-      else
-        used[i] = num(redis.call('GET', k))
-      end
-      if l.mode == 's' and used[i] > l.max then
-        over[#over + 1] = '["' .. l.name .. '",' .. (used[i] - l.max) .. ']'
-      end
-      ctr[#ctr + 1] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',0,"' ..
-        l.max_s .. '","' .. l.name .. '","' .. member .. '"]'
-    else
-      if l.amt > 0 then
-        local v = redis.call('INCRBY', k, l.amt)
-        used[i] = v
-        if v == l.amt and l['end'] > 0 then redis.call('PEXPIRE', k, math.max(1, counter_ttl(l['end'], now))) end
-        u[#u + 1] = '["' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s .. ']'
+        if member then
+          redis.call('ZADD', k .. ':log', now, member)
+          redis.call('PEXPIRE', k, l.slide + 1000)
+          redis.call('PEXPIRE', k .. ':log', l.slide + 1000)
+        else
+          if used[i] == l.amt and l['end'] > 0 then
+            redis.call('PEXPIRE', k, math.max(1, counter_ttl(l['end'], now)))
+          end
+          u[#u + 1] = '["' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s .. ']'
+        end
       else
         used[i] = num(redis.call('GET', k))
       end
@@ -381,8 +377,10 @@ local function charge_counters(lims, first, now, tag)
       end
       -- The limit's max and name (max as a string: a decoded number past 2^53 or printed by Lua
       -- as 1e+14 would not survive) let a commit that grows the counter raise its alerts.
-      ctr[#ctr + 1] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. l.end_s ..
-        ',"' .. l.max_s .. '","' .. l.name .. '"]'
+      local log_member = ''
+      if member then log_member = ',"' .. member .. '"' end
+      ctr[#ctr + 1] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. end_s ..
+        ',"' .. l.max_s .. '","' .. l.name .. '"' .. log_member .. ']'
     end
   end
   local uj, cj, usedj, overj = nil, nil, nil, nil

@@ -170,15 +170,7 @@ pub(crate) fn dispatch_authorize(
     cfg: &FilterConfig,
     req: &SpendRequest,
 ) -> Result<u32, proxy_wasm::types::Status> {
-    let body = serde_json::to_vec(req).unwrap_or_default();
-    let auth = cfg.sidecar_auth();
-    hostcalls::dispatch_http_call(
-        &cfg.sidecar.cluster,
-        cfg.sidecar.headers("/v1/authorize", &auth),
-        Some(&body),
-        vec![],
-        Duration::from_millis(cfg.sidecar.timeout_ms),
-    )
+    dispatch_decision(cfg, "/v1/authorize", req)
 }
 
 /// A shadow route's decision: `/v1/check`, which changes nothing at the sidecar.
@@ -186,11 +178,19 @@ fn dispatch_check(
     cfg: &FilterConfig,
     req: &SpendRequest,
 ) -> Result<u32, proxy_wasm::types::Status> {
+    dispatch_decision(cfg, "/v1/check", req)
+}
+
+fn dispatch_decision(
+    cfg: &FilterConfig,
+    path: &str,
+    req: &SpendRequest,
+) -> Result<u32, proxy_wasm::types::Status> {
     let body = serde_json::to_vec(req).unwrap_or_default();
     let auth = cfg.sidecar_auth();
     hostcalls::dispatch_http_call(
         &cfg.sidecar.cluster,
-        cfg.sidecar.headers("/v1/check", &auth),
+        cfg.sidecar.headers(path, &auth),
         Some(&body),
         vec![],
         Duration::from_millis(cfg.sidecar.timeout_ms),

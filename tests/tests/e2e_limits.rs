@@ -71,6 +71,14 @@ impl Side {
         }
     }
 
+    /// Waits (up to 20 s) until the sidecar has committed `n` holds.
+    async fn committed(&self, n: u64) {
+        let t = Instant::now();
+        while self.engine.metrics.committed.get() < n && t.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// An account on `plan` with credit; returns its key.
     async fn account(&self, id: &str, plan: &str) -> String {
         let e = &self.engine;
@@ -143,10 +151,7 @@ async fn concurrency_counted_at_the_upstream(backend: Backend) {
     );
 
     // Every admitted request settles and gives its place back: ten more fit at once.
-    let t = Instant::now();
-    while side.engine.metrics.committed.get() < ok && t.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    side.committed(ok).await;
     assert_eq!(side.engine.metrics.committed.get(), ok);
     let again = futures::future::join_all((0..10).map(|_| chat(&url, &key, None, 100))).await;
     assert!(
@@ -233,10 +238,7 @@ async fn shadow_limits_and_a_shadow_route_pass_everything_and_report_would_be_de
         "no hold for a shadow route"
     );
     assert_eq!(mock.served(), 6 + 2 + 3);
-    let t = Instant::now();
-    while side.engine.metrics.committed.get() < 8 && t.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    side.committed(8).await;
     while side.engine.sync.sync_all().await.unwrap() > 0 {}
     let used: i64 = side
         .engine

@@ -74,6 +74,18 @@ struct Lend<'a> {
     ks: &'a mut Keyspace,
 }
 
+impl<'a> Lend<'a> {
+    /// Lends the key space to Lua for one script or function call.
+    fn new(lua: &'a Lua, ks: &'a mut Keyspace, read_only: bool) -> Self {
+        lua.set_app_data(ScriptCtx {
+            ks: std::mem::take(ks),
+            read_only,
+            started: Instant::now(),
+        });
+        Lend { lua, ks }
+    }
+}
+
 impl Drop for Lend<'_> {
     fn drop(&mut self) {
         if let Some(ctx) = self.lua.remove_app_data::<ScriptCtx>() {
@@ -325,12 +337,7 @@ impl ScriptEngine {
     ) -> mlua::Result<(bool, Value)> {
         let lua = &self.lua;
         let (keys, args) = (strings(lua, keys)?, strings(lua, args)?);
-        lua.set_app_data(ScriptCtx {
-            ks: std::mem::take(ks),
-            read_only,
-            started: Instant::now(),
-        });
-        let _lend = Lend { lua, ks };
+        let _lend = Lend::new(lua, ks, read_only);
         self.sandbox.call_function.call((callback, keys, args))
     }
 
@@ -405,12 +412,7 @@ impl ScriptEngine {
         let lua = &self.lua;
         self.sandbox.globals.raw_set("KEYS", strings(lua, keys)?)?;
         self.sandbox.globals.raw_set("ARGV", strings(lua, args)?)?;
-        lua.set_app_data(ScriptCtx {
-            ks: std::mem::take(ks),
-            read_only,
-            started: Instant::now(),
-        });
-        let _lend = Lend { lua, ks };
+        let _lend = Lend::new(lua, ks, read_only);
         self.sandbox.runner.call(func.clone())
     }
 }
