@@ -140,6 +140,14 @@ conformance! {
         assert_eq!(full[0]["name"], "account:requests:day");
         env.sync().await;
         assert_eq!(env.ledger_rows("acme").await, 8);
+        // The ledger keeps each request's decision, its overage with it.
+        let recorded = env
+            .sql_i64(
+                "SELECT count(*) FROM ledger WHERE account_id = $1 AND CAST(result AS TEXT) LIKE '%\"over\"%'",
+                "acme",
+            )
+            .await;
+        assert_eq!(recorded, 3);
     }
 
     async fn a_shadow_limit_passes_names_itself_and_counts_as_if_enforced(backend: Backend) {
