@@ -1,6 +1,7 @@
 //! Issue 16's limits through a real Envoy (1.40, V8) with the compiled filter and the sidecar:
-//! a concurrency limit counted where it matters — at the upstream — and shadow limits and a
-//! shadow route, which never refuse and say in `x-tollgate-shadow` what they would have done.
+//! a concurrency limit counted where it matters — at the upstream — shadow limits and a shadow
+//! route, which never refuse and say in `x-tollgate-shadow` what they would have done, and a soft
+//! limit, which passes and alerts.
 
 use serde_json::json;
 use std::sync::Arc;
@@ -20,6 +21,8 @@ limits = [{ meter = "requests", window = "concurrent", max = 10 }]
 limits = [{ meter = "requests", window = "day", max = 3, mode = "shadow" }]
 [plans.tight]
 limits = [{ meter = "requests", window = "day", max = 2 }]
+[plans.soft]
+limits = [{ meter = "requests", window = "day", max = 2, mode = "soft" }]
 [prices.chat]
 requests = 1
 "#;
@@ -251,6 +254,47 @@ async fn shadow_limits_and_a_shadow_route_pass_everything_and_report_would_be_de
         .map(|u| u.3)
         .sum();
     assert_eq!(used, 2, "the shadow route charged nothing");
+    drop(envoy);
+    side.engine.ledger.close().await;
+}
+
+/// A soft limit of 2 a day: five requests served and charged, the overage on the usage report
+/// and in one 100 % alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_limit_passes_every_request_and_alerts() {
+    let side = Side::start(Backend::RedisPostgres).await;
+    let key = side.account("acme", "soft").await;
+    let mock = wasm_host::mock::start_mock().await.unwrap();
+    let envoy = Envoy::start_with(
+        mock.port,
+        side.port,
+        Some((&wasm_host::wasm_path(), &filter_config())),
+    )
+    .unwrap();
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port);
+    for _ in 0..5 {
+        assert_eq!(chat(&url, &key, None, 0).await.0, 200);
+    }
+    assert_eq!(mock.served(), 5);
+    assert_eq!(side.engine.metrics.soft_overages.get(), 3);
+    side.committed(5).await;
+    let usage = side.engine.usage("acme", None).await.unwrap();
+    assert_eq!(
+        (usage[0].used, usage[0].over, usage[0].mode.as_str()),
+        (5, 3, "soft"),
+        "{usage:?}"
+    );
+    let t = Instant::now();
+    let full = loop {
+        let alerts = side.engine.ledger.alerts_of("acme", 100).await.unwrap();
+        let full: Vec<_> = alerts.into_iter().filter(|a| a.level == 100).collect();
+        if !full.is_empty() || t.elapsed() > Duration::from_secs(10) {
+            break full;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(full.len(), 1, "{full:?}");
+    assert_eq!(full[0].name, "account:requests:day");
     drop(envoy);
     side.engine.ledger.close().await;
 }
