@@ -10,7 +10,7 @@ local req = spend_req()
 local loaded, ver = account_state(KEYS[1])
 if loaded == nil then return reply('cold') end
 if ver > req.ver then return reply('stale') end
-local denied, a, b, shadow = eval_limits(req.lims, 4, req.now)
+local denied, a, b, shadow = eval_limits(req.lims, 4, req.now, true)
 if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
 local balance = read_grants(KEYS[2], KEYS[3], req.now)
 if balance < req.credit then return deny('credits', a, b, req.credit_s, balance) end

@@ -276,6 +276,15 @@ local function slide_amount(member)
   return tonumber(string.match(member, '|(%d+)$')) or 0
 end
 
+-- What the sliding window of `key` holds at `now`, read without changing anything (check).
+local function slide_peek(key, w, now)
+  local total = 0
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', key .. ':log', '(' .. (now - w), '+inf')) do
+    total = total + slide_amount(m)
+  end
+  return total
+end
+
 -- Drops what has left the window of the sliding counter `key` at `now`.
 local function slide(key, w, now)
   local log = key .. ':log'
@@ -290,24 +299,32 @@ local function slide(key, w, now)
 end
 
 -- Evaluates limits. `lims` are {scope, meter, period, amt, max, end, name, mode} with counter
--- keys at KEYS[first + i - 1]. Returns (nil, tightest, its remaining, shadow) when every
+-- keys at KEYS[first + i - 1]; `peek` for a check, which may not write. Returns (nil, tightest, its remaining, shadow) when every
 -- enforced limit admits the request, or (denying, used) for the first one that does not. A
 -- limit already at its max refuses even a zero estimate: the meter is exhausted.
 -- Modes: an enforced limit (e) refuses; a soft one (s) never refuses (charge_counters reports
 -- what it is over by); a shadow one (h) that would refuse is marked `skip` — not charged, as
 -- enforcement would not have charged it — and named in `shadow` (a JSON array of limit names,
 -- nil when none would refuse). Only enforced limits are the "tightest" reported.
-local function eval_limits(lims, first, now)
+local function eval_limits(lims, first, now, peek)
   local tight, tight_rem, shadow = nil, nil, nil
   if #lims == 0 then return nil, nil, nil, nil end
+  local peeked = {}
   for i, l in ipairs(lims) do
     l.slide = sliding_ms(l.period)
-    if l.slide then slide(KEYS[first + i - 1], l.slide, now) end
+    if l.slide then
+      -- A check changes nothing (it runs read-only): it sums the window instead of trimming it.
+      if peek then
+        peeked[i] = slide_peek(KEYS[first + i - 1], l.slide, now)
+      else
+        slide(KEYS[first + i - 1], l.slide, now)
+      end
+    end
   end
   -- Every counter in one command (they share the hash tag: one slot).
   local used_all = redis.call('MGET', unpack(KEYS, first, first + #lims - 1))
   for i, l in ipairs(lims) do
-    local used = num(used_all[i])
+    local used = peeked[i] or num(used_all[i])
     l.used = used
     local over = used + l.amt > l.max or used >= l.max
     if l.mode == 'h' then

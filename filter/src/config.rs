@@ -502,6 +502,14 @@ impl Route {
                 ));
             }
         }
+        if self.shadow && (self.lease.is_some() || self.idempotency_header.is_some()) {
+            // A lease is a real hold, and a client key is refused on its repeat: neither is
+            // what a route that never refuses or charges can do.
+            return Err(err(
+                format!("{at}.shadow"),
+                "a shadow route cannot have a lease or an idempotency_header",
+            ));
+        }
         if let Some(l) = &self.lease {
             if !(2..=10_000).contains(&l.requests) {
                 return Err(err(format!("{at}.lease.requests"), "must be 2..=10000"));

@@ -198,10 +198,15 @@ conformance! {
         let (_, v, _) = env.post_to(0, "/v1/authorize", &auth("b0")).await;
         assert_eq!(v["allowed"], false, "{v}");
         assert_eq!(v["retry_after_s"], 59, "{v}");
+        // A check (read-only) sees the same.
+        let (s, v, _) = env.post_to(0, "/v1/check", &auth("b1")).await;
+        assert_eq!((s, v["allowed"].clone()), (200, json!(false)), "{v}");
         assert_eq!(env.used("acme", "account:requests:sliding_minute").await, 5);
         // 12:01:59: the first five are a minute old and out; five more fit, not six.
         env.clock.set(NOON + 119_000);
         assert_eq!(env.used("acme", "account:requests:sliding_minute").await, 0);
+        let (s, v, _) = env.post_to(0, "/v1/check", &auth("c-check")).await;
+        assert_eq!((s, v["allowed"].clone()), (200, json!(true)), "{v}");
         for i in 0..5 {
             let (_, v, _) = env.post_to(0, "/v1/authorize", &auth(&format!("c{i}"))).await;
             assert_eq!(v["allowed"], true, "{v}");

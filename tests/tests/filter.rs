@@ -726,6 +726,26 @@ fn shadow_limits_and_shadow_routes_report_and_never_refuse() {
     .to_string();
     let mut f = Filter::load(&cfg).unwrap();
     assert!(f.configured, "{:?}", f.logs());
+    // A shadow route cannot hold a lease or refuse a repeated client key.
+    for extra in [
+        json!({"lease": {"requests": 10}}),
+        json!({"idempotency_header": "idempotency-key"}),
+    ] {
+        let mut bad: Value = serde_json::from_str(&cfg).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            bad["routes"][0][k] = v.clone();
+        }
+        let refused = Filter::load(&bad.to_string()).unwrap();
+        assert!(!refused.configured, "{extra}");
+        assert!(
+            refused
+                .logs()
+                .iter()
+                .any(|(_, l)| l.contains("routes[0].shadow")),
+            "{:?}",
+            refused.logs()
+        );
+    }
 
     // An enforced route whose decision names a shadow limit.
     let (ctx, call) = get(&mut f, "/open/a", "s-1");
