@@ -37,6 +37,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
             post(crate::api_batch::authorize_batch).layer(DefaultBodyLimit::max(commit_limit)),
         )
         .route("/v1/release", post(release))
+        .route("/v1/extend", post(extend))
         .route("/v1/cancel", post(cancel))
         .route("/v1/consume", post(consume))
         .route("/v1/check", post(check))
@@ -141,6 +142,18 @@ async fn commit(State(e): St, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         require_decision(&e, &headers, false)?;
         e.commit(parse::<CommitRequest>(body)?).await
+    }
+    .await;
+    respond(&e, r, false)
+}
+
+async fn extend(State(e): St, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        require_decision(&e, &headers, false)?;
+        let d = e
+            .extend(parse::<tollgate_protocol::ExtendRequest>(body)?)
+            .await?;
+        Ok((d, false))
     }
     .await;
     respond(&e, r, false)

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub shadow_denials: Counter,
     /// Soft limits an admitted request was past (one per limit and request).
     pub soft_overages: Counter,
+    /// Holds extended (a stream that outgrew its hold).
+    pub extended: Counter,
     pub authorize_batches: Counter,
     pub authorize_batched: Counter,
     pub cold_loads: Counter,
@@ -150,6 +152,7 @@ impl Default for Metrics {
             idempotent_replays: Counter::default(),
             shadow_denials: Counter::default(),
             soft_overages: Counter::default(),
+            extended: Counter::default(),
             authorize_batches: Counter::default(),
             authorize_batched: Counter::default(),
             cold_loads: Counter::default(),
@@ -256,6 +259,11 @@ impl Metrics {
             "tollgate_soft_limit_overages_total",
             "Admitted requests past a soft limit (one per limit).",
             &[("", &self.soft_overages)],
+        );
+        counter(
+            "tollgate_holds_extended_total",
+            "Holds extended to new totals (/v1/extend).",
+            &[("", &self.extended)],
         );
         counter(
             "tollgate_authorize_batches_total",

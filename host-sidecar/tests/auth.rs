@@ -44,6 +44,7 @@ conformance! {
             ("/v1/authorize", json!({"api_key": key, "idempotency_key": "a1", "meters": {"requests": 1}})),
             ("/v1/check", json!({"api_key": key, "meters": {"requests": 1}})),
             ("/v1/consume", json!({"api_key": key, "idempotency_key": "c1", "route": "paid", "meters": {"requests": 1}})),
+            ("/v1/extend", json!({"hold_id": hold, "meters": {"requests": 2}})),
             ("/v1/commit", json!({"hold_id": hold, "route": "paid", "meters": {"requests": 1}})),
             ("/v1/commit/batch", json!({"commits": [{"hold_id": hold, "meters": {"requests": 1}}]})),
             ("/v1/authorize/batch", json!({"requests": [{"api_key": key, "idempotency_key": "a2", "meters": {"requests": 1}}]})),

@@ -19,6 +19,7 @@ const ENDPOINTS: &[&str] = &[
     "/v1/commit/batch",
     "/v1/authorize/batch",
     "/v1/release",
+    "/v1/extend",
     "/admin/accounts",
     "/admin/accounts/acme/grants",
     "/admin/accounts/acme/keys",

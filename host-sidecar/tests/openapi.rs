@@ -112,6 +112,7 @@ fn body_for(method: &str, path: &str) -> Option<Value> {
         }
         ("POST", "/v1/commit") => json!({"hold_id": "acme/oa-1", "meters": {"requests": 1}}),
         ("POST", "/v1/release") => json!({"hold_id": "acme/oa-1"}),
+        ("POST", "/v1/extend") => json!({"hold_id": "acme/oa-1", "meters": {"requests": 2}}),
         ("POST", "/v1/commit/batch") => json!({"commits": []}),
         ("POST", "/v1/authorize/batch") => json!({"requests": []}),
         ("POST", "/admin/accounts") => json!({"id": "oa-new", "plan": "basic"}),

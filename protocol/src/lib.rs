@@ -92,6 +92,29 @@ pub fn default_route() -> String {
     "default".to_string()
 }
 
+/// Raise an open hold's estimate to new totals (a stream that outgrew its hold): every limit the
+/// hold counts against and the credit balance are checked for what it adds, all or nothing. The
+/// totals are absolute, so a retry adds nothing. Answered with a [`Decision`] (`credits`: what
+/// the hold now holds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendRequest {
+    pub hold_id: String,
+    /// New totals of the meters to raise; a meter not named, or named below the hold's
+    /// estimate, keeps its estimate.
+    pub meters: Meters,
+}
+
+impl ExtendRequest {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        split_hold_id(&self.hold_id)?;
+        if self.meters.is_empty() {
+            return Err(invalid("meters", "name at least one meter"));
+        }
+        validate_meters(&self.meters)
+    }
+}
+
 /// Settle a hold with the actual usage (commit). The difference to the estimate is charged or
 /// returned.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ mod alerts;
 mod billing;
 mod coldload;
 mod degraded;
+mod extend;
 mod plans;
 mod pools;
 mod report;

@@ -26,9 +26,9 @@ impl Op {
     }
 }
 
-/// What authorize / consume / check scripts answer (see `lua/`).
+/// What authorize / consume / check (and extend) scripts answer (see `lua/`).
 #[derive(Deserialize)]
-struct LuaDecision {
+pub(super) struct LuaDecision {
     #[serde(default)]
     hold: Option<String>,
     #[serde(default)]
@@ -295,7 +295,7 @@ impl Engine {
         Err(not_loaded(acct))
     }
 
-    fn decision(&self, acct: &str, d: LuaDecision, now: u64) -> Decision {
+    pub(super) fn decision(&self, acct: &str, d: LuaDecision, now: u64) -> Decision {
         let allowed = d.reason.is_none();
         let retry_after_s = match (d.reason, &d.limit) {
             (Some(DenyReason::Limit), Some(l)) if l.reset_ms > 0 => {
@@ -333,7 +333,7 @@ fn filter_key(req: &SpendRequest) -> bool {
     req.api_key.is_some() && req.idempotency_key.starts_with("tg-")
 }
 
-fn parse_decision(body: &str) -> Result<LuaDecision, ApiError> {
+pub(super) fn parse_decision(body: &str) -> Result<LuaDecision, ApiError> {
     serde_json::from_str(body)
         .map_err(|e| ApiError::Internal(format!("unreadable script reply: {e}")))
 }

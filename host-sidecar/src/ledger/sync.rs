@@ -148,6 +148,8 @@ struct Batch {
     /// Where each (account, hold) of `holds_new` is.
     holds_new_at: HashMap<(String, String), usize>,
     holds_settled: Vec<(String, String, String, String, Option<String>, i64)>,
+    /// Open holds extended: (account, hold) -> (record, credit); the latest extension wins.
+    holds_extended: HashMap<(String, String), (String, i64)>,
 }
 
 fn json_opt<T: serde::Serialize>(v: &[T]) -> Option<String> {
@@ -162,6 +164,7 @@ impl Batch {
             + u64::from(!self.grant_delta.is_empty())
             + u64::from(!self.holds_new.is_empty())
             + u64::from(!self.holds_settled.is_empty())
+            + u64::from(!self.holds_extended.is_empty())
     }
 
     fn push(&mut self, event_id: String, shard: i32, e: Event) {
@@ -205,6 +208,21 @@ impl Batch {
                         created: e.at,
                         settled: None,
                     });
+                }
+            }
+            "extend" => {
+                if let (Some(hold), Some(rec)) = (&e.hold, &e.rec) {
+                    let credit = rec.get("credit").and_then(Value::as_i64).unwrap_or(0);
+                    let k = (e.acct.clone(), hold.clone());
+                    match self.holds_new_at.get(&k) {
+                        Some(&i) => {
+                            self.holds_new[i].record = rec.to_string();
+                            self.holds_new[i].credit = credit;
+                        }
+                        None => {
+                            self.holds_extended.insert(k, (rec.to_string(), credit));
+                        }
+                    }
                 }
             }
             "commit" | "release" | "expire" => {
@@ -429,6 +447,26 @@ impl Batch {
             .execute(&mut *tx)
             .await?;
         }
+        if !self.holds_extended.is_empty() {
+            let (mut a, mut id, mut rec, mut cr) = (vec![], vec![], vec![], vec![]);
+            for ((acct, hid), (record, credit)) in self.holds_extended {
+                a.push(acct);
+                id.push(hid);
+                rec.push(record);
+                cr.push(credit);
+            }
+            sqlx::query(
+                "UPDATE holds SET record = s.rec::jsonb, credit = s.cr
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) AS s(a, id, rec, cr)
+                 WHERE holds.account_id = s.a AND holds.id = s.id",
+            )
+            .bind(a)
+            .bind(id)
+            .bind(rec)
+            .bind(cr)
+            .execute(&mut *tx)
+            .await?;
+        }
         if !self.holds_settled.is_empty() {
             let (mut a, mut id, mut st, mut res, mut fp, mut at) =
                 (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -572,6 +610,17 @@ impl Batch {
                    result = excluded.result, settle_fp = excluded.settle_fp, resolved_at = excluded.resolved_at",
             );
             q.build().execute(&mut *tx).await?;
+        }
+        for ((acct, hid), (record, credit)) in &self.holds_extended {
+            sqlx::query(
+                "UPDATE holds SET record = $3, credit = $4 WHERE account_id = $1 AND id = $2",
+            )
+            .bind(acct)
+            .bind(hid)
+            .bind(record)
+            .bind(credit)
+            .execute(&mut *tx)
+            .await?;
         }
         for (acct, hid, status, result, fp, at) in &self.holds_settled {
             sqlx::query(

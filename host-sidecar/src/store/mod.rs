@@ -565,6 +565,43 @@ impl Store {
         self.run(Op::Commit, &keys, &argv).await
     }
 
+    /// Raises the hold's estimate to `totals` (see `lua/extend.lua`): `credit` is what the hold
+    /// costs at them, `lenient` the names of limits that do not refuse.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn extend(
+        &self,
+        acct: &str,
+        hold: &str,
+        route: &str,
+        model: Option<&str>,
+        credit: u64,
+        lenient: &str,
+        totals: &Meters,
+        now: u64,
+    ) -> Result<Reply, StoreError> {
+        let keys = vec![
+            self.keys.account(acct),
+            self.keys.outbox(self.keys.shard_of(acct)),
+            self.keys.hold(acct, hold),
+            self.keys.grant_order(acct),
+            self.keys.grant_remaining(acct),
+        ];
+        let mut argv = vec![
+            now.to_string(),
+            hold.to_string(),
+            route.to_string(),
+            model.unwrap_or_default().to_string(),
+            credit.to_string(),
+            lenient.to_string(),
+            totals.len().to_string(),
+        ];
+        for (m, a) in totals {
+            argv.push(m.clone());
+            argv.push(a.to_string());
+        }
+        self.run(Op::Extend, &keys, &argv).await
+    }
+
     /// `status` is `released` (a caller cancelled) or `expired` (the sweeper).
     pub async fn release(
         &self,

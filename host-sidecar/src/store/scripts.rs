@@ -52,10 +52,11 @@ pub enum Op {
     Lapse,
     /// Sets an account's version (see `account_state` in lib.lua) if its state is loaded.
     SetVersion,
+    Extend,
 }
 
 impl Op {
-    const ALL: [Op; 9] = [
+    const ALL: [Op; 10] = [
         Op::Authorize,
         Op::Check,
         Op::Consume,
@@ -65,6 +66,7 @@ impl Op {
         Op::Load,
         Op::Lapse,
         Op::SetVersion,
+        Op::Extend,
     ];
 
     fn name(self) -> &'static str {
@@ -78,6 +80,7 @@ impl Op {
             Op::Load => "load",
             Op::Lapse => "lapse",
             Op::SetVersion => "set_version",
+            Op::Extend => "extend",
         }
     }
 
@@ -91,6 +94,7 @@ impl Op {
             Op::Grant => include_str!("../../../lua/grant.lua"),
             Op::Load => include_str!("../../../lua/load.lua"),
             Op::Lapse => include_str!("../../../lua/lapse.lua"),
+            Op::Extend => include_str!("../../../lua/extend.lua"),
             Op::SetVersion => {
                 "if redis.call('EXISTS', KEYS[1]) == 1 then\n\
                    local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0') or 0\n\
@@ -108,7 +112,7 @@ pub struct Scripts {
     pub library: String,
     /// `tollgate_<version>`.
     pub library_name: String,
-    names: [String; 9],
+    names: [String; 10],
 }
 
 /// A file's `#!lua flags=...` line: whether it asks for `no-writes`, and the body after it
