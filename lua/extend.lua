@@ -38,6 +38,8 @@ for i, c in ipairs(h.ctr or {}) do
   if want and c[4] ~= 'c' then add = math.max(0, want - c[5]) end
   adds[i] = add
   if add > 0 and not lenient[c[8] or ''] then
+    -- A sliding window first drops what has left it (see slide in lib.lua).
+    if c[9] then slide(c[1], sliding_ms(c[4]), now) end
     local used = num(redis.call('GET', c[1]))
     local max = tonumber(c[7]) or 0
     if used + add > max then

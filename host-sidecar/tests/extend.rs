@@ -11,6 +11,8 @@ use serde_json::{json, Value};
 const PLANS: &str = r#"
 [plans.stream]
 limits = [{ meter = "output_tokens", window = "day", max = 300 }]
+[plans.slide]
+limits = [{ meter = "output_tokens", window = "sliding_minute", max = 30 }]
 [prices.stream]
 requests = 0
 output_tokens = 1
@@ -99,5 +101,29 @@ conformance! {
         assert_eq!((s, c["credits"].clone()), (200, json!(100)), "{c}");
         assert_eq!(env.balance("acme").await, 900);
         assert_eq!(env.used("acme", "account:tokens:day").await, 90);
+    }
+
+    async fn an_extension_on_a_sliding_window_counts_only_what_is_still_in_it(backend: Backend) {
+        let env = env(backend).await;
+        let key = env.account("acme", "slide", "UTC").await;
+        env.grant("acme", "g1", 1000, json!({})).await;
+        let auth = |i: &str, t: u64| json!({"api_key": key, "idempotency_key": i, "route": "stream",
+                                           "meters": {"requests": 1, "output_tokens": t}});
+        env.clock.set(NOON);
+        let (_, a) = env.post("/v1/authorize", &auth("w1", 20)).await;
+        assert_eq!(a["allowed"], true, "{a}");
+        let (s, _) = env.post("/v1/commit", &json!({"hold_id": a["hold_id"], "meters": {"requests": 1, "output_tokens": 20}})).await;
+        assert_eq!(s, 200);
+        // Within the minute: 20 + 10 held, an extension to 20 would make 40 > 30.
+        env.clock.set(NOON + 30_000);
+        let (_, b) = env.post("/v1/authorize", &auth("w2", 10)).await;
+        assert_eq!(b["allowed"], true, "{b}");
+        let (_, d) = env.post("/v1/extend", &extend(&b["hold_id"], 20)).await;
+        assert_eq!((d["allowed"].clone(), d["status"].clone()), (json!(false), json!(429)), "{d}");
+        // A minute after the first: it has left the window, the extension fits (10 + 10 <= 30).
+        env.clock.set(NOON + 60_001);
+        let (_, d) = env.post("/v1/extend", &extend(&b["hold_id"], 20)).await;
+        assert_eq!(d["allowed"], true, "{d}");
+        assert_eq!(env.used("acme", "account:output_tokens:sliding_minute").await, 20);
     }
 }
