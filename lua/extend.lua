@@ -69,15 +69,8 @@ for i, c in ipairs(h.ctr or {}) do
   if add > 0 then
     if c[9] then
       -- A sliding window: its charge of this hold grows, while it is still in the window.
-      local log = c[1] .. ':log'
-      local score = redis.call('ZSCORE', log, c[9])
-      if score then
-        local member = (string.gsub(c[9], '|%d+$', '|' .. (c[5] + add)))
-        redis.call('ZREM', log, c[9])
-        redis.call('ZADD', log, score, member)
-        redis.call('INCRBY', c[1], add)
-        c[9] = member
-      end
+      local _, member = slide_move(c, c[5] + add)
+      if member then c[9] = member end
     else
       local v = redis.call('INCRBY', c[1], add)
       if v == add and c[6] > 0 then

@@ -298,6 +298,31 @@ local function slide(key, w, now)
   end
 end
 
+-- Moves a hold's sliding charge (counter row `c`: key, ..., amount at c[5], log member at c[9])
+-- to `amount`, while the charge is still in the window; the sum moves by the difference, never
+-- below zero. Returns the difference applied (0 once the charge has left the window) and the
+-- charge's member now (nil when it is gone).
+local function slide_move(c, amount)
+  local log = c[1] .. ':log'
+  local score = redis.call('ZSCORE', log, c[9])
+  if not score then return 0, nil end
+  redis.call('ZREM', log, c[9])
+  local member = nil
+  if amount > 0 then
+    member = (string.gsub(c[9], '|%d+$', '|' .. amount))
+    redis.call('ZADD', log, score, member)
+  end
+  local d = amount - c[5]
+  if d ~= 0 then
+    local v = redis.call('INCRBY', c[1], d)
+    if v < 0 then
+      redis.call('SET', c[1], 0, 'KEEPTTL')
+      d = d - v
+    end
+  end
+  return d, member
+end
+
 -- Evaluates limits. `lims` are {scope, meter, period, amt, max, end, name, mode} with counter
 -- keys at KEYS[first + i - 1]; `peek` for a check, which may not write. Returns (nil, tightest, its remaining, shadow) when every
 -- enforced limit admits the request, or (denying, used) for the first one that does not. A
@@ -527,22 +552,7 @@ local function settle_hold(req, status)
     if c[9] then
       -- A sliding window: the charge's log member takes the actual amount, and the sum moves by
       -- the difference, while the charge is still in the window (after, it counts no more).
-      local log = c[1] .. ':log'
-      local score = redis.call('ZSCORE', log, c[9])
-      if score then
-        redis.call('ZREM', log, c[9])
-        if actual > 0 then
-          redis.call('ZADD', log, score, (string.gsub(c[9], '|%d+$', '|' .. actual)))
-        end
-        d = actual - c[5]
-        if d ~= 0 then
-          local v = redis.call('INCRBY', c[1], d)
-          if v < 0 then
-            redis.call('SET', c[1], 0, 'KEEPTTL')
-            d = d - v
-          end
-        end
-      end
+      d = slide_move(c, actual)
     else
       d = adjust_counter(c[1], actual - c[5], c[6], req.now)
     end

@@ -792,6 +792,10 @@ async fn cheats(backend: Backend) {
         ),
         ("/v1/release", json!({"hold_id": hold})),
         (
+            "/v1/extend",
+            json!({"hold_id": hold, "meters": {"requests": 100}}),
+        ),
+        (
             "/v1/cancel",
             json!({"api_key": w.key("rid"), "idempotency_key": "skip-3"}),
         ),

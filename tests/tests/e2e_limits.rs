@@ -74,6 +74,20 @@ impl Side {
         }
     }
 
+    /// A mock upstream and an Envoy with the filter in front of it and this sidecar; returns
+    /// them and the chat completions URL.
+    async fn envoy(&self) -> (wasm_host::mock::Mock, Envoy, String) {
+        let mock = wasm_host::mock::start_mock().await.unwrap();
+        let envoy = Envoy::start_with(
+            mock.port,
+            self.port,
+            Some((&wasm_host::wasm_path(), &filter_config())),
+        )
+        .unwrap();
+        let url = format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port);
+        (mock, envoy, url)
+    }
+
     /// Waits (up to 20 s) until the sidecar has committed `n` holds.
     async fn committed(&self, n: u64) {
         let t = Instant::now();
@@ -121,14 +135,7 @@ async fn chat(
 async fn concurrency_counted_at_the_upstream(backend: Backend) {
     let side = Side::start(backend).await;
     let key = side.account("acme", "conc").await;
-    let mock = wasm_host::mock::start_mock().await.unwrap();
-    let envoy = Envoy::start_with(
-        mock.port,
-        side.port,
-        Some((&wasm_host::wasm_path(), &filter_config())),
-    )
-    .unwrap();
-    let url = format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port);
+    let (mock, envoy, url) = side.envoy().await;
 
     // A hundred at once, each held 300 ms at the upstream, against at most ten in flight.
     let answers = futures::future::join_all((0..100).map(|_| chat(&url, &key, None, 300))).await;
@@ -184,14 +191,7 @@ async fn shadow_limits_and_a_shadow_route_pass_everything_and_report_would_be_de
     let side = Side::start(Backend::RedisPostgres).await;
     let shadowed = side.account("shadowed", "shadowed").await;
     let tight = side.account("tight", "tight").await;
-    let mock = wasm_host::mock::start_mock().await.unwrap();
-    let envoy = Envoy::start_with(
-        mock.port,
-        side.port,
-        Some((&wasm_host::wasm_path(), &filter_config())),
-    )
-    .unwrap();
-    let url = format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port);
+    let (mock, envoy, url) = side.envoy().await;
 
     // A shadow limit of 3 a day: six requests served; the last three carry the would-be denial.
     let mut seen = Vec::new();
@@ -273,14 +273,7 @@ async fn shadow_limits_and_a_shadow_route_pass_everything_and_report_would_be_de
 async fn a_soft_limit_passes_every_request_and_alerts() {
     let side = Side::start(Backend::RedisPostgres).await;
     let key = side.account("acme", "soft").await;
-    let mock = wasm_host::mock::start_mock().await.unwrap();
-    let envoy = Envoy::start_with(
-        mock.port,
-        side.port,
-        Some((&wasm_host::wasm_path(), &filter_config())),
-    )
-    .unwrap();
-    let url = format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port);
+    let (mock, envoy, url) = side.envoy().await;
     for _ in 0..5 {
         assert_eq!(chat(&url, &key, None, 0).await.0, 200);
     }
@@ -304,6 +297,82 @@ async fn a_soft_limit_passes_every_request_and_alerts() {
     };
     assert_eq!(full.len(), 1, "{full:?}");
     assert_eq!(full[0].name, "account:requests:day");
+    drop(envoy);
+    side.engine.ledger.close().await;
+}
+
+/// A client trying to get past a concurrency limit of 10 through Envoy: two keys of the same
+/// account, odd spellings of the path, one `x-request-id` for every request, odd JSON (a
+/// duplicate field, a string where a number goes). The upstream still never has more than ten
+/// of its requests at once, and everything it served is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_limit_cannot_be_dodged_with_keys_paths_ids_or_odd_json() {
+    let side = Side::start(Backend::RedisPostgres).await;
+    let key1 = side.account("acme", "conc").await;
+    let key2 = side
+        .engine
+        .create_key("acme", Default::default())
+        .await
+        .unwrap()
+        .1;
+    let (mock, envoy, url) = side.envoy().await;
+    let base = url.trim_end_matches("/v1/chat/completions").to_string();
+    let paths = [
+        "/v1/chat/completions",
+        "//v1/chat/completions",
+        "/v1/chat/./completions",
+        "/v1/%63hat/completions",
+    ];
+    let bodies = [
+        r#"{"model": "gpt-test"}"#,
+        r#"{"model": "gpt-test", "model": "other"}"#,
+        r#"{"model": "gpt-test", "max_tokens": "10"}"#,
+        "not json at all",
+    ];
+    let answers = futures::future::join_all((0..60).map(|i| {
+        let url = format!("{base}{}", paths[i % paths.len()]);
+        let key = if i % 2 == 0 {
+            key1.clone()
+        } else {
+            key2.clone()
+        };
+        let body = bodies[i % bodies.len()];
+        async move {
+            let r = reqwest::Client::new()
+                .post(&url)
+                .header("x-api-key", key)
+                .header("x-request-id", "the-same-id")
+                .header("x-mock-delay-ms", "300")
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            let _ = r.bytes().await;
+            s
+        }
+    }))
+    .await;
+    let ok = answers.iter().filter(|s| **s == 200).count() as u64;
+    assert!(
+        answers.iter().all(|s| *s == 200 || *s == 429),
+        "{answers:?}"
+    );
+    let peak = mock.peak_in_flight();
+    println!("dodging a concurrency limit of 10: {ok} of 60 served, at most {peak} at once");
+    assert!(peak <= 10, "{peak} at once at the upstream");
+    assert!(
+        ok >= 10 && mock.served() == ok,
+        "{ok} served, the mock saw {}",
+        mock.served()
+    );
+    // Each served request was held and settled once, and gave its place back.
+    side.committed(ok).await;
+    assert_eq!(side.engine.metrics.committed.get(), ok);
+    let usage = side.engine.usage("acme", None).await.unwrap();
+    let conc = usage.iter().find(|u| u.window == "concurrent").unwrap();
+    assert_eq!(conc.used, 0, "{usage:?}");
     drop(envoy);
     side.engine.ledger.close().await;
 }

@@ -90,24 +90,25 @@ impl Engine {
         ))
     }
 
-    /// The open hold's record in Redis, if it is there.
+    /// The open hold's record in Redis, if it is there (after a cold load when Redis lost the
+    /// account: its open holds come back with it).
     async fn open_hold(&self, acct: &str, hold_id: &str) -> Result<Option<HoldOf>, ApiError> {
         let mut conn = self.store.conn();
-        let rec: Option<String> =
-            redis::AsyncCommands::hget(&mut conn, self.store.keys.hold(acct, hold_id), "d")
-                .await
-                .map_err(crate::store::StoreError::from)?;
-        let present: bool = redis::AsyncCommands::exists(&mut conn, self.store.keys.account(acct))
+        let key = self.store.keys.hold(acct, hold_id);
+        let mut rec: Option<String> = redis::AsyncCommands::hget(&mut conn, &key, "d")
             .await
             .map_err(crate::store::StoreError::from)?;
-        if rec.is_none() && !present {
-            // Redis lost the account (its open holds come back with it).
-            self.cold_load(acct).await?;
-            let rec: Option<String> =
-                redis::AsyncCommands::hget(&mut conn, self.store.keys.hold(acct, hold_id), "d")
+        if rec.is_none() {
+            let present: bool =
+                redis::AsyncCommands::exists(&mut conn, self.store.keys.account(acct))
                     .await
                     .map_err(crate::store::StoreError::from)?;
-            return Ok(rec.and_then(|r| serde_json::from_str(&r).ok()));
+            if !present {
+                self.cold_load(acct).await?;
+                rec = redis::AsyncCommands::hget(&mut conn, &key, "d")
+                    .await
+                    .map_err(crate::store::StoreError::from)?;
+            }
         }
         Ok(rec.and_then(|r| serde_json::from_str(&r).ok()))
     }
