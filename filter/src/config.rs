@@ -271,6 +271,32 @@ pub struct Route {
     /// and counted (`tollgate.shadow_would_deny`). Nothing is refused, held or charged.
     #[serde(default)]
     pub shadow: bool,
+    /// Opt-in: a streamed answer is counted as it passes, its hold extended before the stream
+    /// outgrows it, and the stream ended cleanly when the sidecar refuses (see `budget.rs`).
+    #[serde(default)]
+    pub stream_budget: Option<StreamBudgetConfig>,
+}
+
+/// A route's `stream_budget`: how a stream's output is counted and how far its hold is raised
+/// each time. The metered output is `output_tokens` (the route must charge it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamBudgetConfig {
+    /// How many output tokens each extension adds to the hold.
+    #[serde(default = "default_budget_step")]
+    pub step: u64,
+    /// Bytes of generated text counted as one token while the stream runs (the commit counts
+    /// the delivered text exactly). Lower is stricter.
+    #[serde(default = "default_bytes_per_token")]
+    pub bytes_per_token: u64,
+}
+
+fn default_budget_step() -> u64 {
+    256
+}
+
+fn default_bytes_per_token() -> u64 {
+    4
 }
 
 /// A lease: the sidecar holds `requests` times a request's estimate against the account at once
@@ -509,6 +535,30 @@ impl Route {
                 format!("{at}.shadow"),
                 "a shadow route cannot have a lease or an idempotency_header",
             ));
+        }
+        if let Some(b) = &self.stream_budget {
+            let f = format!("{at}.stream_budget");
+            if self.shadow || self.lease.is_some() {
+                return Err(err(
+                    &f,
+                    "needs a hold of its own: not on a shadow route or one with a lease",
+                ));
+            }
+            if self.usage.source != UsageSource::Body {
+                return Err(err(&f, "needs usage.source = body (the stream is read)"));
+            }
+            if !self.charges.contains_key("output_tokens") {
+                return Err(err(
+                    &f,
+                    "the route must charge output_tokens (the hold's output is what is extended)",
+                ));
+            }
+            if !(1..=MAX_AMOUNT).contains(&b.step) {
+                return Err(err(format!("{f}.step"), "must be at least 1"));
+            }
+            if !(1..=16).contains(&b.bytes_per_token) {
+                return Err(err(format!("{f}.bytes_per_token"), "must be 1..=16"));
+            }
         }
         if let Some(l) = &self.lease {
             if !(2..=10_000).contains(&l.requests) {

@@ -10,6 +10,7 @@
 
 use crate::authz::{Admission, Item};
 use crate::body::{Field, RequestBody};
+use crate::budget::{Stop, StreamBudget, Verdict};
 use crate::config::{
     BadEstimate, FailureMode, FilterConfig, KeySource, OnUpstreamError, Route, Unmatched,
     UsageSource,
@@ -24,8 +25,13 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 use std::rc::Rc;
 use std::time::Duration;
 use tollgate_protocol::{
-    validate_correlation_id, validate_id, CommitRequest, Decision, LimitState, Meters, SpendRequest,
+    validate_correlation_id, validate_id, CommitRequest, Decision, ExtendRequest, LimitState,
+    Meters, SpendRequest,
 };
+
+/// Most bytes read of a response body held for a stream budget (Envoy's own buffer limit
+/// applies long before).
+const MAX_HELD: usize = 64 << 20;
 
 /// Longest SSE line kept while looking for usage (events are small; a longer line is skipped).
 const MAX_SSE_LINE: usize = 256 * 1024;
@@ -120,6 +126,10 @@ pub struct Request {
     shadow: Option<String>,
     /// The route is in shadow mode: its callout is a check, and nothing is refused or settled.
     shadow_route: bool,
+    /// A streamed answer on a route with `stream_budget`: counted as it passes.
+    budget: Option<StreamBudget>,
+    /// The upstream's answer has ended (its last body call said so).
+    response_ended: bool,
 }
 
 /// A header's value. Read as bytes: the SDK's string getter panics on a value that is not
@@ -255,6 +265,8 @@ impl Request {
             batched: false,
             shadow: None,
             shadow_route: false,
+            budget: None,
+            response_ended: false,
         }
     }
 
@@ -652,6 +664,172 @@ impl Request {
         (Some(meters), output_text)
     }
 
+    /// Sends `POST /v1/extend` to raise this request's hold to `target` output tokens; false
+    /// when it cannot be sent.
+    fn ask_extend(&mut self, target: u64) -> bool {
+        let Some(hold_id) = self.hold_id.clone() else {
+            return false;
+        };
+        let req = ExtendRequest {
+            hold_id,
+            meters: [("output_tokens".to_string(), target)]
+                .into_iter()
+                .collect(),
+        };
+        let body = serde_json::to_vec(&req).unwrap_or_default();
+        let auth = self.cfg.sidecar_auth();
+        let sent = hostcalls::dispatch_http_call(
+            &self.cfg.sidecar.cluster,
+            self.cfg.sidecar.headers("/v1/extend", &auth),
+            Some(&body),
+            vec![],
+            Duration::from_millis(self.cfg.sidecar.timeout_ms),
+        )
+        .is_ok();
+        if let (true, Some(b)) = (sent, self.budget.as_mut()) {
+            b.asking(target);
+        }
+        sent
+    }
+
+    /// Held response bytes that go on to the client: measured for the commit.
+    fn deliver(&mut self, bytes: &[u8]) {
+        self.response_bytes = self.response_bytes.saturating_add(bytes.len() as u64);
+        if let Measure::Sse(s) = &mut self.measure {
+            s.feed(bytes);
+        }
+    }
+
+    /// Judges the held response body against the hold: the action for a body callback (or,
+    /// from a callout's answer, whether to resume).
+    fn budget_step(&mut self, held: &[u8]) -> Action {
+        let ended = self.response_ended;
+        let Some(b) = self.budget.as_mut() else {
+            return Action::Continue;
+        };
+        match b.judge(held, ended) {
+            Verdict::Pass => {
+                b.passed(held);
+                self.deliver(held);
+                Action::Continue
+            }
+            Verdict::Wait => Action::Pause,
+            Verdict::Extend(target) => {
+                if self.ask_extend(target) {
+                    Action::Pause
+                } else {
+                    self.extend_failed(held)
+                }
+            }
+        }
+    }
+
+    /// An extension could not be asked or answered usably: the route's failure mode (open:
+    /// the stream goes on, its commit charges what it used; closed: it ends here).
+    fn extend_failed(&mut self, held: &[u8]) -> Action {
+        let (open, closed) = {
+            let s = self.shared.borrow();
+            (s.metrics.failed_open, s.metrics.failed_closed)
+        };
+        match self.mode() {
+            FailureMode::Open => {
+                bump(open);
+                if let Some(b) = self.budget.as_mut() {
+                    b.give_up();
+                }
+                self.deliver(held);
+            }
+            FailureMode::Closed => {
+                bump(closed);
+                self.stop_stream(held, &Stop::Unavailable);
+            }
+        }
+        Action::Continue
+    }
+
+    /// Ends the stream: what of `held` fits the hold goes on, then the final event; the rest
+    /// of the upstream's answer is dropped.
+    fn stop_stream(&mut self, held: &[u8], why: &Stop) {
+        let Some(b) = self.budget.as_mut() else {
+            return;
+        };
+        let (cut, last) = b.stop(held, why);
+        let kept = held.get(..cut).unwrap_or_default();
+        let mut out = Vec::with_capacity(kept.len() + last.len());
+        out.extend_from_slice(kept);
+        out.extend_from_slice(&last);
+        self.deliver(kept);
+        let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, held.len(), &out);
+        bump(self.shared.borrow().metrics.streams_stopped);
+    }
+
+    /// The sidecar's answer to this request's `/v1/extend`.
+    fn on_extend_answer(&mut self, body_size: usize) {
+        let (status, body) = call_answer(body_size);
+        let decision: Option<Decision> = (status == 200)
+            .then(|| serde_json::from_slice(&body).ok())
+            .flatten();
+        let held = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, MAX_HELD)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let action = match decision {
+            Some(d) if d.allowed => {
+                if let Some(b) = self.budget.as_mut() {
+                    b.extended();
+                    // What the commit falls back on when the output cannot be counted.
+                    self.estimate.insert("output_tokens".into(), b.covered);
+                }
+                bump(self.shared.borrow().metrics.stream_extensions);
+                self.budget_step(&held)
+            }
+            Some(d) => {
+                let smaller = self.budget.as_mut().and_then(|b| b.retry_smaller(&d));
+                match smaller {
+                    Some(t) if self.ask_extend(t) => Action::Pause,
+                    _ => {
+                        let why = Stop::Refused {
+                            reason: d.reason,
+                            limit: d.limit.map(|l| l.name),
+                        };
+                        self.stop_stream(&held, &why);
+                        Action::Continue
+                    }
+                }
+            }
+            None => self.extend_failed(&held),
+        };
+        if action == Action::Continue {
+            let _ = hostcalls::resume_http_response();
+        }
+    }
+
+    /// A response body call on a route with a stream budget.
+    fn budgeted_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.response_ended = end_of_stream;
+        let (stopped, extending, active) = match &self.budget {
+            Some(b) => (b.stopped(), b.extending(), b.active()),
+            None => return Action::Continue,
+        };
+        if stopped {
+            // The final event went out: nothing more of the upstream's answer.
+            let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &[]);
+            return Action::Continue;
+        }
+        if extending {
+            return Action::Pause; // held until the sidecar answers
+        }
+        let held = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if !active {
+            self.deliver(&held);
+            return Action::Continue;
+        }
+        self.budget_step(&held)
+    }
+
     /// Refuses a request before it reaches the sidecar or the upstream.
     fn refuse(&mut self, metric: u32, status: u32, code: &str, message: &str) -> Action {
         bump(metric);
@@ -709,6 +887,10 @@ impl Context for Request {
         body_size: usize,
         _trailers: usize,
     ) {
+        if self.phase == Phase::Allowed && self.budget.as_ref().is_some_and(|b| b.extending()) {
+            self.on_extend_answer(body_size);
+            return;
+        }
         self.free_line();
         self.adopt();
         let now = now_ms();
@@ -916,7 +1098,8 @@ impl HttpContext for Request {
             .unwrap_or(0);
         self.release = self.cfg.release_statuses.contains(&status);
         self.upstream_error = status >= 400;
-        let Some(route) = self.route() else {
+        let cfg = Rc::clone(&self.cfg);
+        let Some(route) = self.route.and_then(|i| cfg.routes.get(i)) else {
             return Action::Continue;
         };
         self.measure = match route.usage.source {
@@ -936,6 +1119,12 @@ impl HttpContext for Request {
                 let sse =
                     resp_header("content-type").is_some_and(|c| c.contains("text/event-stream"));
                 if sse {
+                    if let (Some(b), false, false) =
+                        (route.stream_budget, self.upstream_error, self.release)
+                    {
+                        let covered = self.estimate.get("output_tokens").copied().unwrap_or(0);
+                        self.budget = Some(StreamBudget::new(covered, b.step, b.bytes_per_token));
+                    }
                     Measure::Sse(Box::new(SseBody::new(MAX_SSE_LINE)))
                 } else {
                     Measure::Json(JsonBody::new(self.cfg.max_body_bytes))
@@ -945,9 +1134,12 @@ impl HttpContext for Request {
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if self.phase != Phase::Allowed {
             return Action::Continue;
+        }
+        if self.budget.is_some() {
+            return self.budgeted_body(body_size, end_of_stream);
         }
         self.response_bytes = self.response_bytes.saturating_add(body_size as u64);
         if matches!(self.measure, Measure::Json(_) | Measure::Sse(_)) {

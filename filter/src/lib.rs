@@ -19,6 +19,7 @@
 
 pub mod authz;
 pub mod body;
+pub mod budget;
 pub mod config;
 pub mod http;
 pub mod lease;

@@ -123,6 +123,10 @@ pub struct Metrics {
     pub authorize_batched: u32,
     /// Requests that passed although a shadow limit or a shadow route would have refused them.
     pub shadow_would_deny: u32,
+    /// Stream budgets: holds extended mid-stream, and streams ended because an extension was
+    /// refused (or could not be asked on a route that fails closed).
+    pub stream_extensions: u32,
+    pub streams_stopped: u32,
 }
 
 impl Metrics {
@@ -157,6 +161,8 @@ impl Metrics {
             authorize_batches: c("tollgate.authorize_batches"),
             authorize_batched: c("tollgate.authorize_batched"),
             shadow_would_deny: c("tollgate.shadow_would_deny"),
+            stream_extensions: c("tollgate.stream_extensions"),
+            streams_stopped: c("tollgate.streams_stopped"),
             callout_ms: hostcalls::define_metric(MetricType::Histogram, "tollgate.callout_ms")
                 .unwrap_or(0),
         }

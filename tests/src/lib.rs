@@ -85,6 +85,10 @@ struct Stream {
     response_body: Vec<u8>,
     local: Option<LocalResponse>,
     resumed: u32,
+    /// The filter paused the response body: Envoy buffers what comes next with it.
+    response_paused: bool,
+    /// Response body bytes passed on to the client.
+    delivered: Vec<u8>,
 }
 
 /// Everything the host knows; tests read it through [`Filter`].
@@ -444,6 +448,14 @@ fn host_call(caller: &mut Caller<'_, State>, name: &str, a: &[Val]) -> Result<i3
             if i(a, 0) == 0 {
                 caller.data_mut().stream().resumed += 1;
             }
+            if i(a, 0) == 1 {
+                // The held response body goes on to the client.
+                let s = caller.data_mut().stream();
+                if std::mem::take(&mut s.response_paused) {
+                    let held = std::mem::take(&mut s.response_body);
+                    s.delivered.extend(held);
+                }
+            }
             OK
         }
         "proxy_close_stream" => OK,
@@ -735,14 +747,41 @@ impl Filter {
         )
     }
 
-    /// Delivers one response chunk; the filter continues, so the next call sees only new bytes.
+    /// Delivers one response chunk. Like Envoy: when the filter continues, the body goes on to
+    /// the client and the next call sees only new bytes; while it pauses, what comes next is
+    /// buffered with what it holds, until it continues or resumes the response.
     pub fn response_body(&mut self, ctx: u32, chunk: &[u8], end_of_stream: bool) -> Result<i32> {
         self.enter(ctx);
-        self.store.data_mut().stream().response_body = chunk.to_vec();
-        self.call(
+        let s = self.store.data_mut().stream();
+        if s.response_paused {
+            s.response_body.extend_from_slice(chunk);
+        } else {
+            s.response_body = chunk.to_vec();
+        }
+        let size = s.response_body.len() as i32;
+        let r = self.call(
             "proxy_on_response_body",
-            &[ctx as i32, chunk.len() as i32, end_of_stream as i32],
-        )
+            &[ctx as i32, size, end_of_stream as i32],
+        )?;
+        self.enter(ctx);
+        let s = self.store.data_mut().stream();
+        if r == 0 {
+            s.response_paused = false;
+            let body = std::mem::take(&mut s.response_body);
+            s.delivered.extend(body);
+        } else {
+            s.response_paused = true;
+        }
+        Ok(r)
+    }
+
+    /// The response body the client received so far.
+    pub fn delivered(&self, ctx: u32) -> Vec<u8> {
+        self.store
+            .data()
+            .streams
+            .get(&ctx)
+            .map_or_else(Vec::new, |s| s.delivered.clone())
     }
 
     /// The stream ends (completed or the client went away): on_log, on_done, on_delete.

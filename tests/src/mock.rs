@@ -8,7 +8,9 @@
 //! - `POST /v1/messages` answers Anthropic-shaped JSON or SSE, with cache reads and writes.
 //! - Request headers shape the answer: `x-mock-no-usage: 1` (no `usage` at all),
 //!   `x-mock-cached: 1` (4 of the 10 prompt tokens cached), `x-mock-tools: 1` (a stream of
-//!   tool-call deltas only), `x-mock-text-bytes: N` (a stream carrying N bytes of text).
+//!   tool-call deltas only), `x-mock-text-bytes: N` (a stream carrying N bytes of text),
+//!   `x-mock-stream-tokens: N` (a stream of N one-token events `" the"`, sent over time in
+//!   groups of 20, reporting N completion tokens).
 //! - `POST /v1/chat/stalled` sends one event and then stalls (for clients that give up).
 //!
 //! - `x-mock-delay-ms: N` (at most 10,000) holds a chat completion N ms before it answers, so
@@ -169,6 +171,15 @@ async fn completions(
         }
         return encoded(&headers, "application/json", v.to_string());
     }
+    if let Some(n) = headers
+        .get("x-mock-stream-tokens")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        let usage = (ask.stream_options.is_some_and(|o| o.include_usage)
+            && !flag(&headers, "x-mock-no-usage"))
+        .then(|| json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n, "total_tokens": PROMPT_TOKENS + n}));
+        return token_stream(n.min(100_000), usage);
+    }
     let mut events = Vec::new();
     if flag(&headers, "x-mock-tools") {
         events.push(json!({"choices": [{"delta": {"role": "assistant", "content": null, "tool_calls":
@@ -230,6 +241,42 @@ async fn messages(served: Arc<AtomicU64>, headers: HeaderMap, body: String) -> R
         out += &format!("event: {name}\ndata: {e}\n\n");
     }
     encoded(&headers, "text/event-stream", out)
+}
+
+/// `n` events of one token each, in groups of 20 a millisecond apart (as a model streams),
+/// then the usage (if asked) and `[DONE]`.
+fn token_stream(n: u64, usage: Option<serde_json::Value>) -> Response {
+    let event = format!(
+        "data: {}\n\n",
+        json!({"choices": [{"index": 0, "delta": {"content": " the"}}], "usage": null})
+    );
+    let groups = n.div_ceil(20);
+    let events = futures::stream::unfold(0u64, move |g| {
+        let (event, usage) = (event.clone(), usage.clone());
+        async move {
+            if g > groups {
+                return None;
+            }
+            if g == groups {
+                let mut last = String::new();
+                if let Some(u) = usage {
+                    last += &format!("data: {}\n\n", json!({"choices": [], "usage": u}));
+                }
+                last += "data: [DONE]\n\n";
+                return Some((Ok::<_, std::io::Error>(last), g + 1));
+            }
+            if g > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let k = (n - g * 20).min(20) as usize;
+            Some((Ok(event.repeat(k)), g + 1))
+        }
+    });
+    (
+        [("content-type", "text/event-stream")],
+        axum::body::Body::from_stream(events),
+    )
+        .into_response()
 }
 
 /// Like a real API it reads the whole request first (the filter holds the body back until the
