@@ -329,12 +329,17 @@ impl StreamBudget {
         }
         if self.typed {
             // Anthropic's shape (its SDK raises it as an API error; there is no [DONE]).
-            let e = serde_json::json!({
-                "type": "error",
-                "error": {"type": kind, "message": message, "code": code}
-            });
+            let e = TypedError {
+                kind: "error",
+                error: ErrorBody {
+                    kind,
+                    message: &message,
+                    code,
+                    param: None,
+                },
+            };
             out.extend_from_slice(b"event: error\ndata: ");
-            out.extend_from_slice(e.to_string().as_bytes());
+            out.extend_from_slice(&serde_json::to_vec(&e).unwrap_or_default());
             out.extend_from_slice(b"\n\n");
         } else {
             // OpenAI's shape: a chunk with `error` (its SDK raises APIError), then [DONE].
@@ -343,15 +348,48 @@ impl StreamBudget {
                 "billing_error" => "insufficient_quota",
                 _ => "server_error",
             };
-            let e = serde_json::json!({
-                "error": {"message": message, "type": openai_type, "code": code, "param": null}
-            });
+            let e = ChunkError {
+                error: ErrorBody {
+                    kind: openai_type,
+                    message: &message,
+                    code,
+                    param: Some(()),
+                },
+            };
             out.extend_from_slice(b"data: ");
-            out.extend_from_slice(e.to_string().as_bytes());
+            out.extend_from_slice(&serde_json::to_vec(&e).unwrap_or_default());
             out.extend_from_slice(b"\n\ndata: [DONE]\n\n");
         }
         out
     }
+}
+
+/// A stream's final error: Anthropic's `error` event, or OpenAI's error chunk.
+#[derive(serde::Serialize)]
+struct TypedError<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    error: ErrorBody<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ChunkError<'a> {
+    error: ErrorBody<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    message: &'a str,
+    code: &'a str,
+    /// OpenAI's chunk has `"param": null`; Anthropic's error has no such field.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "null")]
+    param: Option<()>,
+}
+
+fn null<S: serde::Serializer>(_: &Option<()>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_none()
 }
 
 /// One event's generated output in bytes, and the output count its usage reports (if any).
