@@ -8,7 +8,8 @@
 -- KEYS[5] grant order             tg:{s}:a:<acct>:go             (lex zset)
 -- KEYS[6] grant remaining         tg:{s}:a:<acct>:gr             (hash gid -> remaining)
 -- KEYS[7], KEYS[8] tombstone buckets (current, previous): see tomb_get in lib.lua
--- KEYS[9..] one usage counter per limit, in the order of lims
+-- KEYS[9..] one usage counter per limit, in the order of lims, then the state hashes of the
+--   levels above the account (see levels_cold in lib.lua)
 -- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits,
 --   the account version and the correlation id as JSON or ""; the id goes on the hold record
 --   and the event, not into the fingerprint)
@@ -25,7 +26,7 @@
 --   recheck  ""   just after a cold load: ask PostgreSQL whether this request id was used
 local req = spend_req()
 local recheck_until, ver = account_state(KEYS[1])
-if recheck_until == nil then return reply('cold') end
+if recheck_until == nil or levels_cold(9 + #req.lims) then return reply('cold') end
 if ver > req.ver then return reply('stale') end
 
 local prev = redis.call('HMGET', KEYS[3], 'f', 'a')

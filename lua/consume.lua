@@ -5,13 +5,13 @@
 -- KEYS[3], KEYS[4] tombstone buckets (current, previous): see tomb_get in lib.lua; the consume
 --   is recorded there (status n) for the replay window, and answered from the ledger after it
 -- KEYS[5] grant order zset        KEYS[6] grant remaining hash
--- KEYS[7..] one usage counter per limit
+-- KEYS[7..] one usage counter per limit, then the levels above (levels_cold in lib.lua)
 -- ARGV: see spend_req in lib.lua (request fields, meters and resource as JSON, then limits,
 --   the account version and the correlation id as JSON or ""; the id goes on the event only)
 -- Returns {kind, json}: ok {credits, balance, limit, used, over, shadow} | replay ({credits}) | deny | conflict | cold | recheck | stale
 local req = spend_req()
 local recheck_until, ver = account_state(KEYS[1])
-if recheck_until == nil then return reply('cold') end
+if recheck_until == nil or levels_cold(7 + #req.lims) then return reply('cold') end
 if ver > req.ver then return reply('stale') end
 
 local t = tomb_get(3, req.tomb)

@@ -5,7 +5,7 @@
 -- retry) adds nothing and answers the same.
 --
 -- KEYS[1] account state   KEYS[2] outbox   KEYS[3] hold record   KEYS[4] grant order
--- KEYS[5] grant remaining
+-- KEYS[5] grant remaining   KEYS[6..] the levels above (see levels_cold in lib.lua)
 -- ARGV[1] now  [2] hold id  [3] route  [4] model or ''  [5] the hold's credit at the new totals
 --   [6] names of the limits that do not refuse (soft, shadow), comma-separated
 --   [7] number of meters, then 2 per meter: name, new total
@@ -13,7 +13,7 @@
 --   gone (no such open hold in Redis) | resolved {status} | conflict {route, model} | cold
 -- (A concurrency counter holds the request, not its amount: an extension leaves it as it is.)
 local now, hold = tonumber(ARGV[1]), ARGV[2]
-if account_state(KEYS[1]) == nil then return reply('cold') end
+if account_state(KEYS[1]) == nil or levels_cold(6) then return reply('cold') end
 local rec = redis.call('HMGET', KEYS[3], 's', 'd')
 if not rec[1] then return reply('gone') end
 if rec[1] ~= 'open' then return reply('resolved', jobj({'status', rec[1]})) end

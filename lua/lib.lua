@@ -488,6 +488,17 @@ local function reply(kind, body)
   return {kind, body or ''}
 end
 
+-- Whether a level above the account (its parent, its root: KEYS[from..], their state hashes,
+-- none for an account without a parent) is missing from Redis. Their counters are shared with
+-- this account's requests, so nothing is decided until every level is loaded (a cold load
+-- loads the missing ones, then the script runs again).
+local function levels_cold(from)
+  for i = from, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 0 then return true end
+  end
+  return false
+end
+
 -- An open hold's record is a hash: d = the hold (JSON: acct, key, exp, credit, draws, ctr,
 -- meters, route, model, at, fp, and cid = the correlation id when the request had one), f =
 -- request fingerprint, a = authorize answer (JSON), s = open. Once settled it is deleted and a
@@ -508,7 +519,7 @@ local EVENT_OF = {committed = 'commit', released = 'release', expired = 'expire'
 
 local function settle_hold(req, status)
   local meters_raw = req.meters_json
-  if account_state(KEYS[1]) == nil then return reply('cold') end
+  if account_state(KEYS[1]) == nil or levels_cold(9) then return reply('cold') end
   local rec = redis.call('HMGET', KEYS[3], 's', 'd', 'sf', 'sr')
   if not rec[1] then
     local t = tomb_get(7, req.tomb)

@@ -1,7 +1,8 @@
 -- load: install an account's state rebuilt from the ledger (cold load), unless it is already
 -- there. Counters get the *used* amounts of the current windows and grants their *remaining*
 -- amounts — never totals — so a lost Redis never resets anyone's usage. Only the first of
--- several concurrent loaders writes anything.
+-- several concurrent loaders writes anything. (A parent's counters are loaded with the parent:
+-- while its state is missing, no script of its tree touches them — see levels_cold in lib.lua.)
 --
 -- KEYS[1] account state hash   KEYS[2] grant order zset   KEYS[3] grant remaining hash
 -- KEYS[4] open holds zset

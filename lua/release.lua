@@ -18,7 +18,7 @@ if status ~= 'released' and status ~= 'expired' and status ~= 'cancelled' then
   return redis.error_reply('bad status')
 end
 if status == 'cancelled' then
-  if account_state(KEYS[1]) == nil then return reply('cold') end
+  if account_state(KEYS[1]) == nil or levels_cold(9) then return reply('cold') end
   if redis.call('EXISTS', KEYS[3]) == 0 and tomb_get(7, req.tomb) == nil then
     tomb_put(7, req.tomb, req.tomb_ttl_ms, 'cancelled', 'cancelled', 'release', 0, 0, 0)
     return reply('ok', '{"hold":"' .. req.hold .. '","status":"cancelled","credits":0}')

@@ -297,6 +297,9 @@ struct AccountBody {
     billing_anchor_day: i16,
     limits: Vec<crate::config::LimitSpec>,
     disabled: bool,
+    /// The account above it (organization > team > account), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
 }
 
 impl From<crate::ledger::AccountRow> for AccountBody {
@@ -308,6 +311,7 @@ impl From<crate::ledger::AccountRow> for AccountBody {
             billing_anchor_day: a.billing_anchor_day,
             limits: a.limits,
             disabled: a.disabled,
+            parent: a.parent,
         }
     }
 }

@@ -21,7 +21,14 @@ pub struct NewAccount {
     pub billing_anchor_day: i16,
     #[serde(default)]
     pub limits: Vec<LimitSpec>,
+    /// The account above it (a team, an organization): its limits apply to this account's
+    /// spending too. Set once, here; see `Engine::check_parent`.
+    #[serde(default)]
+    pub parent: Option<String>,
 }
+
+/// Most levels of a tree: organization > team > account.
+pub const MAX_DEPTH: usize = 3;
 
 fn utc() -> String {
     "UTC".into()
@@ -107,9 +114,11 @@ impl Engine {
             disabled: false,
             version: 1,
             plan_version: 0,
+            parent: n.parent,
         };
         self.ensure_plan(&row.plan).await?;
         self.validate_account(&row)?;
+        self.check_parent(&row).await?;
         if !self.ledger.insert_account(&row).await? {
             return Err(ApiError::Conflict(format!(
                 "account {:?} already exists",
@@ -118,6 +127,31 @@ impl Engine {
         }
         self.directory.forget_account(&row.id);
         Ok(row)
+    }
+
+    /// A parent must exist, not be a pool, and leave the tree at most [`MAX_DEPTH`] deep. It is
+    /// fixed at creation: every account of a tree keeps its Redis state in the shard of the
+    /// tree's root (one Redis Cluster slot), so that one script checks every level.
+    async fn check_parent(&self, row: &AccountRow) -> Result<(), ApiError> {
+        let Some(parent) = &row.parent else {
+            return Ok(());
+        };
+        validate_id("parent", parent)?;
+        if super::pools::is_pool(parent) {
+            return Err(ApiError::Invalid(
+                "parent: a pool cannot be a parent".into(),
+            ));
+        }
+        let Some(p) = self.directory.account(parent).await? else {
+            return Err(ApiError::Invalid(format!("parent: no account {parent:?}")));
+        };
+        let above = self.ancestors(&p).await?.len() + 1;
+        if above + 1 > MAX_DEPTH {
+            return Err(ApiError::Invalid(format!(
+                "parent: {parent:?} is already {above} levels deep (at most {MAX_DEPTH}: organization > team > account)"
+            )));
+        }
+        Ok(())
     }
 
     pub async fn get_account(&self, id: &str) -> Result<AccountRow, ApiError> {
@@ -333,9 +367,11 @@ impl Engine {
                     self.directory.account(account).await?.ok_or_else(|| {
                         ApiError::NotFound(format!("unknown account {account:?}"))
                     })?;
+                let ancestors = self.ancestors(&acct).await?;
                 Caller {
                     account: acct,
                     key: None,
+                    ancestors,
                 }
             }
         };

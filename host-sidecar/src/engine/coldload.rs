@@ -16,6 +16,25 @@ const LOAD_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Engine {
     pub(crate) async fn cold_load(&self, acct: &str) -> Result<(), ApiError> {
+        // The levels above first (each loads only if Redis lost it too): their counters are
+        // shared with this account's requests.
+        if let Some(a) = self.directory.account(acct).await? {
+            for anc in self.ancestors(&a).await?.iter().rev() {
+                let loaded: bool = self
+                    .store
+                    .conn()
+                    .exists(self.store.keys.account(&anc.row.id))
+                    .await
+                    .map_err(StoreError::from)?;
+                if !loaded {
+                    self.cold_load_one(&anc.row.id).await?;
+                }
+            }
+        }
+        self.cold_load_one(acct).await
+    }
+
+    async fn cold_load_one(&self, acct: &str) -> Result<(), ApiError> {
         let mut conn = self.store.conn();
         let lock = self.store.keys.loading(acct);
         let token = crate::apikey::new_id("load");

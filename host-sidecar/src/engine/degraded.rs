@@ -81,10 +81,16 @@ impl Engine {
             .await
             .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
         let mut tx = pool.begin().await?;
-        // A shared pool (pseudo-account `pool:<id>`) is serialized on its `pools` row.
+        // A shared pool (pseudo-account `pool:<id>`) is serialized on its `pools` row; an
+        // account on its tree's root row (the levels above share their counters with it).
+        let root = self.store.keys.root_of(acct).into_owned();
+        let above = self.store.keys.above(acct);
         let (lock, id) = match acct.strip_prefix("pool:") {
             Some(id) => ("SELECT 1 FROM pools WHERE id = $1 FOR UPDATE", id),
-            None => ("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", acct),
+            None => (
+                "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+                root.as_str(),
+            ),
         };
         let found: Option<i32> = sqlx::query_scalar(lock)
             .bind(id)
@@ -97,14 +103,21 @@ impl Engine {
         let now = self.clock.now_ms();
         let st = self.ledger.account_state(acct, now as i64).await?;
         let private = self.private_engine();
+        for a in above.iter().rev() {
+            let st = self.ledger.account_state(a, now as i64).await?;
+            let args = private.load_args(a, st, now, u64::MAX / 4);
+            private.store.load(a, &args).await?;
+        }
         let args = private.load_args(acct, st, now, u64::MAX / 4);
         private.store.load(acct, &args).await?;
         let out = op(private.clone()).await;
         let label = crate::apikey::new_id("dg");
         let touched = private.sync.apply_all_pg(&mut tx, &label).await?;
+        // The levels above are handed back too: their counters changed here.
         for (a, hold) in touched
             .into_iter()
             .chain(std::iter::once((acct.to_string(), String::new())))
+            .chain(above.into_iter().map(|a| (a, String::new())))
         {
             sqlx::query(
                 "INSERT INTO degraded_changes (prefix, account_id, hold_id) VALUES ($1, $2, $3)

@@ -30,6 +30,7 @@ impl Engine {
         req.validate()?;
         self.check_meters(&req.meters)?;
         let (acct, _) = split_hold_id(&req.hold_id)?;
+        self.place(acct).await?;
         if self.redis_down().await {
             return Err(ApiError::Unavailable(
                 "holds are extended in Redis only; it is unreachable (retry shortly)".into(),
@@ -148,6 +149,14 @@ impl Engine {
             for l in self.account_limits(&a)? {
                 if l.mode != LimitMode::Enforce {
                     names.push(format!("account:{}:{}", l.meter, l.window.as_str()));
+                }
+            }
+            for anc in self.ancestors(&a).await? {
+                for l in self.account_limits(&anc)? {
+                    if l.mode != LimitMode::Enforce {
+                        let scope = super::parent_scope(&anc.row.id);
+                        names.push(format!("{scope}:{}:{}", l.meter, l.window.as_str()));
+                    }
                 }
             }
         }

@@ -107,6 +107,8 @@ impl Remembered {
 pub(crate) struct Caller {
     pub account: Arc<Account>,
     pub key: Option<Arc<KeyRow>>,
+    /// The accounts above it, its parent first (see [`Engine::ancestors`]).
+    pub ancestors: Vec<Arc<Account>>,
 }
 
 pub(crate) enum Resolved {
@@ -271,6 +273,7 @@ impl Engine {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Reply, crate::store::StoreError>>,
     {
+        self.place(acct).await?;
         for _ in 0..4 {
             match script().await? {
                 Reply::Cold => self.cold_load(acct).await?,
@@ -318,14 +321,72 @@ impl Engine {
             .ok_or_else(|| ApiError::NotFound(format!("unknown account {acct_id:?}")))?;
         self.ensure_plan_at(&account.row.plan, account.row.plan_version)
             .await?;
-        if account.row.disabled || key.as_ref().is_some_and(|k| k.disabled) {
+        let ancestors = self.ancestors(&account).await?;
+        // A disabled team or organization disables everything under it.
+        if account.row.disabled
+            || key.as_ref().is_some_and(|k| k.disabled)
+            || ancestors.iter().any(|a| a.row.disabled)
+        {
             self.metrics.denied_auth.inc();
             return Ok(Resolved::Denied(denial(
                 DenyReason::Disabled,
                 Some(acct_id),
             )));
         }
-        Ok(Resolved::Caller(Caller { account, key }))
+        for a in &ancestors {
+            self.ensure_plan_at(&a.row.plan, a.row.plan_version).await?;
+        }
+        Ok(Resolved::Caller(Caller {
+            account,
+            key,
+            ancestors,
+        }))
+    }
+
+    /// The accounts above `account` (its parent first, its root last), read through the
+    /// directory; places `account` in its root's shard on the way ([`Keyspace::place`]).
+    pub(crate) async fn ancestors(&self, account: &Account) -> Result<Vec<Arc<Account>>, ApiError> {
+        let mut out: Vec<Arc<Account>> = Vec::new();
+        let mut next = account.row.parent.clone();
+        while let Some(id) = next {
+            if out.len() >= admin::MAX_DEPTH || id == account.row.id {
+                return Err(ApiError::Conflict(format!(
+                    "account {:?}: its parents do not end (at most {} levels)",
+                    account.row.id,
+                    admin::MAX_DEPTH
+                )));
+            }
+            let a = self.directory.account(&id).await?.ok_or_else(|| {
+                ApiError::Conflict(format!(
+                    "account {:?}: its parent {id:?} does not exist",
+                    account.row.id
+                ))
+            })?;
+            next = a.row.parent.clone();
+            out.push(a);
+        }
+        let ids: Vec<String> = out.iter().map(|a| a.row.id.clone()).collect();
+        for i in 0..ids.len() {
+            // The account, and each level above it that has levels above it in turn.
+            let (who, above) = match i {
+                0 => (account.row.id.as_str(), &ids[..]),
+                _ => (ids[i - 1].as_str(), &ids[i..]),
+            };
+            self.store.keys.place(who, above);
+        }
+        Ok(out)
+    }
+
+    /// Makes sure `acct`'s keys are named in its root's shard before anything names them (a
+    /// commit, a release or an expiry of one of its holds, a grant, a cold load): reads its
+    /// parents if this process has not yet.
+    pub(crate) async fn place(&self, acct: &str) -> Result<(), ApiError> {
+        if let Some(a) = self.directory.account(acct).await? {
+            if a.row.parent.is_some() {
+                self.ancestors(&a).await?;
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn check_meters(&self, meters: &Meters) -> Result<(), ApiError> {
@@ -400,7 +461,9 @@ impl Engine {
             }
         };
         let mut out = Vec::new();
-        let mut push = |scope: String, scope_name: &str, l: &LimitSpec| {
+        // A limit of `level` (the account, or one above it: its periods follow that level's
+        // timezone and billing day, so every account under it shares one counter).
+        let mut push = |level: &Account, scope: String, scope_name: &str, l: &LimitSpec| {
             if l.window == crate::windows::Window::Concurrent && !held {
                 return;
             }
@@ -408,9 +471,9 @@ impl Engine {
                 let p = current_period(
                     l.window,
                     now,
-                    acct.tz,
+                    level.tz,
                     &self.windows,
-                    acct.row.billing_anchor_day as u32,
+                    level.row.billing_anchor_day as u32,
                 );
                 out.push(LuaLimit {
                     scope,
@@ -425,13 +488,29 @@ impl Engine {
             }
         };
         for l in &self.account_limits(acct)? {
-            push(format!("a:{}", acct.row.id), "account", l);
+            push(acct, format!("a:{}", acct.row.id), "account", l);
         }
         if let Some(k) = &caller.key {
             for l in &k.limits {
-                push(format!("k:{}", k.id), "key", l);
+                push(acct, format!("k:{}", k.id), "key", l);
+            }
+        }
+        // Every level above counts this account's spending too, under its own scope.
+        for anc in &caller.ancestors {
+            for l in &self.account_limits(anc)? {
+                push(
+                    anc,
+                    format!("a:{}", anc.row.id),
+                    &parent_scope(&anc.row.id),
+                    l,
+                );
             }
         }
         Ok(out)
     }
+}
+
+/// The scope name of a parent's limit in decisions and headers: `parent(acme)`.
+pub(crate) fn parent_scope(id: &str) -> String {
+    format!("parent({id})")
 }

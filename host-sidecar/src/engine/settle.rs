@@ -191,6 +191,7 @@ impl Engine {
             model: Option<String>,
         }
         let (acct, _) = split_hold_id(hold_id)?;
+        self.place(acct).await?;
         // While Redis is down (the breaker open) the commit is decided from PostgreSQL, which
         // has the hold's record too: it must not fail here first. (Redis failing this read with
         // the breaker still closed is an error, as before: the ledger may not have the hold yet,
@@ -269,6 +270,7 @@ impl Engine {
         fp: &str,
         priced: Pricing<'_>,
     ) -> Result<Settled, ApiError> {
+        self.place(split_hold_id(hold_id)?.0).await?;
         if self.redis_down().await {
             let (acct, _) = split_hold_id(hold_id)?;
             let acct = acct.to_string();
@@ -464,6 +466,10 @@ impl Engine {
                     let _: Result<i64, _> = conn.zrem(&zkey, &hold_id).await;
                     continue;
                 };
+                // Its keys are in this shard only once its tree is known here.
+                if self.place(acct).await.is_err() {
+                    continue;
+                }
                 let args = SettleArgs {
                     now: self.clock.now_ms(),
                     hold: &hold_id,

@@ -166,7 +166,8 @@ pub struct TopRow {
 
 /// An account with the version of its plan (0 when the plan is the configuration's).
 pub(crate) const ACCOUNT_COLUMNS: &str = "SELECT a.id, a.plan, a.timezone, a.billing_anchor_day,
-    CAST(a.limits AS TEXT) AS limits, a.disabled, a.version, COALESCE(p.version, 0) AS plan_version
+    CAST(a.limits AS TEXT) AS limits, a.disabled, a.version, COALESCE(p.version, 0) AS plan_version,
+    a.parent
     FROM accounts a LEFT JOIN plans p ON p.name = a.plan";
 
 pub(crate) fn account_row<R: Row>(r: &R) -> AccountRow
@@ -176,8 +177,10 @@ where
     i16: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     i64: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     bool: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
     AccountRow {
+        parent: r.get("parent"),
         id: r.get("id"),
         plan: r.get("plan"),
         timezone: r.get("timezone"),

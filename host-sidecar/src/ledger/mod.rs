@@ -84,6 +84,8 @@ pub struct AccountRow {
     pub version: i64,
     /// The version of its plan as written through the API (0: the configuration's plan).
     pub plan_version: i64,
+    /// The account above it (organization > team > account), set at creation; None for a root.
+    pub parent: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -258,10 +260,10 @@ impl Ledger {
     /// Inserts an account; false when the id is taken.
     pub async fn insert_account(&self, a: &AccountRow) -> Result<bool, sqlx::Error> {
         let sql = self.dialect(
-            "INSERT INTO accounts (id, plan, timezone, billing_anchor_day, limits, disabled)
-             VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (id) DO NOTHING",
-            "INSERT INTO accounts (id, plan, timezone, billing_anchor_day, limits, disabled)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO accounts (id, plan, timezone, billing_anchor_day, limits, disabled, parent)
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO accounts (id, plan, timezone, billing_anchor_day, limits, disabled, parent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
         );
         let limits = limits_json(&a.limits);
         let done = on_db!(&self.db, p => sqlx::query(sql)
@@ -271,6 +273,7 @@ impl Ledger {
             .bind(a.billing_anchor_day)
             .bind(&limits)
             .bind(a.disabled)
+            .bind(&a.parent)
             .execute(p)
             .await?
             .rows_affected());

@@ -169,7 +169,13 @@ impl Batch {
 
     fn push(&mut self, event_id: String, shard: i32, e: Event) {
         for (scope, meter, period, delta, end) in &e.u {
-            let k = (e.acct.clone(), scope.clone(), meter.clone(), period.clone());
+            // A parent's counter (scope `a:<parent>`) is the parent's usage, shared by every
+            // account under it: it is kept on the parent's rows, where a cold load finds it.
+            let owner = scope
+                .strip_prefix("a:")
+                .filter(|id| *id != e.acct)
+                .map_or_else(|| e.acct.clone(), str::to_string);
+            let k = (owner, scope.clone(), meter.clone(), period.clone());
             let slot = self.usage_delta.entry(k).or_insert((0, *end));
             slot.0 += delta;
         }

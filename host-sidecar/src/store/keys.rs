@@ -1,6 +1,11 @@
 //! Redis key names. Every key of an account carries the hash tag of the account's virtual shard
 //! (`tg:{7}:...`), so one script touches one Redis Cluster slot, and each shard has one outbox
 //! stream that the sync worker drains in order.
+//!
+//! An account's shard is its *root's*: an account with a parent (organization > team >
+//! account) keeps its keys in the shard of the top of its tree, so one script can check and
+//! charge every level. The engine places a child ([`Keyspace::place`]) before it names any of
+//! its keys; a root (every account without a parent) needs no placing.
 
 /// Tombstone buckets per shard and replay window (see [`Keyspace::tombs`]): at 3,000 settled
 /// requests a second, a 600 s window and 16 shards, ~55 tombstones each, well under Redis's
@@ -18,6 +23,9 @@ pub fn tomb_field(id: &str) -> String {
     format!("#{}", hex::encode(&Sha256::digest(id.as_bytes())[..16]))
 }
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 fn fnv64(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325, |h, x| {
         (h ^ u64::from(*x)).wrapping_mul(0x0000_0100_0000_01b3)
@@ -28,6 +36,10 @@ fn fnv64(b: &[u8]) -> u64 {
 pub struct Keyspace {
     prefix: String,
     shards: u32,
+    /// Accounts with a parent -> the accounts above them (parent first, root last). Parents
+    /// never change, so an entry never goes stale; it holds only accounts with a parent this
+    /// process has seen.
+    roots: Arc<RwLock<HashMap<String, Vec<String>>>>,
 }
 
 impl Keyspace {
@@ -35,17 +47,69 @@ impl Keyspace {
         Self {
             prefix: prefix.to_string(),
             shards: shards.max(1),
+            roots: Arc::default(),
         }
+    }
+
+    /// Records the accounts above `account` (parent first, root last): its keys live in the
+    /// root's shard, and its scripts check that every level is loaded.
+    pub fn place(&self, account: &str, above: &[String]) {
+        if above.is_empty() {
+            return;
+        }
+        let known = self
+            .roots
+            .read()
+            .map(|m| m.get(account).is_some_and(|r| r == above))
+            .unwrap_or(false);
+        if !known {
+            if let Ok(mut m) = self.roots.write() {
+                m.insert(account.to_string(), above.to_vec());
+            }
+        }
+    }
+
+    /// The accounts above `account`, as placed (none for a root).
+    pub fn above(&self, account: &str) -> Vec<String> {
+        self.roots
+            .read()
+            .ok()
+            .and_then(|m| m.get(account).cloned())
+            .unwrap_or_default()
+    }
+
+    /// The root of `account`'s tree, as placed (itself when it has no parent).
+    pub fn root_of<'a>(&self, account: &'a str) -> std::borrow::Cow<'a, str> {
+        match self
+            .roots
+            .read()
+            .ok()
+            .and_then(|m| m.get(account).and_then(|a| a.last().cloned()))
+        {
+            Some(r) => std::borrow::Cow::Owned(r),
+            None => std::borrow::Cow::Borrowed(account),
+        }
+    }
+
+    /// The state hashes of the accounts above `account`: a script that counts on their
+    /// counters answers `cold` unless all of them are loaded.
+    pub fn levels(&self, account: &str) -> Vec<String> {
+        self.above(account)
+            .iter()
+            .map(|a| self.account(a))
+            .collect()
     }
 
     pub fn shards(&self) -> u32 {
         self.shards
     }
 
-    /// FNV-1a of the account id: stable across processes and releases.
+    /// FNV-1a of the id of the account's root (itself, for an account without a parent):
+    /// stable across processes and releases.
     pub fn shard_of(&self, account: &str) -> u32 {
+        let root = self.root_of(account);
         let mut h: u32 = 0x811c_9dc5;
-        for b in account.bytes() {
+        for b in root.bytes() {
             h ^= u32::from(b);
             h = h.wrapping_mul(0x0100_0193);
         }
@@ -145,6 +209,26 @@ mod tests {
             ks.shard_of("acct_42"),
             Keyspace::new("other", 16).shard_of("acct_42")
         );
+    }
+
+    #[test]
+    fn a_placed_account_lives_in_its_roots_shard() {
+        let ks = Keyspace::new("tg", 64);
+        let (org, team) = ("acme", "acme-eng-team-7");
+        assert_ne!(
+            ks.shard_of(org),
+            ks.shard_of(team),
+            "pick ids in two shards"
+        );
+        ks.place(team, &[org.to_string()]);
+        assert_eq!(ks.levels(team), vec![ks.account(org)]);
+        assert_eq!(ks.shard_of(team), ks.shard_of(org));
+        let clone = ks.clone();
+        assert_eq!(
+            clone.counter(team, "a:x", "m", "d"),
+            ks.counter(team, "a:x", "m", "d")
+        );
+        assert_eq!(ks.root_of("someone-else"), "someone-else");
     }
 
     #[test]

@@ -507,6 +507,7 @@ impl Store {
             prev,
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
+        keys.extend(self.keys.levels(a.acct));
         self.run(Op::Authorize, &keys, &a.argv(&field, ttl)).await
     }
 
@@ -522,6 +523,7 @@ impl Store {
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
+        keys.extend(self.keys.levels(a.acct));
         self.run(Op::Consume, &keys, &a.argv(&field, ttl)).await
     }
 
@@ -532,6 +534,7 @@ impl Store {
             self.keys.grant_remaining(a.acct),
         ];
         keys.extend(self.counter_keys(a.acct, a.lims));
+        keys.extend(self.keys.levels(a.acct));
         self.run(Op::Check, &keys, &a.argv("", 0)).await
     }
 
@@ -540,7 +543,7 @@ impl Store {
         let shard = self.keys.shard_of(acct);
         let field = keys::tomb_field(a.hold);
         let (cur, prev, ttl) = self.keys.tombs(acct, &field, a.now, a.window_ms);
-        let keys = vec![
+        let mut keys = vec![
             self.keys.account(acct),
             self.keys.outbox(shard),
             self.keys.hold(acct, a.hold),
@@ -550,6 +553,7 @@ impl Store {
             cur,
             prev,
         ];
+        keys.extend(self.keys.levels(acct));
         (keys, a.argv(&field, ttl))
     }
 
@@ -579,13 +583,14 @@ impl Store {
         totals: &Meters,
         now: u64,
     ) -> Result<Reply, StoreError> {
-        let keys = vec![
+        let mut keys = vec![
             self.keys.account(acct),
             self.keys.outbox(self.keys.shard_of(acct)),
             self.keys.hold(acct, hold),
             self.keys.grant_order(acct),
             self.keys.grant_remaining(acct),
         ];
+        keys.extend(self.keys.levels(acct));
         let mut argv = vec![
             now.to_string(),
             hold.to_string(),

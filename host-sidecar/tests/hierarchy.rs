@@ -1,0 +1,176 @@
+//! Hierarchy (organization > team > account): a spend checks and charges every level's limits in
+//! one script, every account of a tree in its root's shard (one Redis Cluster slot). Every test
+//! runs on every store (Redis + PostgreSQL, Redis Cluster, embedded).
+
+#[macro_use]
+mod common;
+
+use common::*;
+use futures::future::join_all;
+use serde_json::{json, Value};
+use tollgate_sidecar::store::keys::Keyspace;
+
+const PLANS: &str = r#"
+[plans.org]
+limits = [{ meter = "requests", window = "day", max = 1000 }]
+[plans.team]
+limits = [{ meter = "requests", window = "day", max = 100 }]
+[plans.member]
+limits = [{ meter = "requests", window = "day", max = 100000 }]
+"#;
+
+/// An environment whose store `flushall` may wipe (a private Redis for Redis + PostgreSQL).
+async fn env(backend: Backend, instances: usize) -> Env {
+    let private = match backend {
+        Backend::RedisPostgres => Some(PrivateRedis::start().await),
+        _ => None,
+    };
+    let url = private.as_ref().map_or_else(redis_url, |r| r.url.clone());
+    Env::build(backend, instances, PLANS, &url, private).await
+}
+
+async fn create(env: &Env, id: &str, plan: &str, parent: Option<&str>) -> (u16, Value) {
+    let mut body = json!({"id": id, "plan": plan});
+    if let Some(p) = parent {
+        body["parent"] = json!(p);
+    }
+    env.admin_post("/admin/accounts", &body).await
+}
+
+/// acme (org, 1,000 a day) > eng (team, 100 a day) > alice, bob; returns their keys.
+async fn tree(env: &Env) -> (String, String) {
+    // Ids whose own shards differ: only the tree puts them in one.
+    let ks = Keyspace::new("x", env.cfg.server.shards);
+    let shards: Vec<u32> = ["acme", "eng", "alice", "bob"]
+        .iter()
+        .map(|a| ks.shard_of(a))
+        .collect();
+    assert!(
+        shards.iter().any(|s| *s != shards[0]),
+        "pick ids in several shards: {shards:?}"
+    );
+    assert_eq!(create(env, "acme", "org", None).await.0, 201);
+    assert_eq!(create(env, "eng", "team", Some("acme")).await.0, 201);
+    let mut keys = Vec::new();
+    for who in ["alice", "bob"] {
+        let (s, v) = create(env, who, "member", Some("eng")).await;
+        assert_eq!(s, 201, "{v}");
+        assert_eq!(v["parent"], "eng", "{v}");
+        let (s, v) = env
+            .admin_post(&format!("/admin/accounts/{who}/keys"), &json!({}))
+            .await;
+        assert_eq!(s, 201, "{v}");
+        env.grant(who, "pack", 1_000_000, json!({})).await;
+        keys.push(v["api_key"].as_str().unwrap().to_string());
+    }
+    (keys.remove(0), keys.remove(0))
+}
+
+fn allowed(r: &(u16, Value, bool)) -> bool {
+    r.0 == 200 && r.1["allowed"] == true
+}
+
+conformance! {
+    async fn a_team_limit_of_100_admits_exactly_100_across_its_accounts(backend: Backend) {
+        let env = env(backend, 2).await;
+        let (alice, bob) = tree(&env).await;
+        // A thousand at once, from both accounts, on two sidecars.
+        let answers = join_all((0..1000).map(|i| {
+            let key = if i % 2 == 0 { &alice } else { &bob };
+            let body = authorize_body(key, &format!("r-{i}"), json!({"requests": 1}));
+            let env = &env;
+            async move { env.post_to(i % 2, "/v1/authorize", &body).await }
+        }))
+        .await;
+        let held: Vec<String> = answers
+            .iter()
+            .filter(|r| allowed(r))
+            .map(|r| r.1["hold_id"].as_str().unwrap().to_string())
+            .collect();
+        println!("team limit 100: {} of 1000 admitted", held.len());
+        assert_eq!(held.len(), 100, "{:?}", answers.iter().find(|r| !allowed(r)));
+        for r in answers.iter().filter(|r| !allowed(r)) {
+            assert_eq!((r.0, &r.1["status"]), (200, &json!(429)), "{r:?}");
+            assert_eq!(r.1["limit"]["name"], "parent(eng):requests:day", "{r:?}");
+        }
+        let (a, b) = (
+            env.used("alice", "account:requests:day").await,
+            env.used("bob", "account:requests:day").await,
+        );
+        assert_eq!(a + b, 100, "alice {a}, bob {b}");
+        assert!(a > 0 && b > 0, "both spent: alice {a}, bob {b}");
+        assert_eq!(env.used("eng", "account:requests:day").await, 100);
+        assert_eq!(env.used("acme", "account:requests:day").await, 100);
+
+        // Settled at what was used: half of them used nothing, and give their place back.
+        for (i, h) in held.iter().enumerate() {
+            let used = u64::from(i % 2 == 0);
+            let (s, v) = env.post("/v1/commit", &json!({"hold_id": h, "meters": {"requests": used}})).await;
+            assert_eq!(s, 200, "{v}");
+        }
+        assert_eq!(env.used("eng", "account:requests:day").await, 50);
+        let more = join_all((0..80).map(|i| {
+            let body = authorize_body(&bob, &format!("more-{i}"), json!({"requests": 1}));
+            let env = &env;
+            async move { env.post_to(i % 2, "/v1/authorize", &body).await }
+        }))
+        .await;
+        assert_eq!(more.iter().filter(|r| allowed(r)).count(), 50);
+        assert_eq!(env.used("eng", "account:requests:day").await, 100);
+
+        // The ledger keeps each level's usage on its own rows, and a store that lost everything
+        // rebuilds them from there: the team is still full.
+        env.sync().await;
+        let team = env
+            .sql_i64("SELECT CAST(COALESCE(SUM(used), 0) AS BIGINT) FROM usage WHERE account_id = $1 AND scope = 'a:eng'", "eng")
+            .await;
+        assert_eq!(team, 100);
+        env.flushall().await;
+        let r = env.post_to(1, "/v1/authorize", &authorize_body(&alice, "after", json!({"requests": 1}))).await;
+        assert_eq!(r.1["status"], 429, "{r:?}");
+        assert_eq!(r.1["limit"]["name"], "parent(eng):requests:day", "{r:?}");
+        assert_eq!(env.used("eng", "account:requests:day").await, 100);
+        assert_eq!(env.used("acme", "account:requests:day").await, 100);
+    }
+
+    async fn a_tree_is_set_at_creation_at_most_three_deep_and_disabled_from_above(backend: Backend) {
+        let env = env(backend, 1).await;
+        let (alice, _) = tree(&env).await;
+        // No such parent; a fourth level; a parent changed later.
+        let (s, v) = create(&env, "carol", "member", Some("nobody")).await;
+        assert_eq!(s, 400, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("parent"), "{v}");
+        let (s, v) = create(&env, "intern", "member", Some("alice")).await;
+        assert_eq!(s, 400, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("levels"), "{v}");
+        let s = env
+            .http
+            .patch(format!("{}/admin/accounts/alice", env.base(0)))
+            .bearer_auth(ADMIN)
+            .json(&json!({"parent": "acme"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_eq!(s, 400, "a parent is not changed");
+        assert_eq!(create(&env, "carol", "member", None).await.0, 201, "nothing was written");
+
+        // A disabled team refuses everyone under it.
+        let r = env.post("/v1/authorize", &authorize_body(&alice, "a1", json!({"requests": 1}))).await;
+        assert_eq!(r.1["allowed"], true, "{r:?}");
+        let s = env
+            .http
+            .patch(format!("{}/admin/accounts/eng", env.base(0)))
+            .bearer_auth(ADMIN)
+            .json(&json!({"disabled": true}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_eq!(s, 200);
+        let r = env.post("/v1/authorize", &authorize_body(&alice, "a2", json!({"requests": 1}))).await;
+        assert_eq!((r.1["allowed"].clone(), r.1["status"].clone()), (json!(false), json!(403)), "{r:?}");
+    }
+}
