@@ -45,9 +45,10 @@ local denied, a, b, shadow = eval_limits(req.lims, 9, req.now)
 if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
 local tight, tight_rem = a, b
 
-local balance, live, expired = nil, nil, nil
+local balance, ws = nil, nil
 if req.credit > 0 then
-  balance, live, expired = read_grants(KEYS[5], KEYS[6], req.now)
+  ws = wallets(KEYS[5], KEYS[6], 9 + #req.lims)
+  balance = read_wallets(ws, req.now)
   if balance < req.credit then return deny('credits', tight, tight_rem, req.credit_s, balance) end
 end
 
@@ -55,8 +56,8 @@ end
 local uj, cj, usedj, overj = charge_counters(req.lims, 9, req.now, req.hold)
 local g, x, draws = {}, {}, {}
 if req.credit > 0 then
-  expire_grants(KEYS[5], KEYS[6], expired, x)
-  draws = draw(KEYS[5], KEYS[6], live, req.credit, g)
+  expire_wallets(ws, x)
+  draws = draw_wallets(ws, req.credit, g)
   balance = balance - req.credit
 end
 

@@ -12,7 +12,7 @@ if loaded == nil or levels_cold(4 + #req.lims) then return reply('cold') end
 if ver > req.ver then return reply('stale') end
 local denied, a, b, shadow = eval_limits(req.lims, 4, req.now, true)
 if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
-local balance = read_grants(KEYS[2], KEYS[3], req.now)
+local balance = read_wallets(wallets(KEYS[2], KEYS[3], 4 + #req.lims), req.now)
 if balance < req.credit then return deny('credits', a, b, req.credit_s, balance) end
 return reply('ok', '{"credits":' .. req.credit_s .. ',"balance":' .. (balance - req.credit) ..
   fr('limit', limit_state(a, b)) .. fr('shadow', shadow) .. '}')

@@ -23,17 +23,18 @@ if recheck_until > req.now and not req.checked then return reply('recheck') end
 
 local denied, a, b, shadow = eval_limits(req.lims, 7, req.now)
 if denied then return deny('limit', denied, denied.max - a, req.credit_s) end
-local balance, live, expired = nil, nil, nil
+local balance, ws = nil, nil
 if req.credit > 0 then
-  balance, live, expired = read_grants(KEYS[5], KEYS[6], req.now)
+  ws = wallets(KEYS[5], KEYS[6], 7 + #req.lims)
+  balance = read_wallets(ws, req.now)
   if balance < req.credit then return deny('credits', a, b, req.credit_s, balance) end
 end
 
 local uj, _, usedj, overj = charge_counters(req.lims, 7, req.now, req.idem)
 local g, x = {}, {}
 if req.credit > 0 then
-  expire_grants(KEYS[5], KEYS[6], expired, x)
-  draw(KEYS[5], KEYS[6], live, req.credit, g)
+  expire_wallets(ws, x)
+  draw_wallets(ws, req.credit, g)
   balance = balance - req.credit
 end
 local res = '{"credits":' .. req.credit_s .. fr('balance', balance) .. fr('limit', limit_state(a, b)) .. fr('used', usedj) ..

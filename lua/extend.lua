@@ -56,9 +56,10 @@ if not grows then
   -- Already at these totals (a retry): the same answer, nothing written.
   return reply('ok', '{"hold":"' .. hold .. '","credits":' .. string.format('%d', h.credit) .. '}')
 end
-local balance, live, expired = nil, nil, nil
+local balance, ws = nil, nil
 if add_credit > 0 then
-  balance, live, expired = read_grants(KEYS[4], KEYS[5], now)
+  ws = wallets(KEYS[4], KEYS[5], 6)
+  balance = read_wallets(ws, now)
   if balance < add_credit then return deny('credits', nil, nil, tostring(add_credit), balance) end
 end
 
@@ -82,8 +83,8 @@ for i, c in ipairs(h.ctr or {}) do
   end
 end
 if add_credit > 0 then
-  expire_grants(KEYS[4], KEYS[5], expired, x)
-  local draws = draw(KEYS[4], KEYS[5], live, add_credit, g)
+  expire_wallets(ws, x)
+  local draws = draw_wallets(ws, add_credit, g)
   h.draws = h.draws or {}
   for _, d in ipairs(draws) do h.draws[#h.draws + 1] = d end
   balance = balance - add_credit

@@ -235,19 +235,24 @@ end
 -- Returns `amount` of credit to the grants it was drawn from, last draw first (undoing the tail
 -- of the spending order). Credit returned to a grant that has expired meanwhile is recorded as
 -- expired at once ({gid, +amount} in gout and {gid, amount} in xout): it is never spendable again.
-local function give_back(zkey, hkey, draws, amount, now, gout, xout)
+-- `ws` are the wallets the draws were made from (see wallets below): a draw names its wallet's
+-- account in its third element when it is not the account's own.
+local function give_back(ws, draws, amount, now, gout, xout)
+  local by = {}
+  for _, w in ipairs(ws) do by[w.acct] = w end
   local i = #draws
   while amount > 0 and i >= 1 do
-    local m, amt = draws[i][1], draws[i][2]
+    local m, amt, acct = draws[i][1], draws[i][2], draws[i][3]
+    local w = by[acct or '']
     local back = math.min(amt, amount)
-    if back > 0 then
+    if back > 0 and w then
       local gid, exp = grant_parts(m)
-      gout[#gout + 1] = {gid, back}
+      gout[#gout + 1] = {gid, back, acct}
       if exp <= now then
-        xout[#xout + 1] = {gid, back}
-      elseif redis.call('HINCRBY', hkey, gid, back) == back then
+        xout[#xout + 1] = {gid, back, acct}
+      elseif redis.call('HINCRBY', w.h, gid, back) == back then
         -- The draw had exhausted the grant and taken it out of the order: put it back.
-        redis.call('ZADD', zkey, 0, m)
+        redis.call('ZADD', w.z, 0, m)
       end
       draws[i][2] = amt - back
       amount = amount - back
@@ -469,7 +474,14 @@ end
 local function rows_json(rows)
   if #rows == 0 then return nil end
   local out = {}
-  for i, r in ipairs(rows) do out[i] = '["' .. r[1] .. '",' .. r[2] .. ']' end
+  for i, r in ipairs(rows) do
+    -- A third element names the grant's account when it is not the event's (a parent's).
+    if r[3] then
+      out[i] = '["' .. r[1] .. '",' .. r[2] .. ',"' .. r[3] .. '"]'
+    else
+      out[i] = '["' .. r[1] .. '",' .. r[2] .. ']'
+    end
+  end
   return '[' .. table.concat(out, ',') .. ']'
 end
 
@@ -493,10 +505,71 @@ end
 -- this account's requests, so nothing is decided until every level is loaded (a cold load
 -- loads the missing ones, then the script runs again).
 local function levels_cold(from)
-  for i = from, #KEYS do
+  local i = from
+  while i <= #KEYS do
     if redis.call('EXISTS', KEYS[i]) == 0 then return true end
+    if KEYS[i + 1] == KEYS[i] .. ':go' then i = i + 3 else i = i + 1 end
   end
   return false
+end
+
+-- Wallets: the credit a spend draws on, in order — the account's own grants (own_z, own_h),
+-- then each level above whose credit it may spend (draw_from_parents): among the levels'
+-- keys (KEYS[from..], see levels_cold), a paying level's state hash is followed by its grant
+-- order and remaining amounts. A wallet is {z, h, acct}, acct '' for the account's own.
+local function wallets(own_z, own_h, from)
+  local ws = {{z = own_z, h = own_h, acct = ''}}
+  local i = from
+  while i <= #KEYS do
+    if KEYS[i + 1] == KEYS[i] .. ':go' then
+      ws[#ws + 1] = {z = KEYS[i + 1], h = KEYS[i + 2], acct = string.match(KEYS[i], '}:a:(.*)$')}
+      i = i + 3
+    else
+      i = i + 1
+    end
+  end
+  return ws
+end
+
+-- Spendable credit across the wallets (each wallet keeps its live and expired grants).
+local function read_wallets(ws, now)
+  local total = 0
+  for _, w in ipairs(ws) do
+    w.bal, w.live, w.expired = read_grants(w.z, w.h, now)
+    total = total + w.bal
+  end
+  return total
+end
+
+-- Rows of another account's grants name it (third element).
+local function tag_rows(out, rows, acct)
+  for _, r in ipairs(rows) do
+    if acct ~= '' then r[3] = acct end
+    out[#out + 1] = r
+  end
+end
+
+local function expire_wallets(ws, xout)
+  for _, w in ipairs(ws) do
+    local xs = {}
+    expire_grants(w.z, w.h, w.expired or {}, xs)
+    tag_rows(xout, xs, w.acct)
+  end
+end
+
+-- Draws `amount` from the wallets in order (after read_wallets). Returns the draws and what
+-- could not be covered.
+local function draw_wallets(ws, amount, gout)
+  local draws = {}
+  for _, w in ipairs(ws) do
+    if amount <= 0 then break end
+    local gs = {}
+    local d, left = draw(w.z, w.h, w.live or {}, amount, gs)
+    tag_rows(draws, d, w.acct)
+    tag_rows(gout, gs, w.acct)
+    amount = left
+  end
+  return draws, amount
 end
 
 -- An open hold's record is a hash: d = the hold (JSON: acct, key, exp, credit, draws, ctr,
@@ -585,12 +658,13 @@ local function settle_hold(req, status)
   if committing then want = req.credit end
   local g, x = {}, {}
   local charged, short = want, 0
+  local ws = wallets(KEYS[5], KEYS[6], 9)
   if want < h.credit then
-    give_back(KEYS[5], KEYS[6], h.draws or {}, h.credit - want, req.now, g, x)
+    give_back(ws, h.draws or {}, h.credit - want, req.now, g, x)
   elseif want > h.credit then
-    local _, live, expired = read_grants(KEYS[5], KEYS[6], req.now)
-    expire_grants(KEYS[5], KEYS[6], expired, x)
-    local _, left = draw(KEYS[5], KEYS[6], live, want - h.credit, g)
+    read_wallets(ws, req.now)
+    expire_wallets(ws, x)
+    local _, left = draw_wallets(ws, want - h.credit, g)
     short = left
     charged = want - left
   end

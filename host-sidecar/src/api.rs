@@ -300,6 +300,9 @@ struct AccountBody {
     /// The account above it (organization > team > account), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     parent: Option<String>,
+    /// Its spending draws on its parents' credit once its own is spent.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    draw_from_parents: bool,
 }
 
 impl From<crate::ledger::AccountRow> for AccountBody {
@@ -312,6 +315,7 @@ impl From<crate::ledger::AccountRow> for AccountBody {
             limits: a.limits,
             disabled: a.disabled,
             parent: a.parent,
+            draw_from_parents: a.draw_from_parents,
         }
     }
 }

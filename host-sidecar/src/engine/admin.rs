@@ -25,6 +25,10 @@ pub struct NewAccount {
     /// spending too. Set once, here; see `Engine::check_parent`.
     #[serde(default)]
     pub parent: Option<String>,
+    /// Spend the parent's credit once this account's own is spent (and the grandparent's, if
+    /// the parent draws on it). Set once, here.
+    #[serde(default)]
+    pub draw_from_parents: bool,
 }
 
 /// Most levels of a tree: organization > team > account.
@@ -115,6 +119,7 @@ impl Engine {
             version: 1,
             plan_version: 0,
             parent: n.parent,
+            draw_from_parents: n.draw_from_parents,
         };
         self.ensure_plan(&row.plan).await?;
         self.validate_account(&row)?;
@@ -134,6 +139,11 @@ impl Engine {
     /// tree's root (one Redis Cluster slot), so that one script checks every level.
     async fn check_parent(&self, row: &AccountRow) -> Result<(), ApiError> {
         let Some(parent) = &row.parent else {
+            if row.draw_from_parents {
+                return Err(ApiError::Invalid(
+                    "draw_from_parents: the account has no parent".into(),
+                ));
+            }
             return Ok(());
         };
         validate_id("parent", parent)?;

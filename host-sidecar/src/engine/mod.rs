@@ -32,6 +32,7 @@ use crate::error::ApiError;
 use crate::ledger::sync::SyncWorker;
 use crate::ledger::{KeyRow, Ledger};
 use crate::metrics::Metrics;
+use crate::store::keys::Level;
 use crate::store::{LuaLimit, Reply, Store};
 use crate::windows::{current_period, WindowSettings};
 use sha2::{Digest, Sha256};
@@ -365,14 +366,24 @@ impl Engine {
             next = a.row.parent.clone();
             out.push(a);
         }
-        let ids: Vec<String> = out.iter().map(|a| a.row.id.clone()).collect();
-        for i in 0..ids.len() {
-            // The account, and each level above it that has levels above it in turn.
-            let (who, above) = match i {
-                0 => (account.row.id.as_str(), &ids[..]),
-                _ => (ids[i - 1].as_str(), &ids[i..]),
-            };
-            self.store.keys.place(who, above);
+        // The account, and each level above it that has levels above it in turn. A level pays
+        // for the one below while every account from there down draws from its parent.
+        let chain: Vec<&Account> = std::iter::once(account)
+            .chain(out.iter().map(|a| a.as_ref()))
+            .collect();
+        for (i, who) in chain.iter().enumerate().take(out.len()) {
+            let mut pays = true;
+            let above: Vec<Level> = chain[i..]
+                .windows(2)
+                .map(|w| {
+                    pays = pays && w[0].row.draw_from_parents;
+                    Level {
+                        id: w[1].row.id.clone(),
+                        pays,
+                    }
+                })
+                .collect();
+            self.store.keys.place(&who.row.id, &above);
         }
         Ok(out)
     }

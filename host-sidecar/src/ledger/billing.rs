@@ -167,7 +167,7 @@ pub struct TopRow {
 /// An account with the version of its plan (0 when the plan is the configuration's).
 pub(crate) const ACCOUNT_COLUMNS: &str = "SELECT a.id, a.plan, a.timezone, a.billing_anchor_day,
     CAST(a.limits AS TEXT) AS limits, a.disabled, a.version, COALESCE(p.version, 0) AS plan_version,
-    a.parent
+    a.parent, a.draw_from_parents
     FROM accounts a LEFT JOIN plans p ON p.name = a.plan";
 
 pub(crate) fn account_row<R: Row>(r: &R) -> AccountRow
@@ -181,6 +181,7 @@ where
 {
     AccountRow {
         parent: r.get("parent"),
+        draw_from_parents: r.get("draw_from_parents"),
         id: r.get("id"),
         plan: r.get("plan"),
         timezone: r.get("timezone"),

@@ -86,6 +86,8 @@ pub struct AccountRow {
     pub plan_version: i64,
     /// The account above it (organization > team > account), set at creation; None for a root.
     pub parent: Option<String>,
+    /// Its spending draws on the parent's credit once its own is spent (set at creation).
+    pub draw_from_parents: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -260,10 +262,12 @@ impl Ledger {
     /// Inserts an account; false when the id is taken.
     pub async fn insert_account(&self, a: &AccountRow) -> Result<bool, sqlx::Error> {
         let sql = self.dialect(
-            "INSERT INTO accounts (id, plan, timezone, billing_anchor_day, limits, disabled, parent)
-             VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) ON CONFLICT (id) DO NOTHING",
-            "INSERT INTO accounts (id, plan, timezone, billing_anchor_day, limits, disabled, parent)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO accounts (id, plan, timezone, billing_anchor_day, limits, disabled, parent,
+               draw_from_parents)
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO accounts (id, plan, timezone, billing_anchor_day, limits, disabled, parent,
+               draw_from_parents)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
         );
         let limits = limits_json(&a.limits);
         let done = on_db!(&self.db, p => sqlx::query(sql)
@@ -274,6 +278,7 @@ impl Ledger {
             .bind(&limits)
             .bind(a.disabled)
             .bind(&a.parent)
+            .bind(a.draw_from_parents)
             .execute(p)
             .await?
             .rows_affected());

@@ -28,6 +28,31 @@ pub enum SyncError {
     Ledger(#[from] sqlx::Error),
 }
 
+/// A grant's change in an event: `[grant id, amount]`, or `[grant id, amount, account]` when
+/// the grant is another account's (a parent's credit, spent by an account under it).
+#[derive(Debug, Clone, Deserialize)]
+struct GrantRow(String, i64, #[serde(default)] Option<String>);
+
+impl GrantRow {
+    fn owner<'a>(&'a self, acct: &'a str) -> &'a str {
+        self.2.as_deref().unwrap_or(acct)
+    }
+}
+
+/// Written back as it came: two elements, or three with the account.
+impl serde::Serialize for GrantRow {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(2 + usize::from(self.2.is_some())))?;
+        seq.serialize_element(&self.0)?;
+        seq.serialize_element(&self.1)?;
+        if let Some(a) = &self.2 {
+            seq.serialize_element(a)?;
+        }
+        seq.end()
+    }
+}
+
 /// One outbox event, as the scripts in `lua/` write it.
 #[derive(Debug, Deserialize)]
 struct Event {
@@ -61,9 +86,9 @@ struct Event {
     #[serde(default)]
     u: Vec<(String, String, String, i64, i64)>,
     #[serde(default)]
-    g: Vec<(String, i64)>,
+    g: Vec<GrantRow>,
     #[serde(default)]
-    x: Vec<(String, i64)>,
+    x: Vec<GrantRow>,
     #[serde(default)]
     rec: Option<Value>,
     #[serde(default)]
@@ -179,19 +204,19 @@ impl Batch {
             let slot = self.usage_delta.entry(k).or_insert((0, *end));
             slot.0 += delta;
         }
-        for (gid, d) in &e.g {
+        for r in &e.g {
             self.grant_delta
-                .entry((e.acct.clone(), gid.clone()))
+                .entry((r.owner(&e.acct).to_string(), r.0.clone()))
                 .or_default()
-                .0 += d;
+                .0 += r.1;
         }
-        for (gid, x) in &e.x {
+        for r in &e.x {
             let slot = self
                 .grant_delta
-                .entry((e.acct.clone(), gid.clone()))
+                .entry((r.owner(&e.acct).to_string(), r.0.clone()))
                 .or_default();
-            slot.0 -= x;
-            slot.1 += x;
+            slot.0 -= r.1;
+            slot.1 += r.1;
         }
         let mut fp = e.fp.clone();
         match e.t.as_str() {

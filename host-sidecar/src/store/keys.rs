@@ -26,6 +26,13 @@ pub fn tomb_field(id: &str) -> String {
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+/// An account above another, and whether the one below spends its credit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Level {
+    pub id: String,
+    pub pays: bool,
+}
+
 fn fnv64(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325, |h, x| {
         (h ^ u64::from(*x)).wrapping_mul(0x0000_0100_0000_01b3)
@@ -36,10 +43,11 @@ fn fnv64(b: &[u8]) -> u64 {
 pub struct Keyspace {
     prefix: String,
     shards: u32,
-    /// Accounts with a parent -> the accounts above them (parent first, root last). Parents
-    /// never change, so an entry never goes stale; it holds only accounts with a parent this
-    /// process has seen.
-    roots: Arc<RwLock<HashMap<String, Vec<String>>>>,
+    /// Accounts with a parent -> the accounts above them (parent first, root last), each with
+    /// whether the account's spending draws on its credit. Both are set at creation and never
+    /// change, so an entry never goes stale; it holds only accounts with a parent this process
+    /// has seen.
+    roots: Arc<RwLock<HashMap<String, Vec<Level>>>>,
 }
 
 impl Keyspace {
@@ -53,7 +61,7 @@ impl Keyspace {
 
     /// Records the accounts above `account` (parent first, root last): its keys live in the
     /// root's shard, and its scripts check that every level is loaded.
-    pub fn place(&self, account: &str, above: &[String]) {
+    pub fn place(&self, account: &str, above: &[Level]) {
         if above.is_empty() {
             return;
         }
@@ -71,6 +79,10 @@ impl Keyspace {
 
     /// The accounts above `account`, as placed (none for a root).
     pub fn above(&self, account: &str) -> Vec<String> {
+        self.levels_of(account).into_iter().map(|l| l.id).collect()
+    }
+
+    fn levels_of(&self, account: &str) -> Vec<Level> {
         self.roots
             .read()
             .ok()
@@ -84,20 +96,27 @@ impl Keyspace {
             .roots
             .read()
             .ok()
-            .and_then(|m| m.get(account).and_then(|a| a.last().cloned()))
+            .and_then(|m| m.get(account).and_then(|a| a.last().map(|l| l.id.clone())))
         {
             Some(r) => std::borrow::Cow::Owned(r),
             None => std::borrow::Cow::Borrowed(account),
         }
     }
 
-    /// The state hashes of the accounts above `account`: a script that counts on their
-    /// counters answers `cold` unless all of them are loaded.
+    /// The keys of the levels above `account`, for its scripts: each level's state hash (a
+    /// script that counts on its counters answers `cold` unless it is loaded), followed by its
+    /// grant order and remaining amounts when the account's spending draws on its credit (see
+    /// `wallets` in lua/lib.lua).
     pub fn levels(&self, account: &str) -> Vec<String> {
-        self.above(account)
-            .iter()
-            .map(|a| self.account(a))
-            .collect()
+        let mut out = Vec::new();
+        for l in self.levels_of(account) {
+            out.push(self.account(&l.id));
+            if l.pays {
+                out.push(self.grant_order(&l.id));
+                out.push(self.grant_remaining(&l.id));
+            }
+        }
+        out
     }
 
     pub fn shards(&self) -> u32 {
@@ -220,8 +239,36 @@ mod tests {
             ks.shard_of(team),
             "pick ids in two shards"
         );
-        ks.place(team, &[org.to_string()]);
+        ks.place(
+            team,
+            &[Level {
+                id: org.to_string(),
+                pays: false,
+            }],
+        );
         assert_eq!(ks.levels(team), vec![ks.account(org)]);
+        ks.place(
+            "member",
+            &[
+                Level {
+                    id: team.to_string(),
+                    pays: true,
+                },
+                Level {
+                    id: org.to_string(),
+                    pays: false,
+                },
+            ],
+        );
+        assert_eq!(
+            ks.levels("member"),
+            vec![
+                ks.account(team),
+                ks.grant_order(team),
+                ks.grant_remaining(team),
+                ks.account(org)
+            ]
+        );
         assert_eq!(ks.shard_of(team), ks.shard_of(org));
         let clone = ks.clone();
         assert_eq!(
