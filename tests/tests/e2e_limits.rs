@@ -23,6 +23,10 @@ limits = [{ meter = "requests", window = "day", max = 3, mode = "shadow" }]
 limits = [{ meter = "requests", window = "day", max = 2 }]
 [plans.soft]
 limits = [{ meter = "requests", window = "day", max = 2, mode = "soft" }]
+[plans.team]
+limits = [{ meter = "requests", window = "day", max = 100 }]
+[plans.member]
+limits = [{ meter = "requests", window = "day", max = 100000 }]
 [prices.chat]
 requests = 1
 "#;
@@ -98,10 +102,17 @@ impl Side {
 
     /// An account on `plan` with credit; returns its key.
     async fn account(&self, id: &str, plan: &str) -> String {
+        self.member(id, plan, None).await
+    }
+
+    /// An account on `plan` under `parent`, with credit; returns its key.
+    async fn member(&self, id: &str, plan: &str, parent: Option<&str>) -> String {
         let e = &self.engine;
-        e.create_account(serde_json::from_value(json!({"id": id, "plan": plan})).unwrap())
-            .await
-            .unwrap();
+        e.create_account(
+            serde_json::from_value(json!({"id": id, "plan": plan, "parent": parent})).unwrap(),
+        )
+        .await
+        .unwrap();
         e.grant(
             id,
             serde_json::from_value(json!({"grant_id": "pack", "amount": 100000})).unwrap(),
@@ -373,6 +384,58 @@ async fn a_concurrency_limit_cannot_be_dodged_with_keys_paths_ids_or_odd_json() 
     let usage = side.engine.usage("acme", None).await.unwrap();
     let conc = usage.iter().find(|u| u.window == "concurrent").unwrap();
     assert_eq!(conc.used, 0, "{usage:?}");
+    drop(envoy);
+    side.engine.ledger.close().await;
+}
+
+/// A team limit of 100 a day shared by two accounts, through Envoy: 400 requests at once, half
+/// from each account's key, some on odd spellings of the path, one `x-request-id` for all →
+/// exactly 100 reach the upstream, the rest are refused 429 naming the team's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_limit_is_shared_by_its_accounts_and_cannot_be_dodged_with_two_keys() {
+    let side = Side::start(Backend::RedisPostgres).await;
+    side.engine
+        .create_account(serde_json::from_value(json!({"id": "eng", "plan": "team"})).unwrap())
+        .await
+        .unwrap();
+    let alice = side.member("alice", "member", Some("eng")).await;
+    let bob = side.member("bob", "member", Some("eng")).await;
+    let (mock, envoy, url) = side.envoy().await;
+    let odd = url.replace("/v1/chat/", "//v1/chat/./");
+    let answers = futures::future::join_all((0..400).map(|i| {
+        let key = if i % 2 == 0 { &alice } else { &bob };
+        let u = if i % 3 == 0 { &odd } else { &url };
+        async move {
+            let r = reqwest::Client::new()
+                .post(u)
+                .header("x-api-key", key)
+                .header("x-request-id", "same-for-all")
+                .json(&json!({"model": "gpt-test"}))
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            (s, body)
+        }
+    }))
+    .await;
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    println!(
+        "team limit 100 through Envoy: {ok} of 400 served, the upstream saw {}",
+        mock.served()
+    );
+    assert_eq!(ok, 100);
+    assert_eq!(mock.served(), 100);
+    assert!(
+        answers
+            .iter()
+            .filter(|(s, _)| *s != 200)
+            .all(|(s, b)| *s == 429 && b.contains("parent(eng):requests:day")),
+        "{:?}",
+        answers.iter().find(|(s, _)| *s != 200)
+    );
+    side.committed(100).await;
     drop(envoy);
     side.engine.ledger.close().await;
 }
