@@ -129,6 +129,12 @@ enum AccountCmd {
         plan: String,
         #[arg(long, default_value = "UTC")]
         timezone: String,
+        /// The account above it (a team, an organization); fixed once created.
+        #[arg(long)]
+        parent: Option<String>,
+        /// Spend the parent's credit once its own is spent.
+        #[arg(long)]
+        draw_from_parents: bool,
     },
     Show {
         id: String,
@@ -334,13 +340,21 @@ async fn run(api: &Api, cmd: Cmd) -> Result<ExitCode, Failure> {
             }
         },
         Cmd::Accounts(c) => match c {
-            AccountCmd::Create { id, plan, timezone } => {
-                api.json(
-                    "POST",
-                    "/admin/accounts",
-                    Some(json!({"id": id, "plan": plan, "timezone": timezone})),
-                )
-                .await?
+            AccountCmd::Create {
+                id,
+                plan,
+                timezone,
+                parent,
+                draw_from_parents,
+            } => {
+                let mut body = json!({"id": id, "plan": plan, "timezone": timezone});
+                if let Some(p) = parent {
+                    body["parent"] = json!(p);
+                }
+                if draw_from_parents {
+                    body["draw_from_parents"] = json!(true);
+                }
+                api.json("POST", "/admin/accounts", Some(body)).await?
             }
             AccountCmd::Show { id } => {
                 api.json("GET", &format!("/admin/accounts/{}", enc(&id)), None)
