@@ -223,15 +223,36 @@ struct BalanceBody {
     account: String,
     /// Spendable now (Redis).
     balance: u64,
-    /// Grants as synced to the ledger.
-    grants: Vec<crate::ledger::GrantRow>,
+    /// Grants as synced to the ledger: only when asked (`?grants=true`), since it is a
+    /// PostgreSQL read and the balance is a hot path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grants: Option<Vec<crate::ledger::GrantRow>>,
 }
 
-async fn account_balance(State(e): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalanceQuery {
+    #[serde(default)]
+    grants: bool,
+}
+
+/// The balance from Redis alone (the check script, read-only); the ledger only when the caller
+/// asks for the grants.
+async fn account_balance(
+    State(e): St,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    q: Result<Query<BalanceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let r = async {
         require_reader(&e, &headers)?;
+        let Query(q) = q.map_err(|err| ApiError::Invalid(format!("query: {}", err.body_text())))?;
         let balance = e.balance(&id).await?;
-        let grants = e.ledger.grants_of(&id).await?;
+        let grants = if q.grants {
+            Some(e.ledger.grants_of(&id).await?)
+        } else {
+            None
+        };
         Ok(BalanceBody {
             account: id,
             balance,

@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 /// Headers for the requests of connection `i`.
 pub type HeadersFor = Arc<dyn Fn(usize) -> Vec<(String, String)> + Send + Sync>;
 
+/// The path and body of connection `i`'s next request, when requests differ (a new idempotency
+/// key each, another account each).
+pub type RequestFor = Arc<dyn Fn(usize) -> (String, Bytes) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct Load {
     pub port: u16,
@@ -29,6 +33,8 @@ pub struct Load {
     /// Total requests per second over all connections; `None` runs closed-loop (as fast as it can).
     pub rate: Option<u64>,
     pub headers: HeadersFor,
+    /// Overrides `path` and `body` per request.
+    pub vary: Option<RequestFor>,
 }
 
 #[derive(Debug, Default)]
@@ -132,14 +138,18 @@ async fn connection(load: Load, i: usize, started: Instant, end: Instant) -> Con
             }
         }
         let Some(s) = sender.as_mut() else { continue };
+        let (path, body) = match &load.vary {
+            Some(f) => f(i),
+            None => (load.path.clone(), load.body.clone()),
+        };
         let mut req = Request::builder()
             .method(load.method)
-            .uri(load.path.as_str())
+            .uri(path.as_str())
             .header("host", "bench.local");
         for (k, v) in &headers {
             req = req.header(k.as_str(), v.as_str());
         }
-        let Ok(req) = req.body(Full::new(load.body.clone())) else {
+        let Ok(req) = req.body(Full::new(body)) else {
             r.errors += 1;
             break;
         };

@@ -123,6 +123,14 @@ impl Engine {
         };
         self.ensure_plan(&row.plan).await?;
         self.validate_account(&row)?;
+        if row.id.contains(':') {
+            // An account's Redis keys are `…:a:<id>`, `…:a:<id>:go`, `…:i:<id>:<op>:<key>`: an
+            // id with a colon could name another account's key (`x:go` is `x`'s grant order).
+            // Checked for new accounts only: older ones keep working.
+            return Err(ApiError::Invalid(
+                "id: ':' is reserved in account ids (it separates the parts of their keys)".into(),
+            ));
+        }
         self.check_parent(&row).await?;
         if !self.ledger.insert_account(&row).await? {
             return Err(ApiError::Conflict(format!(

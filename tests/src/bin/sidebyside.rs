@@ -157,6 +157,7 @@ fn load_of(port: u16, conns: usize, secs: u64, rate: Option<u64>, keys: &Arc<Vec
             }
             h
         }),
+        vary: None,
     }
 }
 
