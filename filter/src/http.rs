@@ -526,17 +526,9 @@ impl Request {
     /// Returns the action for a callback that can still return one.
     fn fail_now(&mut self) -> Action {
         self.phase = Phase::Idle;
-        let (open, closed) = {
-            let s = self.shared.borrow();
-            (s.metrics.failed_open, s.metrics.failed_closed)
-        };
-        match self.mode() {
-            FailureMode::Open => {
-                bump(open);
-                Action::Continue
-            }
+        match self.count_failure() {
+            FailureMode::Open => Action::Continue,
             FailureMode::Closed => {
-                bump(closed);
                 reply::unavailable();
                 Action::Pause
             }
@@ -727,24 +719,27 @@ impl Request {
     /// An extension could not be asked or answered usably: the route's failure mode (open:
     /// the stream goes on, its commit charges what it used; closed: it ends here).
     fn extend_failed(&mut self, held: &[u8]) -> Action {
-        let (open, closed) = {
-            let s = self.shared.borrow();
-            (s.metrics.failed_open, s.metrics.failed_closed)
-        };
-        match self.mode() {
+        match self.count_failure() {
             FailureMode::Open => {
-                bump(open);
                 if let Some(b) = self.budget.as_mut() {
                     b.give_up();
                 }
                 self.deliver(held);
             }
-            FailureMode::Closed => {
-                bump(closed);
-                self.stop_stream(held, &Stop::Unavailable);
-            }
+            FailureMode::Closed => self.stop_stream(held, &Stop::Unavailable),
         }
         Action::Continue
+    }
+
+    /// The route's failure mode, counted in `tollgate.failed_open` / `tollgate.failed_closed`.
+    fn count_failure(&self) -> FailureMode {
+        let mode = self.mode();
+        let s = self.shared.borrow();
+        bump(match mode {
+            FailureMode::Open => s.metrics.failed_open,
+            FailureMode::Closed => s.metrics.failed_closed,
+        });
+        mode
     }
 
     /// Ends the stream: what of `held` fits the hold goes on, then the final event; the rest

@@ -21,12 +21,7 @@ limits = [{ meter = "requests", window = "day", max = 100000 }]
 
 /// An environment whose store `flushall` may wipe (a private Redis for Redis + PostgreSQL).
 async fn env(backend: Backend, instances: usize) -> Env {
-    let private = match backend {
-        Backend::RedisPostgres => Some(PrivateRedis::start().await),
-        _ => None,
-    };
-    let url = private.as_ref().map_or_else(redis_url, |r| r.url.clone());
-    Env::build(backend, instances, PLANS, &url, private).await
+    Env::isolated_with(backend, instances, PLANS).await
 }
 
 async fn create(env: &Env, id: &str, plan: &str, parent: Option<&str>) -> (u16, Value) {

@@ -181,13 +181,18 @@ impl Env {
 
     /// Like [`Env::on`], with a Redis of its own that [`Env::flushall`] may wipe.
     pub async fn isolated(backend: Backend, instances: usize) -> Env {
+        Self::isolated_with(backend, instances, "").await
+    }
+
+    /// [`Env::isolated`] with `extra` TOML appended to [`CONFIG`].
+    pub async fn isolated_with(backend: Backend, instances: usize, extra: &str) -> Env {
         let private = match backend {
             Backend::RedisPostgres => Some(PrivateRedis::start().await),
             // The cluster is the environment's own already.
             Backend::RedisCluster | Backend::Embedded => None,
         };
         let url = private.as_ref().map_or_else(redis_url, |r| r.url.clone());
-        Self::build(backend, instances, "", &url, private).await
+        Self::build(backend, instances, extra, &url, private).await
     }
 
     pub async fn build(
