@@ -218,6 +218,32 @@ conformance! {
         assert_eq!(env.used("acme", "account:requests:day").await, 100);
     }
 
+    async fn a_parents_new_limit_reaches_its_accounts_on_every_sidecar_at_once(backend: Backend) {
+        let env = env(backend, 2).await;
+        let (alice, _) = tree(&env).await;
+        // Both sidecars have read alice and her parents.
+        for i in 0..2 {
+            let r = env.post_to(i, "/v1/authorize", &authorize_body(&alice, &format!("w{i}"), json!({"requests": 1}))).await;
+            assert!(allowed(&r), "{r:?}");
+        }
+        // The team's limit drops to 2 through sidecar 0; sidecar 1 refuses the next at once.
+        let s = env
+            .http
+            .patch(format!("{}/admin/accounts/eng", env.base(0)))
+            .bearer_auth(ADMIN)
+            .json(&json!({"limits": [{"meter": "requests", "window": "day", "max": 2}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_eq!(s, 200);
+        let r = env.post_to(1, "/v1/authorize", &authorize_body(&alice, "after", json!({"requests": 1}))).await;
+        assert_eq!(r.1["status"], 429, "{r:?}");
+        assert_eq!(r.1["limit"]["name"], "parent(eng):requests:day", "{r:?}");
+        assert_eq!(r.1["limit"]["max"], 2, "{r:?}");
+    }
+
     async fn a_tree_is_set_at_creation_at_most_three_deep_and_disabled_from_above(backend: Backend) {
         let env = env(backend, 1).await;
         let (alice, _) = tree(&env).await;

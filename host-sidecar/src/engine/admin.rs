@@ -202,7 +202,37 @@ impl Engine {
         self.validate_account(&row)?;
         row.version = self.ledger.update_account(&row).await?;
         self.publish_version(id, row.version).await;
+        self.publish_descendants(id).await;
         Ok(row)
+    }
+
+    /// A changed account's limits, plan and `disabled` apply to everything under it: each
+    /// account below gets a new version too, so every sidecar's next request for it is answered
+    /// `stale` and reads it — and its parents — again.
+    async fn publish_descendants(&self, id: &str) {
+        let mut level = vec![id.to_string()];
+        for _ in 1..MAX_DEPTH {
+            let mut next = Vec::new();
+            for parent in &level {
+                let children = match self.ledger.children_of(parent).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(account = %parent, error = %e, "could not read the accounts under a changed account; they see the change within their cache TTL");
+                        return;
+                    }
+                };
+                for child in children {
+                    if let Ok(Some(v)) = self.ledger.bump_version(&child).await {
+                        self.publish_version(&child, v).await;
+                    }
+                    next.push(child);
+                }
+            }
+            if next.is_empty() {
+                return;
+            }
+            level = next;
+        }
     }
 
     /// Creates a key; returns it with the plaintext, which is never shown again.

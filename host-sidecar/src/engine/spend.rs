@@ -266,6 +266,11 @@ impl Engine {
                     self.metrics.stale_rereads.inc();
                     self.directory.forget_account(acct);
                     self.directory.forget_keys();
+                    // A change above it (a parent's limits, plan, `disabled`) is announced on
+                    // this account's version too: read its parents again as well.
+                    for a in &fresh.as_ref().unwrap_or(caller).ancestors {
+                        self.directory.forget_account(&a.row.id);
+                    }
                     match self
                         .resolve(req.api_key.as_deref(), req.account.as_deref())
                         .await?

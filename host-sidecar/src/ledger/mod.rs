@@ -307,6 +307,16 @@ impl Ledger {
             .await)
     }
 
+    /// The accounts directly under `parent`.
+    pub async fn children_of(&self, parent: &str) -> Result<Vec<String>, sqlx::Error> {
+        on_db!(&self.db, p => sqlx::query_scalar(
+            "SELECT id FROM accounts WHERE parent = $1 ORDER BY id",
+        )
+        .bind(parent)
+        .fetch_all(p)
+        .await)
+    }
+
     /// Bumps an account's version (one of its keys changed); returns the new version.
     pub async fn bump_version(&self, id: &str) -> Result<Option<i64>, sqlx::Error> {
         on_db!(&self.db, p => sqlx::query_scalar(
