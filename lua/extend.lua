@@ -7,8 +7,8 @@
 -- KEYS[1] account state   KEYS[2] outbox   KEYS[3] hold record   KEYS[4] grant order
 -- KEYS[5] grant remaining   KEYS[6..] the levels above (see levels_cold in lib.lua)
 -- ARGV[1] now  [2] hold id  [3] route  [4] model or ''  [5] the hold's credit at the new totals
---   [6] names of the limits that do not refuse (soft, shadow), comma-separated
---   [7] number of meters, then 2 per meter: name, new total
+--   [6] number of meters, then 2 per meter: name, new total
+-- (Which of the hold's limits may refuse is on its counter rows: see charge_counters.)
 -- Returns {kind, json}: ok {hold, credits, balance} | deny {reason, limit, credits, balance} |
 --   gone (no such open hold in Redis) | resolved {status} | conflict {route, model} | cold
 -- (A concurrency counter holds the request, not its amount: an extension leaves it as it is.)
@@ -23,9 +23,7 @@ if (h.route or 'default') ~= ARGV[3] or (h.model or '') ~= ARGV[4] then
     cjson.encode(h.model or '') .. '}')
 end
 local target = {}
-for i = 1, tonumber(ARGV[7]) do target[ARGV[6 + i * 2]] = tonumber(ARGV[7 + i * 2]) end
-local lenient = {}
-for name in string.gmatch(ARGV[6], '[^,]+') do lenient[name] = true end
+for i = 1, tonumber(ARGV[6]) do target[ARGV[5 + i * 2]] = tonumber(ARGV[6 + i * 2]) end
 local credit_to = math.max(tonumber(ARGV[5]), h.credit)
 local add_credit = credit_to - h.credit
 
@@ -37,7 +35,8 @@ for i, c in ipairs(h.ctr or {}) do
   local add = 0
   if want and c[4] ~= 'c' then add = math.max(0, want - c[5]) end
   adds[i] = add
-  if add > 0 and not lenient[c[8] or ''] then
+  -- Soft and shadow limits (mode s, h: recorded on the hold's counter) never refuse.
+  if add > 0 and c[10] ~= 's' and c[10] ~= 'h' then
     -- A sliding window first drops what has left it (see slide in lib.lua).
     if c[9] then slide(c[1], sliding_ms(c[4]), now) end
     local used = num(redis.call('GET', c[1]))

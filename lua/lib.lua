@@ -423,11 +423,13 @@ local function charge_counters(lims, first, now, tag)
         over[#over + 1] = '["' .. l.name .. '",' .. (used[i] - l.max) .. ']'
       end
       -- The limit's max and name (max as a string: a decoded number past 2^53 or printed by Lua
-      -- as 1e+14 would not survive) let a commit that grows the counter raise its alerts.
-      local log_member = ''
-      if member then log_member = ',"' .. member .. '"' end
+      -- as 1e+14 would not survive) let a commit that grows the counter raise its alerts; its
+      -- sliding log member (false for a calendar counter) and its mode (e/s/h) let an extension
+      -- move the charge and know whether the limit may refuse.
+      local log_member = 'false'
+      if member then log_member = '"' .. member .. '"' end
       ctr[#ctr + 1] = '["' .. k .. '","' .. l.scope .. '","' .. l.meter .. '","' .. l.period .. '",' .. l.amt_s .. ',' .. end_s ..
-        ',"' .. l.max_s .. '","' .. l.name .. '"' .. log_member .. ']'
+        ',"' .. l.max_s .. '","' .. l.name .. '",' .. log_member .. ',"' .. l.mode .. '"]'
     end
   end
   local uj, cj, usedj, overj = nil, nil, nil, nil

@@ -13,6 +13,11 @@ const PLANS: &str = r#"
 limits = [{ meter = "output_tokens", window = "day", max = 300 }]
 [plans.slide]
 limits = [{ meter = "output_tokens", window = "sliding_minute", max = 30 }]
+[plans.softcap]
+limits = [
+  { meter = "output_tokens", window = "day", max = 150, mode = "soft" },
+  { meter = "output_tokens", window = "hour", max = 200 },
+]
 [prices.stream]
 requests = 0
 output_tokens = 1
@@ -27,6 +32,24 @@ fn extend(hold: &Value, tokens: u64) -> Value {
 }
 
 conformance! {
+    async fn a_soft_limit_never_refuses_an_extension_and_an_enforced_one_beside_it_does(backend: Backend) {
+        let env = env(backend).await;
+        let key = env.account("acme", "softcap", "UTC").await;
+        env.grant("acme", "g1", 1000, json!({})).await;
+        let auth = json!({"api_key": key, "idempotency_key": "s-1", "route": "stream",
+                          "meters": {"requests": 1, "output_tokens": 100}});
+        let (_, d) = env.post("/v1/authorize", &auth).await;
+        let hold = d["hold_id"].clone();
+        // Past the soft day limit (150), within the enforced hour (200): allowed.
+        let (_, d) = env.post("/v1/extend", &extend(&hold, 180)).await;
+        assert_eq!(d["allowed"], true, "{d}");
+        assert_eq!(env.used("acme", "account:output_tokens:day").await, 180);
+        // Past the enforced hour: refused by it, the soft one never names itself.
+        let (_, d) = env.post("/v1/extend", &extend(&hold, 250)).await;
+        assert_eq!((d["allowed"].clone(), d["status"].clone()), (json!(false), json!(429)), "{d}");
+        assert_eq!(d["limit"]["name"], "account:output_tokens:hour", "{d}");
+    }
+
     async fn a_hold_grows_to_new_totals_within_its_limits_and_balance_all_or_nothing(backend: Backend) {
         let env = env(backend).await;
         let key = env.account("acme", "stream", "UTC").await;

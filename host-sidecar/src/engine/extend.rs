@@ -6,7 +6,6 @@
 
 use super::spend::{parse_decision, LuaDecision};
 use super::Engine;
-use crate::config::LimitMode;
 use crate::error::ApiError;
 use crate::store::Reply;
 use serde::Deserialize;
@@ -19,8 +18,6 @@ struct HoldOf {
     route: Option<String>,
     #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
-    key: Option<String>,
     #[serde(default)]
     meters: Meters,
 }
@@ -51,7 +48,6 @@ impl Engine {
             }
             totals.remove("credits");
             let credit = self.price(&route, hold.model.as_deref(), &totals, 0)?;
-            let lenient = self.lenient_limits(acct, hold.key.as_deref()).await?;
             let now = self.clock.now_ms();
             let reply = self
                 .store
@@ -61,7 +57,6 @@ impl Engine {
                     &route,
                     hold.model.as_deref(),
                     credit,
-                    &lenient,
                     &totals,
                     now,
                 )
@@ -139,34 +134,5 @@ impl Engine {
             Ok(None) => ApiError::NotFound(format!("hold_id: no hold {hold_id:?}")),
             Err(e) => e.into(),
         }
-    }
-
-    /// The names of the hold's limits that never refuse (soft, shadow), comma-separated: the
-    /// account's, and its key's when the hold was made with one.
-    async fn lenient_limits(&self, acct: &str, key: Option<&str>) -> Result<String, ApiError> {
-        let mut names = Vec::new();
-        if let Some(a) = self.directory.account(acct).await? {
-            for l in self.account_limits(&a)? {
-                if l.mode != LimitMode::Enforce {
-                    names.push(format!("account:{}:{}", l.meter, l.window.as_str()));
-                }
-            }
-            for anc in self.ancestors(&a).await? {
-                for l in self.account_limits(&anc)? {
-                    if l.mode != LimitMode::Enforce {
-                        let scope = super::parent_scope(&anc.row.id);
-                        names.push(format!("{scope}:{}:{}", l.meter, l.window.as_str()));
-                    }
-                }
-            }
-        }
-        if let Some(k) = key {
-            if let Some(row) = self.ledger.key_by_id(k).await? {
-                for l in row.limits.iter().filter(|l| l.mode != LimitMode::Enforce) {
-                    names.push(format!("key:{}:{}", l.meter, l.window.as_str()));
-                }
-            }
-        }
-        Ok(names.join(","))
     }
 }

@@ -570,7 +570,7 @@ impl Store {
     }
 
     /// Raises the hold's estimate to `totals` (see `lua/extend.lua`): `credit` is what the hold
-    /// costs at them, `lenient` the names of limits that do not refuse.
+    /// costs at them (which limits may refuse is on the hold's own counter rows).
     #[allow(clippy::too_many_arguments)]
     pub async fn extend(
         &self,
@@ -579,7 +579,6 @@ impl Store {
         route: &str,
         model: Option<&str>,
         credit: u64,
-        lenient: &str,
         totals: &Meters,
         now: u64,
     ) -> Result<Reply, StoreError> {
@@ -597,7 +596,6 @@ impl Store {
             route.to_string(),
             model.unwrap_or_default().to_string(),
             credit.to_string(),
-            lenient.to_string(),
             totals.len().to_string(),
         ];
         for (m, a) in totals {
