@@ -123,6 +123,24 @@ impl Side {
     }
 }
 
+/// Against a concurrency limit of 10: never more than 10 at the upstream, at least 10 served,
+/// the upstream served exactly what was admitted, and each was settled once.
+async fn served_ten_at_most(side: &Side, mock: &wasm_host::mock::Mock, ok: u64, what: &str) {
+    let peak = mock.peak_in_flight();
+    println!(
+        "{}, at most {peak} at once at the upstream",
+        what.replace("{ok}", &ok.to_string())
+    );
+    assert!(peak <= 10, "{peak} in flight at the upstream");
+    assert!(
+        ok >= 10 && mock.served() == ok,
+        "{ok} served, the mock saw {}",
+        mock.served()
+    );
+    side.committed(ok).await;
+    assert_eq!(side.engine.metrics.committed.get(), ok);
+}
+
 /// POSTs one chat completion; returns the status and the response's headers.
 async fn chat(
     url: &str,
@@ -162,18 +180,9 @@ async fn concurrency_counted_at_the_upstream(backend: Backend) {
             .map(|(s, h)| (*s, h.get("retry-after").cloned()))
             .collect::<Vec<_>>()
     );
-    let peak = mock.peak_in_flight();
-    println!("concurrency 10: {ok} of 100 served, at most {peak} at once at the upstream");
-    assert!(peak <= 10, "{peak} in flight at the upstream");
-    assert!(
-        ok >= 10 && mock.served() == ok,
-        "{ok} served, the mock saw {}",
-        mock.served()
-    );
+    served_ten_at_most(&side, &mock, ok, "concurrency 10: {ok} of 100 served").await;
 
-    // Every admitted request settles and gives its place back: ten more fit at once.
-    side.committed(ok).await;
-    assert_eq!(side.engine.metrics.committed.get(), ok);
+    // Every admitted request gave its place back: ten more fit at once.
     let again = futures::future::join_all((0..10).map(|_| chat(&url, &key, None, 100))).await;
     assert!(
         again.iter().all(|(s, _)| *s == 200),
@@ -370,17 +379,13 @@ async fn a_concurrency_limit_cannot_be_dodged_with_keys_paths_ids_or_odd_json() 
         answers.iter().all(|s| *s == 200 || *s == 429),
         "{answers:?}"
     );
-    let peak = mock.peak_in_flight();
-    println!("dodging a concurrency limit of 10: {ok} of 60 served, at most {peak} at once");
-    assert!(peak <= 10, "{peak} at once at the upstream");
-    assert!(
-        ok >= 10 && mock.served() == ok,
-        "{ok} served, the mock saw {}",
-        mock.served()
-    );
-    // Each served request was held and settled once, and gave its place back.
-    side.committed(ok).await;
-    assert_eq!(side.engine.metrics.committed.get(), ok);
+    served_ten_at_most(
+        &side,
+        &mock,
+        ok,
+        "dodging a concurrency limit of 10: {ok} of 60 served",
+    )
+    .await;
     let usage = side.engine.usage("acme", None).await.unwrap();
     let conc = usage.iter().find(|u| u.window == "concurrent").unwrap();
     assert_eq!(conc.used, 0, "{usage:?}");
